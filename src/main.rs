@@ -1,0 +1,3 @@
+fn main() {
+    println!("r2scp: being written");
+}
