@@ -1,0 +1,82 @@
+// gather_inject.cu: CAP phase 3 (paper Eq. 8-9), out of place, and its backward.
+//
+// One warp per output row, R2_GI_ROWS_PER_BLOCK rows per block (src/cap/kernel.rs plans
+// grid = ceil(rows / rows_per_block)). Indices were validated on the host (range, distinct
+// noise indices per batch row) before any launch.
+//   gather_inject_fwd_*:   out[b, i] = src[b, sal[b, j]] if i == noise[b, j], else h[b, i].
+//   gather_inject_zero_*:  grad_h[b, i] = 0 if i is a noise row, else grad[b, i].
+//   gather_inject_scatter_*: grad_src[b, s] = sum over j with sal[b, j] == s (in j order) of
+//                          grad[b, noise[b, j]], accumulated in f32; 0 when s is unused.
+//                          Deterministic: no atomics, each output row has one writer.
+#include "common.cuh"
+
+// The j with noise[b, j] == i, or -1.
+__device__ __forceinline__ int cap_noise_slot(const unsigned* noise, unsigned b, unsigned k, unsigned i) {
+    int slot = -1;
+    for (unsigned j = 0; j < k; ++j)
+        if (noise[(size_t)b * k + j] == i) slot = (int)j;
+    return slot;
+}
+
+template <class T>
+__device__ __forceinline__ void cap_inject_rows(const T* __restrict__ h, const T* __restrict__ src,
+                                                const unsigned* __restrict__ noise,
+                                                const unsigned* __restrict__ sal, unsigned B, unsigned L,
+                                                unsigned Ls, unsigned D, unsigned k, unsigned zero,
+                                                T* __restrict__ out) {
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= B * L) return;  // warp-uniform, no barrier below
+    const unsigned b = row / L, i = row % L;
+    const int slot = cap_noise_slot(noise, b, k, i);
+    T* o = out + (size_t)row * D;
+    if (slot < 0) {
+        const T* from = h + (size_t)row * D;
+        for (unsigned d = lane; d < D; d += 32) o[d] = from[d];
+    } else if (zero) {
+        for (unsigned d = lane; d < D; d += 32) o[d] = r2_from_f32<T>(0.f);
+    } else {
+        const T* from = src + ((size_t)b * Ls + sal[(size_t)b * k + slot]) * D;
+        for (unsigned d = lane; d < D; d += 32) o[d] = from[d];
+    }
+}
+
+template <class T>
+__device__ __forceinline__ void cap_scatter_rows(const T* __restrict__ grad, const unsigned* __restrict__ noise,
+                                                 const unsigned* __restrict__ sal, unsigned B, unsigned L,
+                                                 unsigned Ls, unsigned D, unsigned k, T* __restrict__ out) {
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= B * Ls) return;
+    const unsigned b = row / Ls, s = row % Ls;
+    T* o = out + (size_t)row * D;
+    for (unsigned d = lane; d < D; d += 32) {
+        float acc = 0.f;
+        for (unsigned j = 0; j < k; ++j) {
+            if (sal[(size_t)b * k + j] != s) continue;
+            acc += r2_to_f32(grad[((size_t)b * L + noise[(size_t)b * k + j]) * D + d]);
+        }
+        o[d] = r2_from_f32<T>(acc);
+    }
+}
+
+#define R2_CAP_INJECT(SUFFIX, T)                                                                          \
+    extern "C" __global__ void gather_inject_fwd_##SUFFIX(const T* h, const T* src, const unsigned* noise, \
+                                                          const unsigned* sal, unsigned B, unsigned L,     \
+                                                          unsigned Ls, unsigned D, unsigned k, T* out) {   \
+        cap_inject_rows<T>(h, src, noise, sal, B, L, Ls, D, k, 0u, out);                                  \
+    }                                                                                                     \
+    extern "C" __global__ void gather_inject_zero_##SUFFIX(const T* grad, const unsigned* noise,          \
+                                                           unsigned B, unsigned L, unsigned D, unsigned k, \
+                                                           T* out) {                                      \
+        cap_inject_rows<T>(grad, grad, noise, noise, B, L, 1u, D, k, 1u, out);                            \
+    }                                                                                                     \
+    extern "C" __global__ void gather_inject_scatter_##SUFFIX(const T* grad, const unsigned* noise,       \
+                                                              const unsigned* sal, unsigned B, unsigned L, \
+                                                              unsigned Ls, unsigned D, unsigned k, T* out) { \
+        cap_scatter_rows<T>(grad, noise, sal, B, L, Ls, D, k, out);                                       \
+    }
+
+R2_CAP_INJECT(f32, float)
+R2_CAP_INJECT(f16, __half)
+R2_CAP_INJECT(bf16, __nv_bfloat16)

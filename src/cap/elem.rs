@@ -1,0 +1,233 @@
+//! Element types, accumulation and row top-k shared by the fused CPU paths of the CAP ops.
+//!
+//! f32, f16 and bf16 inputs accumulate in f32; f64 inputs (CPU only, used by the
+//! finite-difference gradient checks) accumulate in f64. Rows of f16/bf16 are widened once
+//! into a per-thread scratch buffer (F16C-accelerated by `half`), so the inner loops only see
+//! the accumulation type.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, DType, Layout, Result};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use std::ops::{Add, Div, Mul, Sub};
+
+/// Accumulation type (f32 or f64).
+pub(crate) trait Acc:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    fn sqrt(self) -> Self;
+    fn from_f64(v: f64) -> Self;
+    fn is_nan(self) -> bool;
+    fn into_storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Acc for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
+    }
+    fn into_storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Acc for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
+    }
+    fn into_storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// A storage element type of the CAP ops with its accumulation type.
+pub(crate) trait CapElem: Copy + Send + Sync + 'static {
+    type Acc: Acc;
+    /// `src` in the accumulation type: borrowed when it already is, else widened into `buf`.
+    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<Self::Acc>) -> &'a [Self::Acc];
+    /// Rounds `src` into `dst` (same length).
+    fn narrow(src: &[Self::Acc], dst: &mut [Self]);
+}
+
+impl CapElem for f32 {
+    type Acc = f32;
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
+    }
+    fn widen<'a>(src: &'a [Self], _buf: &'a mut Vec<f32>) -> &'a [f32] {
+        src
+    }
+}
+
+impl CapElem for f64 {
+    type Acc = f64;
+    fn narrow(src: &[f64], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
+    }
+    fn widen<'a>(src: &'a [Self], _buf: &'a mut Vec<f64>) -> &'a [f64] {
+        src
+    }
+}
+
+impl CapElem for f16 {
+    type Acc = f32;
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
+    }
+    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.resize(src.len(), 0.0);
+        src.convert_to_f32_slice(buf);
+        buf
+    }
+}
+
+impl CapElem for bf16 {
+    type Acc = f32;
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
+    }
+    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.resize(src.len(), 0.0);
+        src.convert_to_f32_slice(buf);
+        buf
+    }
+}
+
+const LANES: usize = 8;
+
+/// Dot product with 8 independent partial sums (vectorisable, fixed summation order).
+#[inline]
+pub(crate) fn dot<A: Acc>(a: &[A], b: &[A]) -> A {
+    let n = a.len().min(b.len());
+    let mut acc = [A::ZERO; LANES];
+    let chunks = n / LANES;
+    for c in 0..chunks {
+        let o = c * LANES;
+        let (xa, xb) = (&a[o..o + LANES], &b[o..o + LANES]);
+        for l in 0..LANES {
+            acc[l] = acc[l] + xa[l] * xb[l];
+        }
+    }
+    let mut tail = A::ZERO;
+    for i in chunks * LANES..n {
+        tail = tail + a[i] * b[i];
+    }
+    let mut s = tail;
+    for v in acc {
+        s = s + v;
+    }
+    s
+}
+
+/// `acc[d] += w * x[d]`.
+#[inline]
+pub(crate) fn axpy<A: Acc>(acc: &mut [A], w: A, x: &[A]) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a = *a + w * v;
+    }
+}
+
+/// Ordering used by every CAP top-k (CPU and `kernels/topk.cuh`): larger value first, ties
+/// to the lower index; NaN ranks as -inf (so after every number, and among -inf/NaN entries
+/// by index).
+#[inline]
+pub(crate) fn better<A: Acc>(a: A, ia: u32, b: A, ib: u32) -> bool {
+    let key = |v: A| if v.is_nan() { A::NEG_INF } else { v };
+    let (a, b) = (key(a), key(b));
+    a > b || (a == b && ia < ib)
+}
+
+/// Top-`k` of `row` (k <= row.len()) into `idx`, best first, by [`better`]. `scratch` holds
+/// the bounded candidate list between calls.
+pub(crate) fn row_topk<A: Acc>(row: &[A], k: usize, idx: &mut [u32], scratch: &mut Vec<(A, u32)>) {
+    scratch.clear();
+    for (i, &v) in row.iter().enumerate() {
+        let i = i as u32;
+        if scratch.len() == k {
+            let (lv, li) = scratch[k - 1];
+            // indices arrive in increasing order, so an equal value never displaces.
+            if !better(v, i, lv, li) {
+                continue;
+            }
+            scratch.pop();
+        }
+        let mut pos = scratch.len();
+        while pos > 0 {
+            let (pv, pi) = scratch[pos - 1];
+            if better(v, i, pv, pi) {
+                pos -= 1;
+            } else {
+                break;
+            }
+        }
+        scratch.insert(pos, (v, i));
+    }
+    for (o, &(_, i)) in idx.iter_mut().zip(scratch.iter()) {
+        *o = i;
+    }
+}
+
+/// Contiguous slice of a typed CPU storage.
+pub(crate) fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{op}: expected a contiguous input (the public op makes inputs contiguous)"),
+    }
+}
+
+/// Mask weights of a CPU storage (f32, u8 or f64) as `Acc` values.
+pub(crate) fn mask_values<A: Acc>(s: &CpuStorage, layout: &Layout, op: &str) -> Result<Vec<A>> {
+    Ok(match s {
+        CpuStorage::F32(v) => contiguous_slice(v, layout, op)?
+            .iter()
+            .map(|&x| A::from_f64(x as f64))
+            .collect(),
+        CpuStorage::F64(v) => contiguous_slice(v, layout, op)?
+            .iter()
+            .map(|&x| A::from_f64(x))
+            .collect(),
+        CpuStorage::U8(v) => contiguous_slice(v, layout, op)?
+            .iter()
+            .map(|&x| A::from_f64(x as f64))
+            .collect(),
+        other => bail!(
+            "{op}: mask dtype {:?} is not supported (expected f32 or u8)",
+            other.dtype()
+        ),
+    })
+}
+
+/// Float dtypes the CAP ops accept.
+pub(crate) fn check_float(dtype: DType, op: &str, what: &str) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => Ok(()),
+        d => bail!("{op}: {what} has dtype {d:?}, expected f32, f16, bf16 or f64"),
+    }
+}
