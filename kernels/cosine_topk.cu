@@ -1,0 +1,150 @@
+// cosine_topk.cu: fused cosine top-n retrieval (paper Eq. 1), one pass over the bank.
+//
+// Plan: src/retrieve/kernel.rs (`plan`), shared by the CUDA launch and the emulator.
+//
+// cosine_topk_partial_<dt>: grid (gx, gy), R2_CT_THREADS threads. Block (x, y) scores
+//   bank rows [x*chunk_rows, (x+1)*chunk_rows) against queries [y*qb, y*qb+qb): queries
+//   (f32) and their norms sit in shared memory; each tile of R2_CT_TILE rows is scored
+//   thread-per-row (every key element read once for all qb queries, converted to f32 in
+//   registers), written to a shared tile, and absorbed into a running top-kp per query
+//   (topk.cuh) only when some entry beats the running worst. Writes kp candidates per
+//   (query, block): B*gx*kp pairs in global memory, never the B x M scores.
+// cosine_topk_merge: one block per query merges its gx*kp candidates into the top n.
+//
+// Score: dot / (|q| |k| + 1e-8) with key norms precomputed ([M] f32). Excluded rows and
+// rows past the chunk get (-inf, 0xffffffff). A NaN score sets err[0] = 1 with
+// err[1] = query, err[2] = row (first reporter), and the host turns it into an error.
+#include "topk.cuh"
+
+#define R2_CT_THREADS 128
+#define R2_CT_TILE 256
+#define R2_CT_QB_MAX 8
+#define R2_CT_EPS 1e-8f
+
+template <class T>
+__device__ __forceinline__ void cosine_topk_partial(const float* __restrict__ q, const T* __restrict__ keys,
+                                                    const float* __restrict__ kn,
+                                                    const unsigned* __restrict__ excl, unsigned B, unsigned M,
+                                                    unsigned D, unsigned qb, unsigned kp, unsigned chunk_rows,
+                                                    float* __restrict__ cand_s, unsigned* __restrict__ cand_i,
+                                                    unsigned* __restrict__ err) {
+    R2_DYN_SMEM(unsigned char, smem);
+    __shared__ float qn[R2_CT_QB_MAX];
+    __shared__ unsigned ex[R2_CT_QB_MAX];
+    __shared__ unsigned cnt[3 * R2_TOPK_MAXQ];
+
+    const unsigned tid = threadIdx.x;
+    const unsigned q0 = blockIdx.y * qb;
+    const unsigned nq = min(qb, B - q0);
+    const unsigned row0 = blockIdx.x * chunk_rows;
+    const unsigned row1 = min(M, row0 + chunk_rows);
+
+    float* qs = reinterpret_cast<float*>(smem);
+    R2Stream st;
+    r2_stream_carve(st, smem + (size_t)qb * D * sizeof(float), nq, kp, R2_CT_TILE, cnt);
+
+    for (unsigned t = tid; t < nq * D; t += blockDim.x) qs[t] = q[(size_t)q0 * D + t];
+    if (tid < nq) ex[tid] = excl[q0 + tid];
+    r2_stream_init(st);  // ends with a barrier: qs and ex visible
+    if (tid < nq) {
+        float s = 0.f;
+        for (unsigned d = 0; d < D; ++d) s += qs[tid * D + d] * qs[tid * D + d];
+        qn[tid] = sqrtf(s);
+    }
+    __syncthreads();
+
+    unsigned tile = 0;
+    for (unsigned base = row0; base < row1; base += R2_CT_TILE, ++tile) {
+        for (unsigned e = tid; e < R2_CT_TILE; e += blockDim.x) {
+            const unsigned r = base + e;
+            const bool live = r < row1;
+            float acc[R2_CT_QB_MAX];
+#pragma unroll
+            for (int j = 0; j < R2_CT_QB_MAX; ++j) acc[j] = 0.f;
+            if (live) {
+                const T* kr = keys + (size_t)r * D;
+                for (unsigned d = 0; d < D; ++d) {
+                    const float kv = r2_to_f32(kr[d]);
+#pragma unroll
+                    for (int j = 0; j < R2_CT_QB_MAX; ++j)
+                        if ((unsigned)j < nq) acc[j] += qs[j * D + d] * kv;
+                }
+            }
+            const float knr = live ? kn[r] : 0.f;
+#pragma unroll
+            for (int j = 0; j < R2_CT_QB_MAX; ++j) {
+                if ((unsigned)j >= nq) continue;
+                float s = -R2_INF;
+                unsigned idx = R2_PAD_INDEX;
+                if (live && r != ex[j]) {
+                    const float v = acc[j] / (qn[j] * knr + R2_CT_EPS);
+                    if (isnan(v)) {
+                        r2_report(err, 1u, q0 + j, r);
+                    } else {
+                        s = v;
+                        idx = r;
+                    }
+                }
+                r2_stream_offer(st, tile, j, e, s, idx);
+            }
+        }
+        r2_stream_flush(st, tile);
+    }
+
+    for (unsigned t = tid; t < nq * kp; t += blockDim.x) {
+        const unsigned j = t / kp, i = t % kp;
+        const size_t o = ((size_t)(q0 + j) * gridDim.x + blockIdx.x) * kp + i;
+        cand_s[o] = st.run_s[j * kp + i];
+        cand_i[o] = st.run_i[j * kp + i];
+    }
+}
+
+// Candidates of query b: ncand = gx * kp pairs at b * ncand (gx sorted runs of kp).
+__device__ __forceinline__ void cosine_topk_merge_impl(const float* __restrict__ cs,
+                                                       const unsigned* __restrict__ ci, unsigned ncand,
+                                                       unsigned kp, unsigned n, float* __restrict__ out_s,
+                                                       unsigned* __restrict__ out_i) {
+    R2_DYN_SMEM(unsigned char, smem);
+    __shared__ unsigned cnt[3 * R2_TOPK_MAXQ];
+    const unsigned tid = threadIdx.x;
+    const size_t b = blockIdx.x;
+    R2Stream st;
+    r2_stream_carve(st, smem, 1, kp, R2_CT_TILE, cnt);
+    r2_stream_init(st);
+    unsigned tile = 0;
+    for (unsigned base = 0; base < ncand; base += R2_CT_TILE, ++tile) {
+        for (unsigned e = tid; e < R2_CT_TILE; e += blockDim.x) {
+            const unsigned c = base + e;
+            float s = -R2_INF;
+            unsigned i = R2_PAD_INDEX;
+            if (c < ncand) {
+                s = cs[b * ncand + c];
+                i = ci[b * ncand + c];
+            }
+            r2_stream_offer(st, tile, 0, e, s, i);
+        }
+        r2_stream_flush(st, tile);
+    }
+    for (unsigned i = tid; i < n; i += blockDim.x) {
+        out_s[b * n + i] = st.run_s[i];
+        out_i[b * n + i] = st.run_i[i];
+    }
+}
+
+#define R2_CT_PARTIAL(SUFFIX, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(R2_CT_THREADS) cosine_topk_partial_##SUFFIX(             \
+        const float* q, const T* keys, const float* kn, const unsigned* excl, unsigned B, unsigned M,      \
+        unsigned D, unsigned qb, unsigned kp, unsigned chunk_rows, float* cand_s, unsigned* cand_i,       \
+        unsigned* err) {                                                                                  \
+        cosine_topk_partial<T>(q, keys, kn, excl, B, M, D, qb, kp, chunk_rows, cand_s, cand_i, err);      \
+    }
+
+R2_CT_PARTIAL(f32, float)
+R2_CT_PARTIAL(f16, __half)
+R2_CT_PARTIAL(bf16, __nv_bfloat16)
+
+extern "C" __global__ void __launch_bounds__(R2_CT_THREADS)
+    cosine_topk_merge(const float* cand_s, const unsigned* cand_i, unsigned ncand, unsigned kp, unsigned n,
+                      float* out_s, unsigned* out_i) {
+    cosine_topk_merge_impl(cand_s, cand_i, ncand, kp, n, out_s, out_i);
+}

@@ -1,0 +1,236 @@
+//! `r2scp bench retrieve`: fused `cosine_topk` vs the candle reference (and, optionally,
+//! FAISS `IndexFlatIP` through `scripts/faiss_peer.py`) in ONE side-by-side table, with
+//! this machine's streaming-read bandwidth measured in the same run.
+//!
+//! Columns: time (best of `--reps`), queries/s, effective GB/s (bank bytes read / time),
+//! ratio to the reference (reference time / this time; > 1 is faster), and the fraction of
+//! the measured streaming-read bandwidth (meaningful at B = 1, where the op is bound by
+//! reading the bank once).
+
+use super::{fmt_ms, stream_read_gbps, time_best, Table};
+use crate::retrieve::{cosine_topk, cosine_topk_reference, key_norms};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+/// Options of `r2scp bench retrieve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Small sizes (M in {20k, 100k}, D in {64, 256}) for a quick look.
+    #[arg(long)]
+    pub quick: bool,
+    /// Bank sizes M (comma list). Default 100000,1000000 (quick: 20000,100000).
+    #[arg(long, value_delimiter = ',')]
+    pub m: Option<Vec<usize>>,
+    /// Dimensions D (comma list). Default 256,1024 (quick: 64,256).
+    #[arg(long, value_delimiter = ',')]
+    pub d: Option<Vec<usize>>,
+    /// Query batch sizes B (comma list).
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    pub b: Vec<usize>,
+    /// Results per query.
+    #[arg(long, default_value_t = 8)]
+    pub n: usize,
+    /// Key dtypes (comma list of f32, f16, bf16).
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16")]
+    pub dtypes: Vec<String>,
+    /// Timed repetitions per cell (best is reported), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Skip the candle reference (it materialises and sorts the B x M matrix).
+    #[arg(long)]
+    pub skip_reference: bool,
+    /// Python with faiss-cpu and numpy (e.g. `.venv-faiss/bin/python`): adds FAISS
+    /// IndexFlatIP rows for f32 keys, run by `scripts/faiss_peer.py` on the same data.
+    #[arg(long)]
+    pub faiss_python: Option<PathBuf>,
+    /// Device: `cpu` or `cuda` (needs the `cuda` feature and a GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Seed of the random bank and queries.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+fn dtype_of(s: &str) -> anyhow::Result<DType> {
+    Ok(match s {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("bench retrieve: dtype `{other}` is not one of f32, f16, bf16"),
+    })
+}
+
+fn random_f32(len: usize, seed: u64) -> Vec<f32> {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..len).map(|_| r.random_range(-1.0f32..1.0)).collect()
+}
+
+fn sync(dev: &Device) -> anyhow::Result<()> {
+    dev.synchronize()?;
+    Ok(())
+}
+
+/// Runs FAISS on raw little-endian f32 files; returns its best search time.
+#[allow(clippy::too_many_arguments)]
+fn faiss_time(
+    python: &PathBuf,
+    keys: &[f32],
+    queries: &[f32],
+    m: usize,
+    d: usize,
+    b: usize,
+    n: usize,
+    reps: usize,
+) -> anyhow::Result<Duration> {
+    let dir = tempfile_dir()?;
+    let kp = dir.join("keys.f32");
+    let qp = dir.join("queries.f32");
+    std::fs::write(&kp, bytemuck::cast_slice::<f32, u8>(keys))?;
+    std::fs::write(&qp, bytemuck::cast_slice::<f32, u8>(queries))?;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/faiss_peer.py");
+    let out = Command::new(python)
+        .env("OMP_WAIT_POLICY", "PASSIVE")
+        .env("OMP_NUM_THREADS", rayon::current_num_threads().to_string())
+        .arg(&script)
+        .args(["--keys", &kp.display().to_string()])
+        .args(["--queries", &qp.display().to_string()])
+        .args(["--m", &m.to_string(), "--d", &d.to_string()])
+        .args(["--b", &b.to_string(), "--n", &n.to_string()])
+        .args(["--reps", &reps.to_string()])
+        .args(["--threads", &rayon::current_num_threads().to_string()])
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !out.status.success() {
+        bail!(
+            "faiss_peer.py failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("faiss_peer.py printed `{stdout}`"))?;
+    let secs = v["best_seconds"]
+        .as_f64()
+        .context("faiss_peer.py output lacks best_seconds")?;
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let base = std::env::temp_dir().join(format!("r2scp-faiss-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    Ok(base)
+}
+
+/// Runs the benchmark and prints the table.
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let dev = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0).context("bench retrieve --device cuda")?,
+        other => bail!("bench retrieve: device `{other}` is not cpu or cuda"),
+    };
+    let ms = args.m.clone().unwrap_or(if args.quick {
+        vec![20_000, 100_000]
+    } else {
+        vec![100_000, 1_000_000]
+    });
+    let ds = args.d.clone().unwrap_or(if args.quick {
+        vec![64, 256]
+    } else {
+        vec![256, 1024]
+    });
+    let dtypes: Vec<DType> = args
+        .dtypes
+        .iter()
+        .map(|s| dtype_of(s))
+        .collect::<anyhow::Result<_>>()?;
+    let threads = rayon::current_num_threads();
+    let bw = stream_read_gbps(512 << 20, 5);
+    println!(
+        "bench retrieve: device {}, {threads} threads, n = {}, best of {} reps; streaming read {bw:.1} GB/s",
+        args.device, args.n, args.reps
+    );
+    let mut table = Table::new(&[
+        "M",
+        "D",
+        "B",
+        "keys",
+        "impl",
+        "ms",
+        "queries/s",
+        "GB/s",
+        "vs reference",
+        "of stream BW",
+    ]);
+    for &m in &ms {
+        for &d in &ds {
+            let kv = random_f32(m * d, args.seed);
+            for &dt in &dtypes {
+                let keys = Tensor::from_slice(&kv, (m, d), &dev)?.to_dtype(dt)?;
+                let norms = key_norms(&keys)?;
+                let bank_bytes = (m * d * dt.size_in_bytes()) as f64;
+                for &b in &args.b {
+                    let qv = random_f32(b * d, args.seed + 1 + b as u64);
+                    let q = Tensor::from_slice(&qv, (b, d), &dev)?;
+                    let n = args.n.min(m);
+                    let (t_fused, _) = time_best(args.reps, || {
+                        let r = cosine_topk(&q, &keys, Some(&norms), n, None);
+                        let _ = sync(&dev);
+                        r
+                    });
+                    let t_ref = if args.skip_reference {
+                        None
+                    } else {
+                        let (t, r) = time_best(args.reps.min(2), || {
+                            let r = cosine_topk_reference(&q, &keys, Some(&norms), n, None);
+                            let _ = sync(&dev);
+                            r
+                        });
+                        match r {
+                            Ok(_) => Some(t),
+                            Err(e) => {
+                                println!("reference failed at M={m} D={d} B={b}: {e}");
+                                None
+                            }
+                        }
+                    };
+                    let mut add = |name: &str, t: Duration| {
+                        let s = t.as_secs_f64();
+                        let gbps = bank_bytes / s / 1e9;
+                        table.row(vec![
+                            m.to_string(),
+                            d.to_string(),
+                            b.to_string(),
+                            format!("{dt:?}").to_lowercase(),
+                            name.to_string(),
+                            fmt_ms(t),
+                            format!("{:.0}", b as f64 / s),
+                            format!("{gbps:.1}"),
+                            t_ref
+                                .map(|r| format!("{:.2}x", r.as_secs_f64() / s))
+                                .unwrap_or_else(|| "-".into()),
+                            format!("{:.0}%", 100.0 * gbps / bw),
+                        ]);
+                    };
+                    add("fused", t_fused);
+                    if let Some(t) = t_ref {
+                        add("reference", t);
+                    }
+                    if let (Some(py), DType::F32) = (&args.faiss_python, dt) {
+                        match faiss_time(py, &kv, &qv, m, d, b, n, args.reps) {
+                            Ok(t) => add("faiss IndexFlatIP", t),
+                            Err(e) => println!("faiss failed at M={m} D={d} B={b}: {e:#}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    table.print();
+    Ok(())
+}
