@@ -1,0 +1,697 @@
+//! `r2scp ablate`: the paper's ablations on one data set, averaged over seeds.
+//!
+//! Studies: `table2` (retrieval and CAP on/off, Table 2), `strategy` (w/o stage I, w/o
+//! stage II, w/o ranking loss, Table 3), `n` (retrieved candidates, Fig. 4), `k`
+//! (purification budget, Fig. 4), `rate` (training/test missing rate 30/50/70%, Fig. 5).
+//!
+//! Stage I does not depend on any of the ablated switches (n, k, CMR, CAP, ranking loss,
+//! missing rate), so it is trained once per seed (that run is also the "w/o stage II"
+//! variant) and every stage-II variant continues from a copy of its checkpoint through
+//! the ordinary `--resume` path. Each variant is a normal run directory
+//! (`<out>/seed<S>/<variant>/`); finished variants are reused when `ablate` is run again.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{atomic_write, write_json};
+use super::config::TrainConfig;
+use super::eval::{missing_avg, EvalResult};
+use super::metrics::{read_metrics, MetricsWriter};
+use super::plot::{line_plot, Labels, Series};
+use super::run::{checkpoint_dir, read_state, train, RunOptions, STATE_FORMAT};
+use crate::data::{MissingPolicy, MissingSim, MissingType};
+
+/// One ablation study.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Study {
+    /// Retrieval (CMR) and CAP on/off (Table 2).
+    Table2,
+    /// Training strategy (Table 3).
+    Strategy,
+    /// Number of retrieved candidates n in {1, 3, 5, 10}.
+    N,
+    /// Purification budget k in {1, 3, 5, 7, 9}.
+    K,
+    /// Missing rate 30/50/70% (full model vs. no retrieval/CAP).
+    Rate,
+}
+
+impl Study {
+    /// All studies in report order.
+    pub const ALL: [Study; 5] = [
+        Study::Table2,
+        Study::Strategy,
+        Study::N,
+        Study::K,
+        Study::Rate,
+    ];
+}
+
+/// Options of an ablation.
+#[derive(Debug, Clone)]
+pub struct AblateOptions {
+    /// Output directory.
+    pub out_dir: PathBuf,
+    /// Seeds to average over.
+    pub seeds: Vec<u64>,
+    /// Shrink the synthetic set and the epochs (smoke run).
+    pub quick: bool,
+    /// Studies to run.
+    pub studies: Vec<Study>,
+    /// No progress output from the runs.
+    pub quiet: bool,
+    /// Compute device.
+    pub device: Device,
+}
+
+/// n values of the n study.
+pub const N_VALUES: [usize; 4] = [1, 3, 5, 10];
+/// k values of the k study.
+pub const K_VALUES: [usize; 5] = [1, 3, 5, 7, 9];
+/// Missing rates of the rate study.
+pub const RATES: [f32; 3] = [0.3, 0.5, 0.7];
+
+#[derive(Debug, Clone)]
+struct Variant {
+    id: String,
+    cfg: TrainConfig,
+    /// Test also under `Simulated(rate, mixed)`.
+    sim_rate: Option<f32>,
+}
+
+/// Results of one variant for one seed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VariantResult {
+    /// Variant id (directory name).
+    pub id: String,
+    /// Seed.
+    pub seed: u64,
+    /// Table-1 rows (missing audio, missing visual, complete).
+    pub test: Vec<EvalResult>,
+    /// Accuracy under the simulated missing rate of the rate study, if any.
+    pub sim: Option<EvalResult>,
+}
+
+fn quick_cfg(c: &mut TrainConfig) {
+    c.synthetic.n_train_clips = c.synthetic.n_train_clips.min(400);
+    c.synthetic.n_val_clips = c.synthetic.n_val_clips.min(80);
+    c.synthetic.n_test_clips = c.synthetic.n_test_clips.min(120);
+    c.synthetic.n_prototypes = c.synthetic.n_prototypes.min(48);
+    c.stage1.epochs = c.stage1.epochs.min(2);
+    c.stage2.epochs = c.stage2.epochs.min(2);
+}
+
+fn variants(base: &TrainConfig, studies: &[Study]) -> (Vec<Variant>, Vec<String>) {
+    let mut v: Vec<Variant> = Vec::new();
+    let mut notes = Vec::new();
+    let mut add = |id: String, f: &dyn Fn(&mut TrainConfig), sim_rate: Option<f32>| {
+        let mut c = base.clone();
+        f(&mut c);
+        if let Some(x) = v.iter_mut().find(|x| x.id == id) {
+            x.sim_rate = x.sim_rate.or(sim_rate);
+        } else {
+            v.push(Variant {
+                id,
+                cfg: c,
+                sim_rate,
+            });
+        }
+    };
+    let full = |c: &mut TrainConfig| {
+        c.model.use_retrieval = true;
+        c.model.use_cap = true;
+    };
+    add("full".into(), &full, None);
+    for s in studies {
+        match s {
+            Study::Table2 => {
+                for (r, p) in [(false, false), (false, true), (true, false)] {
+                    add(
+                        format!("cmr{}-cap{}", r as u8, p as u8),
+                        &move |c: &mut TrainConfig| {
+                            c.model.use_retrieval = r;
+                            c.model.use_cap = p;
+                        },
+                        None,
+                    );
+                }
+            }
+            Study::Strategy => {
+                add(
+                    "wo-stage1".into(),
+                    &|c: &mut TrainConfig| c.stage1_enabled = false,
+                    None,
+                );
+                add(
+                    "wo-stage2".into(),
+                    &|c: &mut TrainConfig| c.stage2_enabled = false,
+                    None,
+                );
+                add(
+                    "wo-rank".into(),
+                    &|c: &mut TrainConfig| c.rank_loss = false,
+                    None,
+                );
+            }
+            Study::N => {
+                for n in N_VALUES {
+                    if n == base.model.n_retrieved {
+                        continue;
+                    }
+                    add(
+                        format!("n{n}"),
+                        &move |c: &mut TrainConfig| c.model.n_retrieved = n,
+                        None,
+                    );
+                }
+            }
+            Study::K => {
+                let kmax = if base.data.is_none() {
+                    base.synthetic.la.min(base.synthetic.lv)
+                } else {
+                    usize::MAX
+                };
+                for k in K_VALUES {
+                    if k > kmax {
+                        notes.push(format!(
+                            "k = {k} skipped: it exceeds the token count min(La, Lv) = {kmax} of the data"
+                        ));
+                        continue;
+                    }
+                    if k == base.model.k_purge {
+                        continue;
+                    }
+                    add(
+                        format!("k{k}"),
+                        &move |c: &mut TrainConfig| c.model.k_purge = k,
+                        None,
+                    );
+                }
+            }
+            Study::Rate => {
+                for r in RATES {
+                    let pct = (r * 100.0).round() as u32;
+                    let id = if (r - base.missing_rate).abs() < 1e-6 {
+                        "full".to_string()
+                    } else {
+                        format!("rate{pct}")
+                    };
+                    add(id, &move |c: &mut TrainConfig| c.missing_rate = r, Some(r));
+                    let bid = if (r - base.missing_rate).abs() < 1e-6 {
+                        "cmr0-cap0".to_string()
+                    } else {
+                        format!("rate{pct}-cmr0-cap0")
+                    };
+                    add(
+                        bid,
+                        &move |c: &mut TrainConfig| {
+                            c.missing_rate = r;
+                            c.model.use_retrieval = false;
+                            c.model.use_cap = false;
+                        },
+                        Some(r),
+                    );
+                }
+            }
+        }
+    }
+    (v, notes)
+}
+
+/// Copy the stage-I checkpoint of `src` into a new run `dst` whose config is `cfg`, so
+/// that resuming `dst` starts stage II from the shared experts.
+fn fork_stage1(src: &Path, dst: &Path, cfg: &TrainConfig) -> Result<()> {
+    let st = read_state(&checkpoint_dir(src).join("state.json"))?;
+    if st.stage != 1 || !st.stage_done {
+        bail!(
+            "{}: stage I is not complete (stage {}, epoch {})",
+            src.display(),
+            st.stage,
+            st.epoch
+        );
+    }
+    let ck = checkpoint_dir(dst);
+    std::fs::create_dir_all(&ck).with_context(|| format!("creating {}", ck.display()))?;
+    std::fs::copy(
+        checkpoint_dir(src).join(&st.model_file),
+        ck.join(&st.model_file),
+    )
+    .with_context(|| format!("copying the stage-I weights of {}", src.display()))?;
+    let metrics_path = dst.join("metrics.jsonl");
+    super::checkpoint::truncate_file(&metrics_path, 0)?;
+    let mut w = MetricsWriter::open(&metrics_path)?;
+    for r in read_metrics(&src.join("metrics.jsonl"))? {
+        if r.stage == 1 {
+            w.write(&r)?;
+        }
+    }
+    let len = w.len()?;
+    let mut ns = st.clone();
+    ns.format = STATE_FORMAT;
+    ns.config = cfg.clone();
+    ns.finished = false;
+    ns.test = None;
+    ns.test_extra = None;
+    ns.metrics_len = len;
+    ns.optim_file = None;
+    ns.best_file = None;
+    let toml = toml::to_string_pretty(cfg)?;
+    atomic_write(&dst.join("config.toml"), toml.as_bytes())?;
+    write_json(&ck.join("state.json"), &ns)
+}
+
+fn run_variant(
+    v: &Variant,
+    seed: u64,
+    dir: &Path,
+    stage1_dir: &Path,
+    opts: &AblateOptions,
+) -> Result<VariantResult> {
+    let extra: Vec<MissingPolicy> = v
+        .sim_rate
+        .map(|r| {
+            MissingPolicy::Simulated(MissingSim {
+                rate: r,
+                kind: MissingType::Mixed,
+                seed: seed ^ 0x7e57,
+            })
+        })
+        .into_iter()
+        .collect();
+    let state_path = checkpoint_dir(dir).join("state.json");
+    let mut resume = false;
+    if state_path.exists() {
+        let st = read_state(&state_path)?;
+        if st.config == v.cfg {
+            let have_extra = st.test_extra.as_ref().map_or(0, Vec::len) == extra.len();
+            if st.finished && have_extra {
+                return Ok(VariantResult {
+                    id: v.id.clone(),
+                    seed,
+                    test: st.test.unwrap_or_default(),
+                    sim: st.test_extra.and_then(|e| e.into_iter().next()),
+                });
+            }
+            resume = !st.finished;
+        }
+        if !resume {
+            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    if !resume && v.cfg.stage1_enabled && v.id != "wo-stage2" {
+        fork_stage1(stage1_dir, dir, &v.cfg)?;
+        resume = true;
+    }
+    if !opts.quiet {
+        println!("== seed {seed}: {} ==", v.id);
+    }
+    let ro = RunOptions {
+        resume,
+        quiet: opts.quiet,
+        extra_eval: extra,
+        device: opts.device.clone(),
+        ..RunOptions::new(dir)
+    };
+    let s =
+        train(&v.cfg, &ro).with_context(|| format!("ablation variant {} (seed {seed})", v.id))?;
+    Ok(VariantResult {
+        id: v.id.clone(),
+        seed,
+        test: s.test,
+        sim: s.extra.into_iter().next(),
+    })
+}
+
+/// Run the ablation; returns the path of the markdown report.
+pub fn run(base: &TrainConfig, opts: &AblateOptions) -> Result<PathBuf> {
+    if opts.seeds.is_empty() {
+        bail!("ablate: no seeds given");
+    }
+    let mut results: Vec<VariantResult> = Vec::new();
+    let mut notes = Vec::new();
+    let t0 = std::time::Instant::now();
+    for &seed in &opts.seeds {
+        let mut b = base.clone();
+        b.seed = seed;
+        b.apply_seed();
+        if opts.quick {
+            quick_cfg(&mut b);
+        }
+        b.validate()?;
+        let (vars, n) = variants(&b, &opts.studies);
+        notes = n;
+        let sdir = opts.out_dir.join(format!("seed{seed}"));
+        // Stage I once per seed: the "w/o stage II" run.
+        let mut s1 = b.clone();
+        s1.stage2_enabled = false;
+        s1.stage1_enabled = true;
+        let s1v = Variant {
+            id: "wo-stage2".into(),
+            cfg: s1,
+            sim_rate: None,
+        };
+        let needs_s1 = vars.iter().any(|v| v.cfg.stage1_enabled);
+        let s1dir = sdir.join("wo-stage2");
+        if needs_s1 {
+            let r = run_variant(&s1v, seed, &s1dir, &s1dir, opts)?;
+            if vars.iter().any(|v| v.id == "wo-stage2") {
+                results.push(r);
+            }
+        }
+        for v in vars.iter().filter(|v| v.id != "wo-stage2") {
+            let r = run_variant(v, seed, &sdir.join(&v.id), &s1dir, opts)?;
+            results.push(r);
+        }
+    }
+    write_json(&opts.out_dir.join("results.json"), &results)?;
+    let path = write_report(opts, &results, &notes, t0.elapsed().as_secs_f64())?;
+    Ok(path)
+}
+
+/// Mean and sample standard deviation.
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    if v.len() < 2 {
+        return (m, 0.0);
+    }
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64;
+    (m, var.sqrt())
+}
+
+struct Agg<'a> {
+    by_id: BTreeMap<&'a str, Vec<&'a VariantResult>>,
+}
+
+impl<'a> Agg<'a> {
+    fn new(rs: &'a [VariantResult]) -> Self {
+        let mut by_id: BTreeMap<&str, Vec<&VariantResult>> = BTreeMap::new();
+        for r in rs {
+            by_id.entry(r.id.as_str()).or_default().push(r);
+        }
+        Self { by_id }
+    }
+    fn has(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+    /// (mean, std) in % of `f` over seeds.
+    fn stat(&self, id: &str, f: impl Fn(&VariantResult) -> Option<f64>) -> Option<(f64, f64)> {
+        let v: Vec<f64> = self
+            .by_id
+            .get(id)?
+            .iter()
+            .filter_map(|r| f(r))
+            .map(|x| 100.0 * x)
+            .collect();
+        (!v.is_empty()).then(|| mean_std(&v))
+    }
+    fn setting(&self, id: &str, s: &str) -> Option<(f64, f64)> {
+        self.stat(id, |r| {
+            r.test.iter().find(|e| e.setting == s).map(|e| e.acc())
+        })
+    }
+    fn miss(&self, id: &str) -> Option<(f64, f64)> {
+        self.stat(id, |r| missing_avg(&r.test))
+    }
+}
+
+fn fmt_ms(x: Option<(f64, f64)>) -> String {
+    match x {
+        Some((m, s)) => format!("{m:.2} ± {s:.2}"),
+        None => "-".into(),
+    }
+}
+
+fn write_report(
+    opts: &AblateOptions,
+    results: &[VariantResult],
+    notes: &[String],
+    secs: f64,
+) -> Result<PathBuf> {
+    let agg = Agg::new(results);
+    let plots = opts.out_dir.join("plots");
+    std::fs::create_dir_all(&plots)?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# r2scp ablations\n");
+    let _ = writeln!(
+        md,
+        "Seeds: {:?}{}. Test accuracy in % (mean ± sample std over seeds). Wall time {:.0}s.\n",
+        opts.seeds,
+        if opts.quick {
+            " (--quick: reduced data and epochs)"
+        } else {
+            ""
+        },
+        secs
+    );
+    let _ = writeln!(
+        md,
+        "\"Missing avg\" is the mean of the missing-audio and missing-visual settings (the metric of the paper's Table 3).\n"
+    );
+    if opts.studies.contains(&Study::Table2) {
+        let _ = writeln!(md, "## Retrieval (CMR) and purification (CAP), Table 2\n");
+        let _ = writeln!(
+            md,
+            "| A | V | CMR | CAP | accuracy |\n|---|---|---|---|---:|"
+        );
+        let combos = [
+            ("cmr0-cap0", "", ""),
+            ("cmr0-cap1", "", "✓"),
+            ("cmr1-cap0", "✓", ""),
+            ("full", "✓", "✓"),
+        ];
+        for (s, a, v) in [
+            ("missing-visual", "●", "○"),
+            ("missing-audio", "○", "●"),
+            ("complete", "●", "●"),
+        ] {
+            for (id, r, c) in combos {
+                let _ = writeln!(
+                    md,
+                    "| {a} | {v} | {r} | {c} | {} |",
+                    fmt_ms(agg.setting(id, s))
+                );
+            }
+        }
+        let _ = writeln!(md, "\n| CMR | CAP | missing avg |\n|---|---|---:|");
+        for (id, r, c) in combos {
+            let _ = writeln!(md, "| {r} | {c} | {} |", fmt_ms(agg.miss(id)));
+        }
+        let series: Vec<Series> = ["missing-audio", "missing-visual", "complete"]
+            .iter()
+            .map(|s| {
+                Series::new(
+                    *s,
+                    combos
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, (id, _, _))| {
+                            agg.setting(id, s).map(|(m, _)| (i as f64, m))
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        line_plot(
+            &plots.join("table2.png"),
+            Labels {
+                title: "CMR/CAP: 0 none, 1 CAP only, 2 CMR only, 3 both",
+                x: "variant",
+                y: "test accuracy (%)",
+            },
+            &series,
+        )?;
+        md.push_str("\n![table2](plots/table2.png)\n\n");
+    }
+    if opts.studies.contains(&Study::Strategy) {
+        let _ = writeln!(
+            md,
+            "## Training strategy, Table 3\n\n| Method | missing avg | complete |\n|---|---:|---:|"
+        );
+        for (id, label) in [
+            ("full", "R2ScP (full)"),
+            (
+                "wo-stage1",
+                "w/o modality-specific expert pre-training (stage I)",
+            ),
+            ("wo-stage2", "w/o expert mixing training (stage II)"),
+            ("wo-rank", "w/o ranking loss"),
+        ] {
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {} |",
+                fmt_ms(agg.miss(id)),
+                fmt_ms(agg.setting(id, "complete"))
+            );
+        }
+        md.push('\n');
+    }
+    let sweep = |md: &mut String,
+                 title: &str,
+                 name: &str,
+                 vals: &[usize],
+                 id_of: &dyn Fn(usize) -> String|
+     -> Result<()> {
+        let _ = writeln!(
+            md,
+            "## {title}\n\n| {name} | missing avg | complete |\n|---:|---:|---:|"
+        );
+        let mut pts = Vec::new();
+        let mut cpts = Vec::new();
+        for &x in vals {
+            let id = id_of(x);
+            if !agg.has(&id) {
+                continue;
+            }
+            let m = agg.miss(&id);
+            let c = agg.setting(&id, "complete");
+            let _ = writeln!(md, "| {x} | {} | {} |", fmt_ms(m), fmt_ms(c));
+            if let Some((v, _)) = m {
+                pts.push((x as f64, v));
+            }
+            if let Some((v, _)) = c {
+                cpts.push((x as f64, v));
+            }
+        }
+        line_plot(
+            &plots.join(format!("{name}.png")),
+            Labels {
+                title,
+                x: name,
+                y: "test accuracy (%)",
+            },
+            &[
+                Series::new("missing avg", pts),
+                Series::new("complete", cpts),
+            ],
+        )?;
+        let _ = writeln!(md, "\n![{name}](plots/{name}.png)\n");
+        Ok(())
+    };
+    if opts.studies.contains(&Study::N) {
+        sweep(
+            &mut md,
+            "Retrieved candidates n (Fig. 4)",
+            "n",
+            &N_VALUES,
+            &|n| {
+                if agg.has(&format!("n{n}")) {
+                    format!("n{n}")
+                } else {
+                    "full".into()
+                }
+            },
+        )?;
+    }
+    if opts.studies.contains(&Study::K) {
+        sweep(
+            &mut md,
+            "Purification budget k (Fig. 4)",
+            "k",
+            &K_VALUES,
+            &|k| {
+                if agg.has(&format!("k{k}")) {
+                    format!("k{k}")
+                } else {
+                    "full".into()
+                }
+            },
+        )?;
+    }
+    if opts.studies.contains(&Study::Rate) {
+        let _ = writeln!(
+            md,
+            "## Missing rate (Fig. 5)\n\nTrained and tested with the same rate (mixed audio/visual); \
+             the last two columns are the fixed missing-audio/missing-visual average.\n\n\
+             | rate | R2ScP (sim) | no CMR/CAP (sim) | R2ScP missing avg | no CMR/CAP missing avg |\n|---:|---:|---:|---:|---:|"
+        );
+        let mut full_pts = Vec::new();
+        let mut base_pts = Vec::new();
+        for r in RATES {
+            let pct = (r * 100.0).round() as u32;
+            let pick = |a: &str, b: &str| {
+                if agg
+                    .by_id
+                    .get(a)
+                    .is_some_and(|v| v.iter().any(|x| x.sim.is_some()))
+                {
+                    a.to_string()
+                } else {
+                    b.to_string()
+                }
+            };
+            let fid = pick(&format!("rate{pct}"), "full");
+            let bid = pick(&format!("rate{pct}-cmr0-cap0"), "cmr0-cap0");
+            let fs = agg.stat(&fid, |x| x.sim.as_ref().map(|e| e.acc()));
+            let bs = agg.stat(&bid, |x| x.sim.as_ref().map(|e| e.acc()));
+            let _ = writeln!(
+                md,
+                "| {pct}% | {} | {} | {} | {} |",
+                fmt_ms(fs),
+                fmt_ms(bs),
+                fmt_ms(agg.miss(&fid)),
+                fmt_ms(agg.miss(&bid))
+            );
+            if let Some((m, _)) = fs {
+                full_pts.push((pct as f64, m));
+            }
+            if let Some((m, _)) = bs {
+                base_pts.push((pct as f64, m));
+            }
+        }
+        line_plot(
+            &plots.join("rate.png"),
+            Labels {
+                title: "Missing rate",
+                x: "missing rate (%)",
+                y: "test accuracy (%)",
+            },
+            &[
+                Series::new("R2ScP", full_pts),
+                Series::new("no CMR / no CAP", base_pts),
+            ],
+        )?;
+        md.push_str("\n![rate](plots/rate.png)\n\n");
+    }
+    if !notes.is_empty() {
+        let _ = writeln!(md, "## Notes\n");
+        for n in notes {
+            let _ = writeln!(md, "- {n}");
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(md, "## All variants (Table 1 average over the three settings)\n\n| variant | missing audio | missing visual | complete | missing avg |\n|---|---:|---:|---:|---:|");
+    for id in agg.by_id.keys() {
+        let _ = writeln!(
+            md,
+            "| {id} | {} | {} | {} | {} |",
+            fmt_ms(agg.setting(id, "missing-audio")),
+            fmt_ms(agg.setting(id, "missing-visual")),
+            fmt_ms(agg.setting(id, "complete")),
+            fmt_ms(agg.miss(id))
+        );
+    }
+    let path = opts.out_dir.join("report.md");
+    atomic_write(&path, md.as_bytes())?;
+    Ok(path)
+}

@@ -1,0 +1,154 @@
+//! Crash-safe checkpoint files.
+//!
+//! Every file is written to a temporary sibling, flushed with `fsync`, renamed over the
+//! target and the directory is synced, so a reader sees either the old or the new file,
+//! never a torn one. A checkpoint is a set of safetensors files plus `state.json`; the
+//! state file is written last and names the tensor files of its generation, so it is the
+//! commit point: an interruption between two writes leaves the previous generation intact.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Write `bytes` to `path` atomically (tmp + fsync + rename + directory fsync).
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = parent_dir(path);
+    fs::create_dir_all(&dir).with_context(|| format!("creating directory {}", dir.display()))?;
+    let tmp = tmp_path(path);
+    {
+        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+    }
+    commit(&tmp, path)
+}
+
+/// Save named tensors as safetensors at `path`, atomically.
+pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let dir = parent_dir(path);
+    fs::create_dir_all(&dir).with_context(|| format!("creating directory {}", dir.display()))?;
+    let tmp = tmp_path(path);
+    candle_core::safetensors::save(tensors, &tmp)
+        .map_err(|e| anyhow!("writing {}: {e}", tmp.display()))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    commit(&tmp, path)
+}
+
+/// Load all tensors of a safetensors file onto `device`; the error names the file.
+pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        bail!("checkpoint file {} does not exist", path.display());
+    }
+    candle_core::safetensors::load(path, device).map_err(|e| {
+        anyhow!(
+            "checkpoint file {} is not a valid safetensors file: {}",
+            path.display(),
+            one_line(&e.to_string())
+        )
+    })
+}
+
+/// Serialize `value` as pretty JSON to `path`, atomically.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(value)?;
+    s.push('\n');
+    atomic_write(path, s.as_bytes())
+}
+
+/// Read and parse a JSON file; errors name the file and the parse problem.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let s = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&s)
+        .map_err(|e| anyhow!("{} is not a valid state file: {e}", path.display()))
+}
+
+/// Truncate `path` to `len` bytes (used to drop metrics lines written after the last
+/// checkpoint of an interrupted run). A missing file is created empty when `len == 0`.
+pub fn truncate_file(path: &Path, len: u64) -> Result<()> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let cur = f.metadata()?.len();
+    if cur < len {
+        bail!(
+            "{} is {cur} bytes, shorter than the {len} bytes the checkpoint recorded",
+            path.display()
+        );
+    }
+    f.set_len(len)
+        .with_context(|| format!("truncating {}", path.display()))?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Collapse a multi-line message into one line.
+pub fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    parent_dir(path).join(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+fn commit(tmp: &Path, path: &Path) -> Result<()> {
+    fs::rename(tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    // Persist the rename itself.
+    if let Ok(d) = File::open(parent_dir(path)) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_roundtrip_and_corrupt_file() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("a.safetensors");
+        let mut m = HashMap::new();
+        m.insert(
+            "w".to_string(),
+            Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu)?,
+        );
+        save_tensors(&p, &m)?;
+        let back = load_tensors(&p, &Device::Cpu)?;
+        assert_eq!(back["w"].to_vec1::<f32>()?, vec![1.0, 2.0, 3.0]);
+        fs::write(&p, b"garbage")?;
+        let err = load_tensors(&p, &Device::Cpu).unwrap_err().to_string();
+        assert!(
+            err.contains("a.safetensors") && !err.contains('\n'),
+            "{err}"
+        );
+        // no temp files left behind
+        let n = fs::read_dir(dir.path())?.count();
+        assert_eq!(n, 1);
+        Ok(())
+    }
+}

@@ -1,0 +1,306 @@
+//! [`TrainConfig`]: every option of a training run (serde; TOML file and CLI flags).
+//!
+//! A TOML file names only what it changes; everything else keeps its default. Top-level
+//! keys are the trainer options below, plus `[stage1]`, `[stage2]`, `[model]`
+//! ([`ModelConfig`]) and `[synthetic]` ([`SyntheticConfig`]) tables. Unknown keys are
+//! rejected with the offending key in the message.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::optim::Decay;
+use crate::data::{MissingType, SyntheticConfig};
+use crate::model::ModelConfig;
+
+/// Per-stage optimisation options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StageConfig {
+    /// Maximum number of epochs (early stopping may end the stage sooner).
+    pub epochs: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Fraction of the stage's updates spent in linear warmup.
+    pub warmup_frac: f64,
+    /// Early-stopping patience in epochs without a new best validation accuracy
+    /// (0 = never stop early). The best epoch's weights are kept.
+    pub patience: usize,
+}
+
+impl StageConfig {
+    fn stage1() -> Self {
+        Self {
+            epochs: 6,
+            lr: 2e-3,
+            warmup_frac: 0.05,
+            patience: 0,
+        }
+    }
+    fn stage2() -> Self {
+        Self {
+            epochs: 8,
+            lr: 1.5e-3,
+            warmup_frac: 0.05,
+            patience: 3,
+        }
+    }
+}
+
+impl Default for StageConfig {
+    fn default() -> Self {
+        Self::stage2()
+    }
+}
+
+/// A partially given `[stage1]` / `[stage2]` table, merged onto that stage's defaults.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialStage {
+    epochs: Option<usize>,
+    lr: Option<f64>,
+    warmup_frac: Option<f64>,
+    patience: Option<usize>,
+}
+
+impl PartialStage {
+    fn merge(self, mut base: StageConfig) -> StageConfig {
+        if let Some(v) = self.epochs {
+            base.epochs = v;
+        }
+        if let Some(v) = self.lr {
+            base.lr = v;
+        }
+        if let Some(v) = self.warmup_frac {
+            base.warmup_frac = v;
+        }
+        if let Some(v) = self.patience {
+            base.patience = v;
+        }
+        base
+    }
+}
+
+fn de_stage1<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<StageConfig, D::Error> {
+    Ok(PartialStage::deserialize(d)?.merge(StageConfig::stage1()))
+}
+
+fn de_stage2<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<StageConfig, D::Error> {
+    Ok(PartialStage::deserialize(d)?.merge(StageConfig::stage2()))
+}
+
+/// All options of one training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Seeds everything: the synthetic data (overrides `synthetic.seed`), parameter
+    /// initialisation, data order, missing-modality masks and dropout (`model.seed`).
+    pub seed: u64,
+    /// MUSIC-AVQA-layout feature directory; `None` = the built-in synthetic set.
+    pub data: Option<PathBuf>,
+    /// Batch size for training.
+    pub batch_size: usize,
+    /// Batch size for evaluation.
+    pub eval_batch_size: usize,
+    /// Stage I (modality-specific expert pre-training).
+    #[serde(deserialize_with = "de_stage1")]
+    pub stage1: StageConfig,
+    /// Stage II (expert mixing with the router; experts frozen).
+    #[serde(deserialize_with = "de_stage2")]
+    pub stage2: StageConfig,
+    /// AdamW decoupled weight decay (matrices only).
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub grad_clip: f64,
+    /// Learning-rate decay after warmup.
+    pub decay: Decay,
+    /// Final learning rate as a fraction of the peak.
+    pub min_lr_frac: f64,
+    /// lambda of Eq. 15: weight of L_rank+ + L_rank-.
+    pub lambda_rank: f64,
+    /// Margin inside the hinges of Eq. 13-14: max(0, margin + L_a - L_b).
+    pub margin: f64,
+    /// Use the ranking loss in stage II (Table 3 "w/o ranking loss" = false).
+    pub rank_loss: bool,
+    /// Run stage I (Table 3 "w/o stage I" = false: stage II then trains all parameters
+    /// from scratch, experts included).
+    pub stage1_enabled: bool,
+    /// Run stage II (Table 3 "w/o stage II" = false: no router/decoder training; the
+    /// prediction is the average of the stage-I experts' own heads).
+    pub stage2_enabled: bool,
+    /// Training missing rate eta (stage II).
+    pub missing_rate: f32,
+    /// Training missing type (stage II).
+    pub missing_type: MissingType,
+    /// Write a `train` metrics line every this many updates.
+    pub log_every: usize,
+    /// Model sizes and switches.
+    pub model: ModelConfig,
+    /// Synthetic data generator (ignored with `data`).
+    pub synthetic: SyntheticConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            data: None,
+            batch_size: 32,
+            eval_batch_size: 128,
+            stage1: StageConfig::stage1(),
+            stage2: StageConfig::stage2(),
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+            decay: Decay::Cosine,
+            min_lr_frac: 0.05,
+            lambda_rank: 0.1,
+            margin: 0.0,
+            rank_loss: true,
+            stage1_enabled: true,
+            stage2_enabled: true,
+            missing_rate: 0.5,
+            missing_type: MissingType::Mixed,
+            log_every: 10,
+            model: ModelConfig::default(),
+            synthetic: SyntheticConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Parse a TOML file (unknown keys and bad values name the file and the key).
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let s = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::from_toml_str(&s).with_context(|| format!("config file {}", path.display()))
+    }
+
+    /// Parse TOML text.
+    pub fn from_toml_str(s: &str) -> Result<Self> {
+        toml::from_str(s)
+            .map_err(|e| anyhow::anyhow!("{}", super::checkpoint::one_line(&e.to_string())))
+    }
+
+    /// Propagate `seed` into the data and model seeds. Called once after all overrides.
+    pub fn apply_seed(&mut self) {
+        self.synthetic.seed = self.seed;
+        self.model.seed = self.seed;
+    }
+
+    /// Check ranges; errors name the option, its value and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.batch_size >= 1, "batch_size = 0, expected >= 1");
+        ensure!(
+            self.eval_batch_size >= 1,
+            "eval_batch_size = 0, expected >= 1"
+        );
+        for (name, s) in [("stage1", &self.stage1), ("stage2", &self.stage2)] {
+            ensure!(
+                s.lr.is_finite() && s.lr > 0.0,
+                "{name}.lr = {}, expected a positive number",
+                s.lr
+            );
+            ensure!(
+                (0.0..1.0).contains(&s.warmup_frac),
+                "{name}.warmup_frac = {}, expected in [0, 1)",
+                s.warmup_frac
+            );
+        }
+        ensure!(
+            self.stage1_enabled || self.stage2_enabled,
+            "both stages are disabled; nothing to train"
+        );
+        if self.stage1_enabled {
+            ensure!(
+                self.stage1.epochs >= 1,
+                "stage1.epochs = 0, expected >= 1 (or disable stage I)"
+            );
+        }
+        if self.stage2_enabled {
+            ensure!(
+                self.stage2.epochs >= 1,
+                "stage2.epochs = 0, expected >= 1 (or disable stage II)"
+            );
+        }
+        ensure!(
+            self.weight_decay >= 0.0 && self.weight_decay.is_finite(),
+            "weight_decay = {}, expected >= 0",
+            self.weight_decay
+        );
+        ensure!(
+            self.grad_clip >= 0.0,
+            "grad_clip = {}, expected >= 0",
+            self.grad_clip
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.min_lr_frac),
+            "min_lr_frac = {}, expected in [0, 1]",
+            self.min_lr_frac
+        );
+        ensure!(
+            self.lambda_rank >= 0.0 && self.lambda_rank.is_finite(),
+            "lambda_rank = {}, expected >= 0",
+            self.lambda_rank
+        );
+        ensure!(
+            self.margin >= 0.0 && self.margin.is_finite(),
+            "margin = {}, expected >= 0",
+            self.margin
+        );
+        ensure!(
+            self.missing_rate.is_finite() && (0.0..=1.0).contains(&self.missing_rate),
+            "missing_rate = {}, expected in [0, 1]",
+            self.missing_rate
+        );
+        ensure!(self.log_every >= 1, "log_every = 0, expected >= 1");
+        self.model.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if self.data.is_none() {
+            self.synthetic.validate()?;
+        }
+        if let Some(d) = &self.data {
+            if !d.is_dir() {
+                bail!(
+                    "data directory {} does not exist or is not a directory",
+                    d.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_partial_and_unknown_keys() {
+        let c = TrainConfig::from_toml_str(
+            "seed = 3\n[stage2]\nepochs = 2\n[model]\nn_retrieved = 5\n",
+        )
+        .expect("parse");
+        assert_eq!(c.seed, 3);
+        assert_eq!(c.stage2.epochs, 2);
+        assert_eq!(c.stage2.lr, TrainConfig::default().stage2.lr);
+        let c1 = TrainConfig::from_toml_str("[stage1]\nepochs = 1\n").expect("parse");
+        assert_eq!(c1.stage1.lr, TrainConfig::default().stage1.lr);
+        assert_eq!(c1.stage1.epochs, 1);
+        assert_eq!(c.model.n_retrieved, 5);
+        let e = TrainConfig::from_toml_str("bogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let mut bad = TrainConfig {
+            missing_rate: 1.5,
+            ..Default::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("missing_rate"));
+        bad.missing_rate = 0.3;
+        bad.validate().expect("valid");
+    }
+}
