@@ -142,67 +142,36 @@ pub fn cosine_topk_emulated(
     let (b, m, d) = (c.b as u32, c.m as u32, c.d as u32);
     let pp = EmuPlan::from(plan.partial);
     let keys = keys.contiguous()?;
+    // The three dtype entry points take the same arguments; only the key element type and
+    // the symbol differ.
+    macro_rules! partial {
+        ($t:ty, $entry:ident) => {{
+            let k = keys.flatten_all()?.to_vec1::<$t>()?;
+            $entry(
+                pp,
+                q.as_ptr(),
+                k.as_ptr(),
+                kn.as_ptr(),
+                c.exclude.as_ptr(),
+                b,
+                m,
+                d,
+                plan.qb,
+                plan.kp,
+                plan.chunk_rows,
+                cand_s.as_mut_ptr(),
+                cand_i.as_mut_ptr(),
+                err.as_mut_ptr(),
+            )
+        }};
+    }
     // SAFETY: every buffer has the size the kernel indexes for this plan (B*D queries,
     // M*D keys, M norms, B exclusions, B*gx*kp candidates, 3 error words).
     let code = unsafe {
         match keys.dtype() {
-            DType::F32 => {
-                let k = keys.flatten_all()?.to_vec1::<f32>()?;
-                r2emu_cosine_topk_partial_f32(
-                    pp,
-                    q.as_ptr(),
-                    k.as_ptr(),
-                    kn.as_ptr(),
-                    c.exclude.as_ptr(),
-                    b,
-                    m,
-                    d,
-                    plan.qb,
-                    plan.kp,
-                    plan.chunk_rows,
-                    cand_s.as_mut_ptr(),
-                    cand_i.as_mut_ptr(),
-                    err.as_mut_ptr(),
-                )
-            }
-            DType::F16 => {
-                let k = keys.flatten_all()?.to_vec1::<f16>()?;
-                r2emu_cosine_topk_partial_f16(
-                    pp,
-                    q.as_ptr(),
-                    k.as_ptr(),
-                    kn.as_ptr(),
-                    c.exclude.as_ptr(),
-                    b,
-                    m,
-                    d,
-                    plan.qb,
-                    plan.kp,
-                    plan.chunk_rows,
-                    cand_s.as_mut_ptr(),
-                    cand_i.as_mut_ptr(),
-                    err.as_mut_ptr(),
-                )
-            }
-            DType::BF16 => {
-                let k = keys.flatten_all()?.to_vec1::<bf16>()?;
-                r2emu_cosine_topk_partial_bf16(
-                    pp,
-                    q.as_ptr(),
-                    k.as_ptr(),
-                    kn.as_ptr(),
-                    c.exclude.as_ptr(),
-                    b,
-                    m,
-                    d,
-                    plan.qb,
-                    plan.kp,
-                    plan.chunk_rows,
-                    cand_s.as_mut_ptr(),
-                    cand_i.as_mut_ptr(),
-                    err.as_mut_ptr(),
-                )
-            }
+            DType::F32 => partial!(f32, r2emu_cosine_topk_partial_f32),
+            DType::F16 => partial!(f16, r2emu_cosine_topk_partial_f16),
+            DType::BF16 => partial!(bf16, r2emu_cosine_topk_partial_bf16),
             dt => bail!("{op}: unsupported keys dtype {dt:?}"),
         }
     };
