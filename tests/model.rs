@@ -369,8 +369,14 @@ fn ablation_switches_change_the_computation() {
         .find(|(k, _)| k == "recover.audio.com.weight")
         .expect("adapter var")
         .1;
+    // A full-rank, deterministic matrix: an all-ones (rank-1) adapter makes every H_com
+    // token a constant vector, which the following LayerNorm reduces to rounding noise.
+    let (rows_a, cols_a) = adapter.shape().dims2().unwrap();
+    let w: Vec<f32> = (0..rows_a * cols_a)
+        .map(|i| ((i * 7 + 3) as f32 * 0.37).sin())
+        .collect();
     adapter
-        .set(&Tensor::ones(adapter.shape(), DType::F32, &s.dev).unwrap())
+        .set(&Tensor::from_vec(w, (rows_a, cols_a), &s.dev).unwrap())
         .unwrap();
     let b = s.batch(true, &rows, MissingPolicy::All(Modality::Audio));
     assert!(max_abs_diff(&eval(&with, &b, &s.banks), &eval(&without, &b, &s.banks)) > 1e-6);
