@@ -241,6 +241,31 @@ fn fused_cpu_multi_chunk_banks() {
     }
 }
 
+/// B = 1 takes the row-at-a-time kernel (32-element steps, then 8-element steps, then a
+/// scalar tail): every tail combination, every key dtype, several chunks.
+#[test]
+fn fused_cpu_single_query_every_tail() {
+    let mut seed = 100;
+    for d in [1usize, 7, 8, 9, 31, 32, 33, 40, 63, 64, 65, 100, 257] {
+        for kdt in [DType::F32, DType::F16, DType::BF16] {
+            seed += 1;
+            let c = Case {
+                seed,
+                b: 1,
+                m: 3000 + d,
+                d,
+                n: 5,
+                kdt,
+                qdt: DType::F32,
+                exclude: Some(vec![((d * 13) % (3000 + d)) as u32]),
+                norms: d % 2 == 0,
+                dup: true,
+            };
+            compare(&c, &make_data(&c), cosine_topk, "fused cpu B=1");
+        }
+    }
+}
+
 fn cpu(v: Vec<f32>, shape: (usize, usize)) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }

@@ -23,48 +23,103 @@ pub fn time_best<R>(reps: usize, mut f: impl FnMut() -> R) -> (Duration, R) {
     (best, last)
 }
 
+/// Runs `f` and `g` once each to warm up, then `reps` times (at least 1) alternately,
+/// so both see the same machine state (other tenants, clock, memory); returns the best
+/// wall time of each and `f`'s last result.
+pub fn time_best_pair<R, S>(
+    reps: usize,
+    mut f: impl FnMut() -> R,
+    mut g: impl FnMut() -> S,
+) -> (Duration, Duration, R) {
+    let mut last = f();
+    std::hint::black_box(g());
+    let (mut bf, mut bg) = (Duration::MAX, Duration::MAX);
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        last = f();
+        bf = bf.min(t.elapsed());
+        let t = Instant::now();
+        std::hint::black_box(g());
+        bg = bg.min(t.elapsed());
+    }
+    (bf, bg, last)
+}
+
+/// Wrapping sum of `v` read as little-endian u32 words (a short last word is zero-padded).
+fn sum_bytes_scalar(v: &[u8]) -> u32 {
+    v.chunks(4).fold(0u32, |s, c| {
+        let mut w = [0u8; 4];
+        w[..c.len()].copy_from_slice(c);
+        s.wrapping_add(u32::from_le_bytes(w))
+    })
+}
+
+/// [`sum_bytes_scalar`] with four AVX2 accumulators over 128-byte steps.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn sum_avx2(v: &[f32]) -> f32 {
+unsafe fn sum_u32_avx2(v: &[u8]) -> u32 {
     use std::arch::x86_64::*;
-    let mut a = [_mm256_setzero_ps(); 4];
-    let chunks = v.chunks_exact(32);
+    let mut a = [_mm256_setzero_si256(); 4];
+    let chunks = v.chunks_exact(128);
     let rest = chunks.remainder();
     for c in chunks {
         let p = c.as_ptr();
         for (j, acc) in a.iter_mut().enumerate() {
-            *acc = _mm256_add_ps(*acc, _mm256_loadu_ps(p.add(8 * j)));
+            *acc = _mm256_add_epi32(*acc, _mm256_loadu_si256(p.add(32 * j) as *const __m256i));
         }
     }
-    let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-    let mut out = [0f32; 8];
-    _mm256_storeu_ps(out.as_mut_ptr(), s);
-    out.iter().sum::<f32>() + rest.iter().sum::<f32>()
+    let s = _mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), _mm256_add_epi32(a[2], a[3]));
+    let mut out = [0u32; 8];
+    _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, s);
+    let tail = sum_bytes_scalar(rest);
+    out.iter().fold(tail, |x, &y| x.wrapping_add(y))
 }
 
-fn sum(v: &[f32]) -> f32 {
+/// Integer sum, so the probe's cost does not depend on what the bytes encode (f16 bit
+/// patterns read as f32 could be denormals).
+fn sum_bytes(v: &[u8]) -> u32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 checked above.
-            return unsafe { sum_avx2(v) };
+            return unsafe { sum_u32_avx2(v) };
         }
     }
-    v.iter().sum()
+    sum_bytes_scalar(v)
 }
 
-/// Streaming-read bandwidth in GB/s (1e9 bytes/s): the best of `reps` parallel sums of a
-/// `bytes`-sized f32 buffer (use several times the last-level cache), split across the
-/// rayon pool (all threads).
-pub fn stream_read_gbps(bytes: usize, reps: usize) -> f64 {
+/// One streaming read of `bytes`: a parallel integer sum split across the rayon pool
+/// (all threads), each thread reading contiguous stretches front to back. This is the
+/// floor for any kernel that must read those bytes once.
+pub fn stream_read(bytes: &[u8]) -> u32 {
     use rayon::prelude::*;
-    let n = (bytes / 4).max(1024);
-    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
     let parts = rayon::current_num_threads().max(1) * 4;
-    let chunk = n.div_ceil(parts);
-    let (t, s) = time_best(reps, || buf.par_chunks(chunk).map(sum).sum::<f32>());
+    // Whole 128-byte steps per part, so the word boundaries match a sequential sum.
+    let chunk = bytes.len().div_ceil(parts).next_multiple_of(128).max(128);
+    bytes
+        .par_chunks(chunk)
+        .map(sum_bytes)
+        .reduce(|| 0, u32::wrapping_add)
+}
+
+/// Streaming-read bandwidth in GB/s (1e9 bytes/s): the best of `reps` [`stream_read`]s
+/// of a fresh `bytes`-sized buffer (use several times the last-level cache).
+pub fn stream_read_gbps(bytes: usize, reps: usize) -> f64 {
+    let n = bytes.max(4096);
+    // Pseudo-random bytes: a short period would make whole pages identical, which a
+    // hypervisor may merge into a few cached physical pages.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let buf: Vec<u8> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 56) as u8
+        })
+        .collect();
+    let (t, s) = time_best(reps, || stream_read(&buf));
     std::hint::black_box(s);
-    (n * 4) as f64 / t.as_secs_f64() / 1e9
+    n as f64 / t.as_secs_f64() / 1e9
 }
 
 /// A markdown table printed to stdout.
@@ -155,5 +210,21 @@ mod tests {
     #[test]
     fn bandwidth_is_positive() {
         assert!(stream_read_gbps(1 << 20, 1) > 0.0);
+    }
+
+    #[test]
+    fn stream_read_sums_every_byte() {
+        // Lengths around the 128-byte step and the per-thread split, with a ragged word.
+        for len in [0usize, 1, 5, 127, 128, 129, 1000, 4099, 100_003] {
+            let v: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let mut want = 0u32;
+            for c in v.chunks(4) {
+                let mut w = [0u8; 4];
+                w[..c.len()].copy_from_slice(c);
+                want = want.wrapping_add(u32::from_le_bytes(w));
+            }
+            assert_eq!(stream_read(&v), want, "len {len}");
+            assert_eq!(sum_bytes(&v), want, "len {len}");
+        }
     }
 }

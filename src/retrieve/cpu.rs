@@ -2,12 +2,13 @@
 //!
 //! The bank is cut into row chunks sized to stay in L2 (~128 KiB of keys); rayon spreads
 //! chunks over threads, each thread folding into its own bounded [`TopK`] per query, and
-//! the per-thread lists are merged at the end. Inside a chunk, blocks of up to 3 queries
-//! x 3 keys (8 keys when B = 1) are scored by a register-blocked AVX2/FMA micro-kernel
-//! that converts f16 (F16C) and bf16 keys to f32 in registers, so every key byte is read
-//! once per query block and no B x M matrix exists (B >= 16 switches to the query-lane
-//! gemm kernel of `qlanes.rs`, AVX-512 or AVX2). Without AVX2/FMA/F16C a portable scalar
-//! kernel with the same structure runs instead.
+//! the per-thread lists are merged at the end. With one query (B = 1) each row is dotted
+//! front to back, so a thread reads its chunk as one sequential stream; with 2..15
+//! queries, blocks of up to 3 queries x 3 keys are scored by a register-blocked
+//! AVX2/FMA micro-kernel, so every key byte is read once per query block. Both convert
+//! f16 (F16C) and bf16 keys to f32 in registers, and no B x M matrix exists (B >= 16
+//! switches to the query-lane gemm kernel of `qlanes.rs`, AVX-512 or AVX2). Without
+//! AVX2/FMA/F16C a portable scalar kernel with the same structure runs instead.
 
 use super::{qlanes, Checked, EPS};
 use crate::topk::TopK;
@@ -31,6 +32,12 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
         k: &[*const Self; KB],
         d: usize,
     ) -> [[f32; KB]; QB];
+    /// Dot of one f32 query with one key row, both of length `d`, reading the row front
+    /// to back with four independent accumulators.
+    ///
+    /// # Safety
+    /// Both pointers must be valid for `d` reads.
+    unsafe fn row_dot(q: *const f32, k: *const Self, d: usize) -> f32;
 }
 
 /// The query-lane kernel uses AVX-512 (F, BW, VL) when the CPU has it and
@@ -102,6 +109,12 @@ unsafe fn block_scalar<T: Elem, const QB: usize, const KB: usize>(
         }
     }
     out
+}
+
+/// Portable row dot: 8 partial sums so the loop can vectorise without fast-math.
+#[inline(always)]
+unsafe fn row_scalar<T: Elem>(q: *const f32, k: *const T, d: usize) -> f32 {
+    block_scalar::<T, 1, 1>(&[q], &[k], d)[0][0]
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -192,6 +205,40 @@ mod avx {
             }
         };
     }
+    macro_rules! row_impl {
+        ($name:ident, $kt:ty, $load:ident) => {
+            /// One row, 32 elements a step into 4 accumulators: the row is read in
+            /// address order, so consecutive rows form one sequential stream.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(q: *const f32, k: *const $kt, d: usize) -> f32 {
+                let mut a = [_mm256_setzero_ps(); 4];
+                let d32 = d & !31;
+                let mut i = 0;
+                while i < d32 {
+                    for (j, acc) in a.iter_mut().enumerate() {
+                        let o = i + 8 * j;
+                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(o)), $load(k.add(o)), *acc);
+                    }
+                    i += 32;
+                }
+                let d8 = d & !7;
+                while i < d8 {
+                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), $load(k.add(i)), a[0]);
+                    i += 8;
+                }
+                let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+                let mut out = hsum(s);
+                for t in d8..d {
+                    out += *q.add(t) * (*k.add(t)).to_f32();
+                }
+                out
+            }
+        };
+    }
+    row_impl!(row_f32, f32, load_f32);
+    row_impl!(row_f16, f16, load_f16);
+    row_impl!(row_bf16, bf16, load_bf16);
+
     convert_impl!(convert_f16, f16, load_f16);
     convert_impl!(convert_bf16, bf16, load_bf16);
 
@@ -224,7 +271,7 @@ mod avx {
 }
 
 macro_rules! elem_impl {
-    ($t:ty, $conv:expr, $avx:ident, $as_f32:expr, $convert:expr) => {
+    ($t:ty, $conv:expr, $avx:ident, $row:ident, $as_f32:expr, $convert:expr) => {
         impl Elem for $t {
             #[inline(always)]
             fn to_f32(self) -> f32 {
@@ -250,6 +297,16 @@ macro_rules! elem_impl {
                 }
                 block_scalar::<Self, QB, KB>(q, k, d)
             }
+            #[inline]
+            unsafe fn row_dot(q: *const f32, k: *const Self, d: usize) -> f32 {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if has_avx2() {
+                        return avx::$row(q, k, d);
+                    }
+                }
+                row_scalar::<Self>(q, k, d)
+            }
         }
     };
 }
@@ -257,6 +314,7 @@ elem_impl!(
     f32,
     |x: f32| x,
     block_f32,
+    row_f32,
     some_f32,
     |s: &[f32], d: &mut [f32]| d.copy_from_slice(s)
 );
@@ -264,6 +322,7 @@ elem_impl!(
     f16,
     |x: f16| x.to_f32(),
     block_f16,
+    row_f16,
     no_f32,
     |s: &[f16], d: &mut [f32]| convert_with(s, d, ConvertKind::F16)
 );
@@ -271,6 +330,7 @@ elem_impl!(
     bf16,
     |x: bf16| x.to_f32(),
     block_bf16,
+    row_bf16,
     no_f32,
     |s: &[bf16], d: &mut [f32]| convert_with(s, d, ConvertKind::Bf16)
 );
@@ -405,10 +465,36 @@ fn scan_qblock<T: Elem, const QB: usize, const KB: usize>(
     Ok(())
 }
 
+/// Scores rows `r0..r1` for the single query `q` one row at a time.
+///
+/// With one query there is no key reuse to block for, and reading rows in address
+/// order keeps the hardware prefetcher on one sequential stream. Interleaving 8 rows
+/// (the blocked kernel with KB = 8) splits the chunk into 8 short strided streams and
+/// measured 10-25% slower at M = 1M (BENCHMARKS.md, "B = 1 kernel shape").
+#[inline(always)]
+fn scan_one_query<T: Elem>(
+    ctx: &Ctx<T>,
+    q: usize,
+    r0: usize,
+    r1: usize,
+    tops: &mut [TopK],
+) -> Result<(), NanAt> {
+    let d = ctx.d;
+    let qp = ctx.q[q * d..].as_ptr();
+    let keys = &ctx.keys[r0 * d..r1 * d];
+    for (j, row) in keys.chunks_exact(d).enumerate() {
+        // SAFETY: the query and the row both hold d elements.
+        let dot = unsafe { T::row_dot(qp, row.as_ptr(), d) };
+        let r = r0 + j;
+        offer(tops, ctx.qn[q], q, ctx.exclude[q], r, dot, ctx.kn[r])?;
+    }
+    Ok(())
+}
+
 fn scan_chunk<T: Elem>(ctx: &Ctx<T>, r0: usize, r1: usize, tops: &mut [TopK]) -> Result<(), NanAt> {
     let b = ctx.qn.len();
     if b == 1 {
-        return scan_qblock::<T, 1, 8>(ctx, 0, r0, r1, tops);
+        return scan_one_query(ctx, 0, r0, r1, tops);
     }
     let mut q0 = 0;
     while q0 + 3 <= b {
