@@ -870,22 +870,15 @@ impl World {
         rng: &mut ChaCha8Rng,
         noise: bool,
     ) -> Vec<f32> {
-        let (lv, dv, ds) = (self.cfg.lv, self.cfg.dv, self.cfg.latent_dim);
-        let mut out = vec![0f32; lv * dv];
-        let mut h = vec![0f32; ds];
-        for j in 0..lv {
+        let lv = self.cfg.lv;
+        self.render(&self.proj_v, lv, self.cfg.dv, rng, noise, |j, h| {
             let col = j * 3 / lv;
             h.copy_from_slice(&self.col_emb[col]);
-            axpy(&mut h, 0.5, &self.tok_emb[j]);
+            axpy(h, 0.5, &self.tok_emb[j]);
             if let Some(s) = scene.at(col) {
-                axpy(&mut h, 1.0, &self.cls_vis[s.class]);
+                axpy(h, 1.0, &self.cls_vis[s.class]);
             }
-            matvec_add(&self.proj_v, &h, &mut out[j * dv..(j + 1) * dv]);
-        }
-        if noise {
-            add_noise(&mut out, self.cfg.feature_noise, rng);
-        }
-        out
+        })
     }
 
     /// Audio tokens `[La * Da]`: the sounding sources play one after another in onset order;
@@ -897,12 +890,10 @@ impl World {
         rng: &mut ChaCha8Rng,
         noise: bool,
     ) -> Vec<f32> {
-        let (la, da, ds) = (self.cfg.la, self.cfg.da, self.cfg.latent_dim);
+        let la = self.cfg.la;
         let ranks = scene.onset_ranks();
         let ns = scene.n_sounding().max(1);
-        let mut out = vec![0f32; la * da];
-        let mut h = vec![0f32; ds];
-        for t in 0..la {
+        self.render(&self.proj_a, la, self.cfg.da, rng, noise, |t, h| {
             h.copy_from_slice(&self.time_emb[t]);
             let active = t * ns / la;
             if let Some((s, _)) = scene
@@ -911,10 +902,28 @@ impl World {
                 .zip(&ranks)
                 .find(|(_, r)| **r == Some(active))
             {
-                axpy(&mut h, 1.0, &self.cls_aud[s.class]);
-                axpy(&mut h, 1.0, &self.loud_emb[usize::from(s.loud) - 1]);
+                axpy(h, 1.0, &self.cls_aud[s.class]);
+                axpy(h, 1.0, &self.loud_emb[usize::from(s.loud) - 1]);
             }
-            matvec_add(&self.proj_a, &h, &mut out[t * da..(t + 1) * da]);
+        })
+    }
+
+    /// `tokens` rows of `dim` features: `latent(t, h)` writes token `t`'s latent `h` [Ds],
+    /// which `proj` [dim, Ds] projects into row `t`; then the feature noise when `noise`.
+    fn render(
+        &self,
+        proj: &[f32],
+        tokens: usize,
+        dim: usize,
+        rng: &mut ChaCha8Rng,
+        noise: bool,
+        mut latent: impl FnMut(usize, &mut [f32]),
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; tokens * dim];
+        let mut h = vec![0f32; self.cfg.latent_dim];
+        for t in 0..tokens {
+            latent(t, &mut h);
+            matvec_add(proj, &h, &mut out[t * dim..(t + 1) * dim]);
         }
         if noise {
             add_noise(&mut out, self.cfg.feature_noise, rng);
