@@ -31,41 +31,30 @@ pub(crate) trait Acc:
     fn into_storage(v: Vec<Self>) -> CpuStorage;
 }
 
-impl Acc for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INF: Self = f32::NEG_INFINITY;
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    fn is_nan(self) -> bool {
-        f32::is_nan(self)
-    }
-    fn into_storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
+/// `Acc` for the float types `$t`, stored as `CpuStorage::$variant`.
+macro_rules! impl_acc {
+    ($($t:ident => $variant:ident),+) => {$(
+        impl Acc for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INF: Self = $t::NEG_INFINITY;
+            fn sqrt(self) -> Self {
+                $t::sqrt(self)
+            }
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn is_nan(self) -> bool {
+                $t::is_nan(self)
+            }
+            fn into_storage(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+        }
+    )+};
 }
 
-impl Acc for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INF: Self = f64::NEG_INFINITY;
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    fn is_nan(self) -> bool {
-        f64::is_nan(self)
-    }
-    fn into_storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-}
+impl_acc!(f32 => F32, f64 => F64);
 
 /// A storage element type of the CAP ops with its accumulation type.
 pub(crate) trait CapElem: Copy + Send + Sync + 'static {
@@ -76,49 +65,40 @@ pub(crate) trait CapElem: Copy + Send + Sync + 'static {
     fn narrow(src: &[Self::Acc], dst: &mut [Self]);
 }
 
-impl CapElem for f32 {
-    type Acc = f32;
-    fn narrow(src: &[f32], dst: &mut [Self]) {
-        dst.copy_from_slice(src);
-    }
-    fn widen<'a>(src: &'a [Self], _buf: &'a mut Vec<f32>) -> &'a [f32] {
-        src
-    }
+/// f32 and f64 accumulate in their own type: `widen` borrows, `narrow` copies.
+macro_rules! impl_elem_native {
+    ($($t:ty),+) => {$(
+        impl CapElem for $t {
+            type Acc = $t;
+            fn narrow(src: &[$t], dst: &mut [Self]) {
+                dst.copy_from_slice(src);
+            }
+            fn widen<'a>(src: &'a [Self], _buf: &'a mut Vec<$t>) -> &'a [$t] {
+                src
+            }
+        }
+    )+};
 }
 
-impl CapElem for f64 {
-    type Acc = f64;
-    fn narrow(src: &[f64], dst: &mut [Self]) {
-        dst.copy_from_slice(src);
-    }
-    fn widen<'a>(src: &'a [Self], _buf: &'a mut Vec<f64>) -> &'a [f64] {
-        src
-    }
+/// f16 and bf16 accumulate in f32: `widen` converts into the scratch buffer.
+macro_rules! impl_elem_half {
+    ($($t:ty),+) => {$(
+        impl CapElem for $t {
+            type Acc = f32;
+            fn narrow(src: &[f32], dst: &mut [Self]) {
+                dst.convert_from_f32_slice(src);
+            }
+            fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+                buf.resize(src.len(), 0.0);
+                src.convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    )+};
 }
 
-impl CapElem for f16 {
-    type Acc = f32;
-    fn narrow(src: &[f32], dst: &mut [Self]) {
-        dst.convert_from_f32_slice(src);
-    }
-    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
-        buf.resize(src.len(), 0.0);
-        src.convert_to_f32_slice(buf);
-        buf
-    }
-}
-
-impl CapElem for bf16 {
-    type Acc = f32;
-    fn narrow(src: &[f32], dst: &mut [Self]) {
-        dst.convert_from_f32_slice(src);
-    }
-    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
-        buf.resize(src.len(), 0.0);
-        src.convert_to_f32_slice(buf);
-        buf
-    }
-}
+impl_elem_native!(f32, f64);
+impl_elem_half!(f16, bf16);
 
 const LANES: usize = 8;
 
