@@ -1,6 +1,9 @@
 //! `dissonance_topk`: phase 1 of CAP (Eq. 2-5).
 
-use super::elem::{check_float, contiguous_slice, dot, mask_values, row_topk, Acc, CapElem};
+use super::elem::{
+    check_device, check_dims2, check_float, check_like, contiguous_slice, dims3, dot, mask_values,
+    middle_dim, row_topk, Acc, CapElem,
+};
 use super::{Context, Dissonance, COS_EPS};
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
@@ -25,10 +28,7 @@ pub(crate) struct Dims {
 
 /// Validates shapes, dtypes, devices and k; returns the sizes (`la` = 0 for an anchor).
 pub(crate) fn validate(p: &Tensor, ctx: &Context, k: usize) -> Result<Dims> {
-    let (b, l, d) = match p.dims() {
-        &[b, l, d] => (b, l, d),
-        s => bail!("{OP}: P must have rank 3 [B, L, D], got shape {s:?}"),
-    };
+    let (b, l, d) = dims3((p, "P"), OP)?;
     check_float(p.dtype(), OP, "P")?;
     if k == 0 {
         bail!("{OP}: k = 0, expected 1 <= k <= L = {l}");
@@ -41,57 +41,22 @@ pub(crate) fn validate(p: &Tensor, ctx: &Context, k: usize) -> Result<Dims> {
     }
     let la = match ctx {
         Context::Anchor(g) => {
-            if g.dims() != [b, d] {
-                bail!(
-                    "{OP}: anchor has shape {:?}, expected [B, D] = [{b}, {d}]",
-                    g.dims()
-                );
-            }
-            if g.dtype() != p.dtype() {
-                bail!(
-                    "{OP}: anchor dtype {:?} differs from P's dtype {:?}",
-                    g.dtype(),
-                    p.dtype()
-                );
-            }
-            if !g.device().same_device(p.device()) {
-                bail!("{OP}: anchor and P are on different devices");
-            }
+            check_dims2((g, "anchor"), "[B, D]", b, d, OP)?;
+            check_like((g, "anchor"), (p, "P"), OP)?;
             0
         }
         Context::Tokens { h_avl, mask } => {
-            let la = match h_avl.dims() {
-                &[hb, la, hd] if hb == b && hd == d => la,
-                s => {
-                    bail!("{OP}: h_avl has shape {s:?}, expected [B, La, D] with B = {b}, D = {d}")
-                }
-            };
+            let la = middle_dim((h_avl, "h_avl"), "La", b, d, OP)?;
             if la == 0 {
                 bail!("{OP}: h_avl has La = 0 tokens, expected La >= 1");
             }
-            if h_avl.dtype() != p.dtype() {
-                bail!(
-                    "{OP}: h_avl dtype {:?} differs from P's dtype {:?}",
-                    h_avl.dtype(),
-                    p.dtype()
-                );
-            }
-            if !h_avl.device().same_device(p.device()) {
-                bail!("{OP}: h_avl and P are on different devices");
-            }
+            check_like((h_avl, "h_avl"), (p, "P"), OP)?;
             if let Some(m) = mask {
-                if m.dims() != [b, la] {
-                    bail!(
-                        "{OP}: mask has shape {:?}, expected [B, La] = [{b}, {la}]",
-                        m.dims()
-                    );
-                }
+                check_dims2((m, "mask"), "[B, La]", b, la, OP)?;
                 if !matches!(m.dtype(), DType::F32 | DType::U8) {
                     bail!("{OP}: mask dtype {:?}, expected f32 or u8", m.dtype());
                 }
-                if !m.device().same_device(p.device()) {
-                    bail!("{OP}: mask and P are on different devices");
-                }
+                check_device((m, "mask"), (p, "P"), OP)?;
             }
             la
         }

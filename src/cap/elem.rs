@@ -1,4 +1,5 @@
-//! Element types, accumulation and row top-k shared by the fused CPU paths of the CAP ops.
+//! Element types, accumulation, row top-k and input checks shared by the CAP ops (the fused
+//! CPU paths and the validation of every path).
 //!
 //! f32, f16 and bf16 inputs accumulate in f32; f64 inputs (CPU only, used by the
 //! finite-difference gradient checks) accumulate in f64. Rows of f16/bf16 are widened once
@@ -6,7 +7,7 @@
 //! the accumulation type.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, DType, Layout, Result};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use std::ops::{Add, Div, Mul, Sub};
 
@@ -210,4 +211,64 @@ pub(crate) fn check_float(dtype: DType, op: &str, what: &str) -> Result<()> {
         DType::F32 | DType::F16 | DType::BF16 | DType::F64 => Ok(()),
         d => bail!("{op}: {what} has dtype {d:?}, expected f32, f16, bf16 or f64"),
     }
+}
+
+/// A tensor with the name the error messages give it.
+pub(crate) type Named<'a> = (&'a Tensor, &'a str);
+
+/// `(B, L, D)` of `t`, which must have rank 3.
+pub(crate) fn dims3((t, what): Named, op: &str) -> Result<(usize, usize, usize)> {
+    match t.dims() {
+        &[b, l, d] => Ok((b, l, d)),
+        s => bail!("{op}: {what} must have rank 3 [B, L, D], got shape {s:?}"),
+    }
+}
+
+/// `N` of `t` [B, N, D] whose B and D must be `b` and `d`; `n` names N in the error.
+pub(crate) fn middle_dim((t, what): Named, n: &str, b: usize, d: usize, op: &str) -> Result<usize> {
+    match t.dims() {
+        &[tb, tn, td] if tb == b && td == d => Ok(tn),
+        s => bail!("{op}: {what} has shape {s:?}, expected [B, {n}, D] with B = {b}, D = {d}"),
+    }
+}
+
+/// `t` has shape `[r, c]`; `axes` names the two axes in the error (e.g. `"[B, D]"`).
+pub(crate) fn check_dims2(
+    (t, what): Named,
+    axes: &str,
+    r: usize,
+    c: usize,
+    op: &str,
+) -> Result<()> {
+    if t.dims() != [r, c] {
+        bail!(
+            "{op}: {what} has shape {:?}, expected {axes} = [{r}, {c}]",
+            t.dims()
+        );
+    }
+    Ok(())
+}
+
+/// `t` is on the device of `like`.
+pub(crate) fn check_device((t, what): Named, (like, name): Named, op: &str) -> Result<()> {
+    if !t.device().same_device(like.device()) {
+        bail!(
+            "{op}: {what} is on {:?}, expected {name}'s device {:?}",
+            t.device().location(),
+            like.device().location()
+        );
+    }
+    Ok(())
+}
+
+/// `t` has the dtype and the device of `like`.
+pub(crate) fn check_like((t, what): Named, (like, name): Named, op: &str) -> Result<()> {
+    if t.dtype() != like.dtype() {
+        bail!(
+            "{op}: {what} dtype {:?} differs from {name}'s dtype {:?}",
+            t.dtype(),
+            like.dtype()
+        );
+    }
+    check_device((t, what), (like, name), op)
 }

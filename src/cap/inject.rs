@@ -1,6 +1,9 @@
 //! `gather_inject`: phase 3 of CAP (Eq. 8-9), out of place, with its backward.
 
-use super::elem::{axpy, check_float, contiguous_slice, CapElem};
+use super::elem::{
+    axpy, check_device, check_dims2, check_float, check_like, contiguous_slice, dims3, middle_dim,
+    CapElem,
+};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor,
@@ -31,38 +34,17 @@ pub(crate) fn validate(
     noise_idx: &Tensor,
     salient_idx: &Tensor,
 ) -> Result<InjectPlan> {
-    let (b, l, d) = match h.dims() {
-        &[b, l, d] => (b, l, d),
-        s => bail!("{OP}: h must have rank 3 [B, L, D], got shape {s:?}"),
-    };
-    let ls = match src.dims() {
-        &[sb, ls, sd] if sb == b && sd == d => ls,
-        s => bail!("{OP}: src has shape {s:?}, expected [B, Ls, D] with B = {b}, D = {d}"),
-    };
+    let (b, l, d) = dims3((h, "h"), OP)?;
+    let ls = middle_dim((src, "src"), "Ls", b, d, OP)?;
     check_float(h.dtype(), OP, "h")?;
-    if src.dtype() != h.dtype() {
-        bail!(
-            "{OP}: src dtype {:?} differs from h's dtype {:?}",
-            src.dtype(),
-            h.dtype()
-        );
-    }
-    if !src.device().same_device(h.device())
-        || !noise_idx.device().same_device(h.device())
-        || !salient_idx.device().same_device(h.device())
-    {
-        bail!("{OP}: h, src and the index tensors must be on one device");
-    }
+    check_like((src, "src"), (h, "h"), OP)?;
+    check_device((noise_idx, "noise_idx"), (h, "h"), OP)?;
+    check_device((salient_idx, "salient_idx"), (h, "h"), OP)?;
     let k = match noise_idx.dims() {
         &[nb, k] if nb == b => k,
         s => bail!("{OP}: noise_idx has shape {s:?}, expected [B, k] with B = {b}"),
     };
-    if salient_idx.dims() != [b, k] {
-        bail!(
-            "{OP}: salient_idx has shape {:?}, expected [B, k] = [{b}, {k}] like noise_idx",
-            salient_idx.dims()
-        );
-    }
+    check_dims2((salient_idx, "salient_idx"), "[B, k]", b, k, OP)?;
     for (name, t) in [("noise_idx", noise_idx), ("salient_idx", salient_idx)] {
         if t.dtype() != DType::U32 {
             bail!("{OP}: {name} has dtype {:?}, expected u32", t.dtype());
