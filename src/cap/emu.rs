@@ -33,21 +33,11 @@ macro_rules! dis_decl {
     };
 }
 
+/// The `gather_inject` entries of one dtype. `fwd` (inputs h, src) and `scatter` (input grad)
+/// share the argument tail (noise, sal, B, L, Ls, D, k, out) that `gather_call!` passes.
 macro_rules! inj_decl {
     ($fwd:ident, $zero:ident, $scatter:ident, $t:ty) => {
-        fn $fwd(
-            pl: EmuPlan,
-            h: *const $t,
-            src: *const $t,
-            noise: *const u32,
-            sal: *const u32,
-            b: u32,
-            l: u32,
-            ls: u32,
-            d: u32,
-            k: u32,
-            out: *mut $t,
-        ) -> i32;
+        inj_decl!(@gather $fwd, $t, h, src);
         fn $zero(
             pl: EmuPlan,
             grad: *const $t,
@@ -58,9 +48,12 @@ macro_rules! inj_decl {
             k: u32,
             out: *mut $t,
         ) -> i32;
-        fn $scatter(
+        inj_decl!(@gather $scatter, $t, grad);
+    };
+    (@gather $name:ident, $t:ty, $($input:ident),+) => {
+        fn $name(
             pl: EmuPlan,
-            grad: *const $t,
+            $($input: *const $t,)+
             noise: *const u32,
             sal: *const u32,
             b: u32,
@@ -70,6 +63,25 @@ macro_rules! inj_decl {
             k: u32,
             out: *mut $t,
         ) -> i32;
+    };
+}
+
+/// Calls `$f`, a `gather_inject_{fwd,scatter}_<dt>` entry, with `$plan`, the `$input` buffers,
+/// then the tail both entries share, from the `InjectPlan` `$p` and `$out`.
+macro_rules! gather_call {
+    ($f:ident, $plan:expr, [$($input:expr),+], $p:expr, $out:expr) => {
+        $f(
+            $plan.into(),
+            $($input.as_ptr(),)+
+            $p.noise.as_ptr(),
+            $p.sal.as_ptr(),
+            $p.b as u32,
+            $p.l as u32,
+            $p.ls as u32,
+            $p.d as u32,
+            $p.k as u32,
+            $out.as_mut_ptr(),
+        )
     };
 }
 
@@ -232,21 +244,7 @@ pub fn gather_inject_emulated(
             let (hv, sv) = (host::<$t>(h)?, host::<$t>(src)?);
             let mut out = vec![<$t>::default(); p.b * p.l * p.d];
             // SAFETY: buffers match the validated shapes; indices are in range.
-            let rc = unsafe {
-                $f(
-                    plan.into(),
-                    hv.as_ptr(),
-                    sv.as_ptr(),
-                    p.noise.as_ptr(),
-                    p.sal.as_ptr(),
-                    p.b as u32,
-                    p.l as u32,
-                    p.ls as u32,
-                    p.d as u32,
-                    p.k as u32,
-                    out.as_mut_ptr(),
-                )
-            };
+            let rc = unsafe { gather_call!($f, plan, [hv, sv], p, out) };
             check_rc(rc, "gather_inject_emulated")?;
             Tensor::from_vec(out, (p.b, p.l, p.d), &Device::Cpu)
         }};
@@ -292,20 +290,7 @@ pub fn gather_inject_backward_emulated(
             };
             check_rc(rc, "gather_inject_backward_emulated (zero)")?;
             // SAFETY: as above.
-            let rc = unsafe {
-                $scatter(
-                    splan.into(),
-                    gv.as_ptr(),
-                    p.noise.as_ptr(),
-                    p.sal.as_ptr(),
-                    p.b as u32,
-                    p.l as u32,
-                    p.ls as u32,
-                    p.d as u32,
-                    p.k as u32,
-                    gs.as_mut_ptr(),
-                )
-            };
+            let rc = unsafe { gather_call!($scatter, splan, [gv], p, gs) };
             check_rc(rc, "gather_inject_backward_emulated (scatter)")?;
             (
                 Tensor::from_vec(gh, (p.b, p.l, p.d), &Device::Cpu)?,
