@@ -5,11 +5,14 @@
 // cosine_topk_partial_<dt>: grid (gx, gy), R2_CT_THREADS threads. Block (x, y) scores
 //   bank rows [x*chunk_rows, (x+1)*chunk_rows) against queries [y*qb, y*qb+qb): queries
 //   (f32) and their norms sit in shared memory; each tile of R2_CT_TILE rows is scored
-//   thread-per-row (every key element read once for all qb queries, converted to f32 in
-//   registers), written to a shared tile, and absorbed into a running top-kp per query
-//   (topk.cuh) only when some entry beats the running worst. Writes kp candidates per
+//   thread-per-row from 32 x 32 blocks that each warp loads coalesced and transposes
+//   through shared memory (every key element read from global memory once for all qb
+//   queries, converted to f32), written to a shared tile, and absorbed into a running
+//   top-kp per query (topk.cuh) only when some entry beats the running worst. Writes kp candidates per
 //   (query, block): B*gx*kp pairs in global memory, never the B x M scores.
 // cosine_topk_merge: one block per query merges its gx*kp candidates into the top n.
+// kp (up to 1024, src/retrieve/kernel.rs KMAX) may exceed R2_CT_TILE: a tile then has
+// fewer hits than kp, so r2_stream_flush only ever sorts its hit buffer.
 //
 // Score: dot / (|q| |k| + 1e-8) with key norms precomputed ([M] f32). Excluded rows and
 // rows past the chunk get (-inf, 0xffffffff). A NaN score sets err[0] = 1 with
@@ -20,6 +23,9 @@
 #define R2_CT_TILE 256
 #define R2_CT_QB_MAX 8
 #define R2_CT_EPS 1e-8f
+// Per-warp [32][33] f32 transpose buffers at the start of the partial kernel's dynamic
+// shared memory (src/retrieve/kernel.rs `TRANSPOSE_BYTES`).
+#define R2_CT_TRANSPOSE_FLOATS ((R2_CT_THREADS / 32) * 32 * 33)
 
 template <class T>
 __device__ __forceinline__ void cosine_topk_partial(const float* __restrict__ q, const T* __restrict__ keys,
@@ -39,9 +45,10 @@ __device__ __forceinline__ void cosine_topk_partial(const float* __restrict__ q,
     const unsigned row0 = blockIdx.x * chunk_rows;
     const unsigned row1 = min(M, row0 + chunk_rows);
 
-    float* qs = reinterpret_cast<float*>(smem);
+    float* trs = reinterpret_cast<float*>(smem);  // R2_CT_TRANSPOSE_FLOATS
+    float* qs = trs + R2_CT_TRANSPOSE_FLOATS;
     R2Stream st;
-    r2_stream_carve(st, smem + (size_t)qb * D * sizeof(float), nq, kp, R2_CT_TILE, cnt);
+    r2_stream_carve(st, reinterpret_cast<unsigned char*>(qs + (size_t)qb * D), nq, kp, R2_CT_TILE, cnt);
 
     for (unsigned t = tid; t < nq * D; t += blockDim.x) qs[t] = q[(size_t)q0 * D + t];
     if (tid < nq) ex[tid] = excl[q0 + tid];
@@ -53,23 +60,41 @@ __device__ __forceinline__ void cosine_topk_partial(const float* __restrict__ q,
     }
     __syncthreads();
 
+    // Each warp scores groups of 32 rows, 32 columns at a time: lane l reads column
+    // d0 + l of each of the 32 rows (one coalesced segment per row: 128 bytes for f32)
+    // into its warp's [32][33] transpose buffer, then lane i dots row i from it (the
+    // padding keeps both the writes and the reads free of bank conflicts). Each row is
+    // summed in index order by one thread, as the CPU reference does. `nrows` is
+    // warp-uniform, so every lane reaches every __syncwarp.
+    const unsigned lane = tid & 31u, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    float* tr = trs + warp * 32 * 33;
     unsigned tile = 0;
     for (unsigned base = row0; base < row1; base += R2_CT_TILE, ++tile) {
-        for (unsigned e = tid; e < R2_CT_TILE; e += blockDim.x) {
-            const unsigned r = base + e;
-            const bool live = r < row1;
+        for (unsigned g = warp * 32; g < R2_CT_TILE; g += nwarps * 32) {
+            const unsigned first = base + g;
+            const unsigned nrows = first < row1 ? min(32u, row1 - first) : 0u;
             float acc[R2_CT_QB_MAX];
 #pragma unroll
             for (int j = 0; j < R2_CT_QB_MAX; ++j) acc[j] = 0.f;
-            if (live) {
-                const T* kr = keys + (size_t)r * D;
-                for (unsigned d = 0; d < D; ++d) {
-                    const float kv = r2_to_f32(kr[d]);
+            for (unsigned d0 = 0; nrows > 0 && d0 < D; d0 += 32) {
+                const unsigned col = d0 + lane;
+                for (unsigned i = 0; i < nrows; ++i)
+                    tr[i * 33 + lane] = col < D ? r2_to_f32(keys[(size_t)(first + i) * D + col]) : 0.f;
+                __syncwarp();
+                if (lane < nrows) {
+                    const unsigned w = min(32u, D - d0);
+                    for (unsigned t = 0; t < w; ++t) {
+                        const float kv = tr[lane * 33 + t];
 #pragma unroll
-                    for (int j = 0; j < R2_CT_QB_MAX; ++j)
-                        if ((unsigned)j < nq) acc[j] += qs[j * D + d] * kv;
+                        for (int j = 0; j < R2_CT_QB_MAX; ++j)
+                            if ((unsigned)j < nq) acc[j] += qs[j * D + d0 + t] * kv;
+                    }
                 }
+                __syncwarp();  // the buffer is rewritten for the next columns
             }
+            const unsigned e = g + lane;
+            const unsigned r = base + e;
+            const bool live = lane < nrows;
             const float knr = live ? kn[r] : 0.f;
 #pragma unroll
             for (int j = 0; j < R2_CT_QB_MAX; ++j) {
@@ -131,8 +156,10 @@ __device__ __forceinline__ void cosine_topk_merge_impl(const float* __restrict__
     }
 }
 
+// The min-blocks hint of 4 (at most 65536 / (128 x 4) = 128 registers a thread) is for
+// ptxas: with none it capped the f32 kernel at 56 registers on sm_80 and spilled 16 bytes.
 #define R2_CT_PARTIAL(SUFFIX, T)                                                                          \
-    extern "C" __global__ void __launch_bounds__(R2_CT_THREADS) cosine_topk_partial_##SUFFIX(             \
+    extern "C" __global__ void __launch_bounds__(R2_CT_THREADS, 4) cosine_topk_partial_##SUFFIX(             \
         const float* q, const T* keys, const float* kn, const unsigned* excl, unsigned B, unsigned M,      \
         unsigned D, unsigned qb, unsigned kp, unsigned chunk_rows, float* cand_s, unsigned* cand_i,       \
         unsigned* err) {                                                                                  \

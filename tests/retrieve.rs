@@ -511,8 +511,9 @@ fn emu_matches_reference_random_cases() {
     let mut count = 0;
     let cases = emu_cases();
     for seed in 1000..1000 + cases {
-        let mut c = random_case(seed, 700);
-        c.n = c.n.min(KMAX);
+        // M <= 700 < KMAX: n covers 1..=M (after exclusion) with no clamping.
+        let c = random_case(seed, 700);
+        assert!(c.n <= KMAX);
         let data = make_data(&c);
         compare(&c, &data, cosine_topk_emulated, "emulated kernel");
         count += 1;
@@ -521,13 +522,15 @@ fn emu_matches_reference_random_cases() {
 }
 
 /// Banks spanning several blocks and tiles, n up to KMAX, so the device merge of
-/// per-block candidates does real work.
+/// per-block candidates does real work; n > 256 makes the tiles follow kp.
 #[test]
 fn emu_multi_block_banks() {
     for (seed, b, m, d, n, kdt) in [
         (11u64, 1usize, 5000usize, 24usize, 8usize, DType::F32),
         (12, 9, 3001, 17, 256, DType::F16),
         (13, 17, 2600, 8, 100, DType::BF16),
+        (14, 3, 4100, 12, 300, DType::F32),
+        (15, 2, 6000, 5, KMAX, DType::F16),
     ] {
         let c = Case {
             seed,

@@ -14,10 +14,14 @@ use crate::launch::{LaunchPlan, MAX_DYN_SMEM_BYTES};
 
 /// Threads per block of both kernels (4 warps).
 pub const THREADS: u32 = 128;
-/// Bank rows scored per tile (2 per thread); also the candidate tile of the merge.
+/// Bank rows scored per tile (two groups of 32 rows per warp); also the candidate tile of
+/// the merge.
 pub const TILE: u32 = 256;
-/// Largest n the kernels handle (the running list is `kp = next_pow2(n) <= KMAX`).
-pub const KMAX: usize = 256;
+/// Largest n the kernels handle (the running list is `kp = next_pow2(n) <= KMAX`); the
+/// CUDA op runs larger n on the fused CPU path. A running list longer than the tile is
+/// fine: a tile then holds fewer hits than `kp`, so `r2_stream_flush` always takes its
+/// sorted-hits path. At `kp = 1024` one query's lists take 18 KiB of shared memory.
+pub const KMAX: usize = 1024;
 /// Most queries one block scores together (each key row read once for all of them).
 pub const QB_MAX: u32 = 8;
 
@@ -47,11 +51,15 @@ impl CosinePlan {
 /// Bytes of one (score f32, index u32) pair in shared memory.
 const PAIR: u32 = 8;
 
-/// Dynamic shared memory of the partial kernel for `qb` queries of dimension `d`.
-/// (queries in f32, then per query: running list, tile and hit buffer of (score, index)
-/// pairs; must match `r2_stream_bytes` in kernels/topk.cuh.)
+/// Shared bytes of the per-warp [32][33] f32 transpose buffers that make the partial
+/// kernel's key loads coalesced (`R2_CT_TRANSPOSE_FLOATS` in kernels/cosine_topk.cu).
+pub const TRANSPOSE_BYTES: u64 = (THREADS as u64 / 32) * 32 * 33 * 4;
+
+/// Dynamic shared memory of the partial kernel for `qb` queries of dimension `d`:
+/// the transpose buffers, the queries in f32, then per query the running list, tile and
+/// hit buffer of (score, index) pairs (must match `r2_stream_bytes` in kernels/topk.cuh).
 pub fn partial_smem(qb: u32, d: u32, kp: u32) -> u64 {
-    qb as u64 * (d as u64 * 4 + stream_bytes(kp))
+    TRANSPOSE_BYTES + qb as u64 * (d as u64 * 4 + stream_bytes(kp))
 }
 
 /// Shared bytes of one streaming top-kp list (`r2_stream_bytes(1, kp, TILE)`).
@@ -83,7 +91,8 @@ pub fn plan(
         qb -= 1;
     }
     if partial_smem(qb, d32, kp) > MAX_DYN_SMEM_BYTES as u64 {
-        let max_d = (MAX_DYN_SMEM_BYTES as u64 - stream_bytes(kp)) / 4;
+        let max_d =
+            (MAX_DYN_SMEM_BYTES as u64).saturating_sub(TRANSPOSE_BYTES + stream_bytes(kp)) / 4;
         candle_core::bail!(
             "cosine_topk kernel: D = {d} too large for shared memory (max {max_d} with n = {n})"
         );
@@ -125,6 +134,9 @@ mod tests {
             (64, 1_000_000, 1024, 8),
             (3, 257, 33, 256),
             (70, 5000, 4000, 5),
+            (5, 4000, 100, 257),
+            (2, 100_000, 1024, 1000),
+            (1, 700, 3, 700),
         ] {
             let p = plan(b, m, d, n, 132).unwrap();
             assert!(p.partial.smem_bytes <= MAX_DYN_SMEM_BYTES);
@@ -137,7 +149,7 @@ mod tests {
             assert!(p.kp as usize >= n && p.kp.is_power_of_two());
         }
         assert!(plan(1, 10, 4, 0, 2).is_err());
-        assert!(plan(1, 1000, 4, 257, 2).is_err());
+        assert!(plan(1, 2000, 4, KMAX + 1, 2).is_err());
         assert!(plan(1, 10, 20_000, 4, 2).is_err());
     }
 }
