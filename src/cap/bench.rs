@@ -65,9 +65,8 @@ fn ms(t: Duration) -> String {
 }
 
 /// Times `f` and `g` alternately, rep by rep (synchronising the device after each call),
-/// and returns the best time of each. Timing one after the other let the second see a
-/// warmer allocator and page cache: the whole-layer row read 0.6x in one order and 1.2x
-/// in the other.
+/// and returns the best time of each. Timed one variant after the other, the whole-layer
+/// row read 0.6x; alternating, 1.2x (BENCHMARKS.md, CAP ops).
 fn timed_pair(
     reps: usize,
     dev: &Device,
