@@ -477,26 +477,24 @@ impl QSpec {
             let (a, b) = (a?, b?);
             (a.sounding && b.sounding && a.loud != b.loud).then_some((a.loud, b.loud))
         };
+        // Two distinct classes, each present once: their loudness pair, as above.
+        let louder_pair = |a: usize, b: usize| -> Option<(u8, u8)> {
+            if a == b {
+                return None;
+            }
+            sounding_pair(
+                scene.unique_sounding_class(a),
+                scene.unique_sounding_class(b),
+            )
+        };
         match self {
             QSpec::CountSounding => Some(num(scene.n_sounding())),
             QSpec::LouderYesNo(a, b) => {
-                if a == b {
-                    return None;
-                }
-                let (la, lb) = sounding_pair(
-                    scene.unique_sounding_class(a),
-                    scene.unique_sounding_class(b),
-                )?;
+                let (la, lb) = louder_pair(a, b)?;
                 Some(yes_no(la > lb))
             }
             QSpec::WhichLouder(a, b) => {
-                if a == b {
-                    return None;
-                }
-                let (la, lb) = sounding_pair(
-                    scene.unique_sounding_class(a),
-                    scene.unique_sounding_class(b),
-                )?;
+                let (la, lb) = louder_pair(a, b)?;
                 Some(INSTRUMENTS[if la > lb { a } else { b }].to_string())
             }
             QSpec::CountAll => Some(num(scene.sources.len())),
