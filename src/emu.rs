@@ -34,55 +34,36 @@ impl From<LaunchPlan> for EmuPlan {
     }
 }
 
+/// Declares the emulated partial-kernel entry points; they differ only in the key type.
+macro_rules! partial_entries {
+    ($($name:ident: $kt:ty),+) => {
+        extern "C" {$(
+            fn $name(
+                p: EmuPlan,
+                q: *const f32,
+                keys: *const $kt,
+                kn: *const f32,
+                excl: *const u32,
+                b: u32,
+                m: u32,
+                d: u32,
+                qb: u32,
+                kp: u32,
+                chunk_rows: u32,
+                cand_s: *mut f32,
+                cand_i: *mut u32,
+                err: *mut u32,
+            ) -> i32;
+        )+}
+    };
+}
+partial_entries!(
+    r2emu_cosine_topk_partial_f32: f32,
+    r2emu_cosine_topk_partial_f16: f16,
+    r2emu_cosine_topk_partial_bf16: bf16
+);
+
 extern "C" {
-    fn r2emu_cosine_topk_partial_f32(
-        p: EmuPlan,
-        q: *const f32,
-        keys: *const f32,
-        kn: *const f32,
-        excl: *const u32,
-        b: u32,
-        m: u32,
-        d: u32,
-        qb: u32,
-        kp: u32,
-        chunk_rows: u32,
-        cand_s: *mut f32,
-        cand_i: *mut u32,
-        err: *mut u32,
-    ) -> i32;
-    fn r2emu_cosine_topk_partial_f16(
-        p: EmuPlan,
-        q: *const f32,
-        keys: *const f16,
-        kn: *const f32,
-        excl: *const u32,
-        b: u32,
-        m: u32,
-        d: u32,
-        qb: u32,
-        kp: u32,
-        chunk_rows: u32,
-        cand_s: *mut f32,
-        cand_i: *mut u32,
-        err: *mut u32,
-    ) -> i32;
-    fn r2emu_cosine_topk_partial_bf16(
-        p: EmuPlan,
-        q: *const f32,
-        keys: *const bf16,
-        kn: *const f32,
-        excl: *const u32,
-        b: u32,
-        m: u32,
-        d: u32,
-        qb: u32,
-        kp: u32,
-        chunk_rows: u32,
-        cand_s: *mut f32,
-        cand_i: *mut u32,
-        err: *mut u32,
-    ) -> i32;
     fn r2emu_cosine_topk_merge(
         p: EmuPlan,
         cand_s: *const f32,
