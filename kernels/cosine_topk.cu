@@ -1,6 +1,7 @@
 // cosine_topk.cu: fused cosine top-n retrieval (paper Eq. 1), one pass over the bank.
 //
-// Plan: src/retrieve/kernel.rs (`plan`), shared by the CUDA launch and the emulator.
+// Op: src/retrieve/cosine_topk/ (plan and launches in kernel.rs, shared by the CUDA device
+// and the emulator). Arguments: CosineTopkPartialArgs, CosineTopkMergeArgs (r2_abi.h).
 //
 // cosine_topk_partial_<dt>: grid (gx, gy), R2_CT_THREADS threads. Block (x, y) scores
 //   bank rows [x*chunk_rows, (x+1)*chunk_rows) against queries [y*qb, y*qb+qb): queries
@@ -11,29 +12,28 @@
 //   top-kp per query (topk.cuh) only when some entry beats the running worst. Writes kp candidates per
 //   (query, block): B*gx*kp pairs in global memory, never the B x M scores.
 // cosine_topk_merge: one block per query merges its gx*kp candidates into the top n.
-// kp (up to 1024, src/retrieve/kernel.rs KMAX) may exceed R2_CT_TILE: a tile then has
-// fewer hits than kp, so r2_stream_flush only ever sorts its hit buffer.
+// kp (up to 1024, src/retrieve/cosine_topk/kernel.rs KMAX) may exceed R2_CT_TILE: a tile
+// then has fewer hits than kp, so r2_stream_flush only ever sorts its hit buffer.
 //
-// Score: dot / (|q| |k| + 1e-8) with key norms precomputed ([M] f32). Excluded rows and
-// rows past the chunk get (-inf, 0xffffffff). A NaN score sets err[0] = 1 with
-// err[1] = query, err[2] = row (first reporter), and the host turns it into an error.
+// Score: dot / (|q| |k| + R2_COS_EPS) with key norms precomputed ([M] f32). Excluded rows
+// and rows past the chunk get (-inf, R2_PAD_INDEX). A NaN score sets err[0] =
+// R2_ERR_NAN_SCORE with err[1] = query, err[2] = row (first reporter), and the host turns it
+// into an error.
 #include "topk.cuh"
 
-#define R2_CT_THREADS 128
-#define R2_CT_TILE 256
-#define R2_CT_QB_MAX 8
-#define R2_CT_EPS 1e-8f
 // Per-warp [32][33] f32 transpose buffers at the start of the partial kernel's dynamic
-// shared memory (src/retrieve/kernel.rs `TRANSPOSE_BYTES`).
+// shared memory (src/retrieve/cosine_topk/kernel.rs `TRANSPOSE_BYTES`).
 #define R2_CT_TRANSPOSE_FLOATS ((R2_CT_THREADS / 32) * 32 * 33)
 
 template <class T>
-__device__ __forceinline__ void cosine_topk_partial(const float* __restrict__ q, const T* __restrict__ keys,
-                                                    const float* __restrict__ kn,
-                                                    const unsigned* __restrict__ excl, unsigned B, unsigned M,
-                                                    unsigned D, unsigned qb, unsigned kp, unsigned chunk_rows,
-                                                    float* __restrict__ cand_s, unsigned* __restrict__ cand_i,
-                                                    unsigned* __restrict__ err) {
+__device__ __forceinline__ void cosine_topk_partial(const CosineTopkPartialArgs& a) {
+    const float* __restrict__ q = a.q;
+    const T* __restrict__ keys = static_cast<const T*>(a.keys);
+    const float* __restrict__ kn = a.key_norms;
+    const unsigned* __restrict__ excl = a.exclude;
+    const unsigned B = a.b, M = a.m, D = a.d, qb = a.qb, kp = a.kp, chunk_rows = a.chunk_rows;
+    float* __restrict__ cand_s = a.cand_s;
+    unsigned* __restrict__ cand_i = a.cand_i;
     R2_DYN_SMEM(unsigned char, smem);
     __shared__ float qn[R2_CT_QB_MAX];
     __shared__ unsigned ex[R2_CT_QB_MAX];
@@ -75,7 +75,7 @@ __device__ __forceinline__ void cosine_topk_partial(const float* __restrict__ q,
             const unsigned nrows = first < row1 ? min(32u, row1 - first) : 0u;
             float acc[R2_CT_QB_MAX];
 #pragma unroll
-            for (int j = 0; j < R2_CT_QB_MAX; ++j) acc[j] = 0.f;
+            for (unsigned j = 0; j < R2_CT_QB_MAX; ++j) acc[j] = 0.f;
             for (unsigned d0 = 0; nrows > 0 && d0 < D; d0 += 32) {
                 const unsigned col = d0 + lane;
                 for (unsigned i = 0; i < nrows; ++i)
@@ -86,7 +86,7 @@ __device__ __forceinline__ void cosine_topk_partial(const float* __restrict__ q,
                     for (unsigned t = 0; t < w; ++t) {
                         const float kv = tr[lane * 33 + t];
 #pragma unroll
-                        for (int j = 0; j < R2_CT_QB_MAX; ++j)
+                        for (unsigned j = 0; j < R2_CT_QB_MAX; ++j)
                             if ((unsigned)j < nq) acc[j] += qs[j * D + d0 + t] * kv;
                     }
                 }
@@ -97,14 +97,14 @@ __device__ __forceinline__ void cosine_topk_partial(const float* __restrict__ q,
             const bool live = lane < nrows;
             const float knr = live ? kn[r] : 0.f;
 #pragma unroll
-            for (int j = 0; j < R2_CT_QB_MAX; ++j) {
+            for (unsigned j = 0; j < R2_CT_QB_MAX; ++j) {
                 if ((unsigned)j >= nq) continue;
                 float s = -R2_INF;
                 unsigned idx = R2_PAD_INDEX;
                 if (live && r != ex[j]) {
-                    const float v = acc[j] / (qn[j] * knr + R2_CT_EPS);
+                    const float v = acc[j] / (qn[j] * knr + R2_COS_EPS);
                     if (isnan(v)) {
-                        r2_report(err, 1u, q0 + j, r);
+                        r2_report(a.err, R2_ERR_NAN_SCORE, q0 + j, r);
                     } else {
                         s = v;
                         idx = r;
@@ -125,10 +125,12 @@ __device__ __forceinline__ void cosine_topk_partial(const float* __restrict__ q,
 }
 
 // Candidates of query b: ncand = gx * kp pairs at b * ncand (gx sorted runs of kp).
-__device__ __forceinline__ void cosine_topk_merge_impl(const float* __restrict__ cs,
-                                                       const unsigned* __restrict__ ci, unsigned ncand,
-                                                       unsigned kp, unsigned n, float* __restrict__ out_s,
-                                                       unsigned* __restrict__ out_i) {
+__device__ __forceinline__ void cosine_topk_merge_impl(const CosineTopkMergeArgs& a) {
+    const float* __restrict__ cs = a.cand_s;
+    const unsigned* __restrict__ ci = a.cand_i;
+    const unsigned ncand = a.ncand, kp = a.kp, n = a.n;
+    float* __restrict__ out_s = a.out_s;
+    unsigned* __restrict__ out_i = a.out_i;
     R2_DYN_SMEM(unsigned char, smem);
     __shared__ unsigned cnt[3 * R2_TOPK_MAXQ];
     const unsigned tid = threadIdx.x;
@@ -158,20 +160,13 @@ __device__ __forceinline__ void cosine_topk_merge_impl(const float* __restrict__
 
 // The min-blocks hint of 4 (at most 65536 / (128 x 4) = 128 registers a thread) is for
 // ptxas: with none it capped the f32 kernel at 56 registers on sm_80 and spilled 16 bytes.
-#define R2_CT_PARTIAL(SUFFIX, T)                                                                          \
-    extern "C" __global__ void __launch_bounds__(R2_CT_THREADS, 4) cosine_topk_partial_##SUFFIX(             \
-        const float* q, const T* keys, const float* kn, const unsigned* excl, unsigned B, unsigned M,      \
-        unsigned D, unsigned qb, unsigned kp, unsigned chunk_rows, float* cand_s, unsigned* cand_i,       \
-        unsigned* err) {                                                                                  \
-        cosine_topk_partial<T>(q, keys, kn, excl, B, M, D, qb, kp, chunk_rows, cand_s, cand_i, err);      \
+#define R2_CT_PARTIAL(SUFFIX, T)                                                                 \
+    R2_ENTRY(cosine_topk_partial_##SUFFIX, CosineTopkPartialArgs, R2_CT_THREADS, 4) {              \
+        cosine_topk_partial<T>(a);                                                               \
     }
 
 R2_CT_PARTIAL(f32, float)
 R2_CT_PARTIAL(f16, __half)
 R2_CT_PARTIAL(bf16, __nv_bfloat16)
 
-extern "C" __global__ void __launch_bounds__(R2_CT_THREADS)
-    cosine_topk_merge(const float* cand_s, const unsigned* cand_i, unsigned ncand, unsigned kp, unsigned n,
-                      float* out_s, unsigned* out_i) {
-    cosine_topk_merge_impl(cand_s, cand_i, ncand, kp, n, out_s, out_i);
-}
+R2_ENTRY(cosine_topk_merge, CosineTopkMergeArgs, R2_CT_THREADS) { cosine_topk_merge_impl(a); }

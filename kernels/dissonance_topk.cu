@@ -1,25 +1,20 @@
-// dissonance_topk.cu: CAP phase 1 (paper Eq. 2-5) and the CAP row top-k (Eq. 7).
+// dissonance_topk.cu: CAP phase 1 (paper Eq. 2-5) in one kernel.
+//
+// Op: src/cap/dissonance_topk/ (plan and launch in kernel.rs, shared by the CUDA device and
+// the emulator). Arguments: DissonanceTopkArgs (r2_abi.h).
 //
 // dissonance_topk_{f32,f16,bf16}: ONE block per batch row b, one kernel for the whole op:
-//   1. the anchor g (masked mean of h_avl[b], or the given anchor row) into shared memory,
+//   1. the anchor g (masked mean of ctx[b], or the given anchor row) into shared memory,
 //   2. |g| by a block reduction,
-//   3. one warp per retrieved token i: delta[b, i] = 1 - <p_i, g> / (|p_i| |g| + 1e-8),
+//   3. one warp per retrieved token i: delta[b, i] = 1 - <p_i, g> / (|p_i| |g| + R2_COS_EPS),
 //      written to the delta output and into a shared tile of (key, i),
 //   4. the tile offered to the streaming top-kp lists of topk.cuh (R2Stream).
 //   No intermediate tensor reaches global memory: delta is an output of the op.
-// topk_rows_f32: the same streaming top-k over rows of scores (one block per row).
 //
 // Ordering: larger first, ties to the lower index (r2_better); NaN keys rank as -inf.
 // Shared memory (4-byte words): g[D] | red[32] | cnt[3 * R2_TOPK_MAXQ] | R2Stream(nq = 1, kp, T)
-// with kp = next_pow2(k) and T a power of two >= kp (src/cap/kernel.rs computes the plan;
-// topk_rows has no g / red).
-#include "common.cuh"
+// with kp = next_pow2(k) and T a power of two >= kp (src/cap/dissonance_topk/kernel.rs plans it).
 #include "topk.cuh"
-
-#define R2_CAP_EPS 1e-8f
-
-// NaN -> -inf, so NaN entries rank after every number.
-__device__ __forceinline__ float cap_key(float v) { return v != v ? -R2_INF : v; }
 
 // Block-wide sum; every thread gets the total (same order on every thread). Callable by all
 // threads only; reuses `red` (32 floats).
@@ -35,24 +30,16 @@ __device__ __forceinline__ float cap_block_sum(float v, float* red) {
     return t;
 }
 
-// Streams L entries through one R2Stream list: produce(t, t0) must r2_stream_offer every
-// entry t0 .. t0+T-1 of tile t (padding past L); the result is st.run_i[0 .. kp).
-template <class Produce>
-__device__ __forceinline__ void cap_stream_topk(const R2Stream& st, unsigned L, Produce produce) {
-    r2_stream_init(st);
-    unsigned t = 0;
-    for (unsigned t0 = 0; t0 < L; t0 += st.tile_len, ++t) {
-        produce(t, t0);
-        r2_stream_flush(st, t);
-    }
-}
-
 template <class T>
-__device__ __forceinline__ void cap_dissonance(const T* __restrict__ p, const T* __restrict__ ctx,
-                                               const float* __restrict__ mask, unsigned has_mask,
-                                               unsigned anchor, unsigned L, unsigned La, unsigned D,
-                                               unsigned k, unsigned kp, unsigned tile, float* __restrict__ delta,
-                                               unsigned* __restrict__ idx, float* __restrict__ nmask) {
+__device__ __forceinline__ void cap_dissonance(const DissonanceTopkArgs& a) {
+    const T* __restrict__ p = static_cast<const T*>(a.p);
+    const T* __restrict__ ctx = static_cast<const T*>(a.ctx);
+    const float* __restrict__ mask = a.mask;
+    const unsigned has_mask = a.has_mask, anchor = a.anchor;
+    const unsigned L = a.l, La = a.la, D = a.d, k = a.k, kp = a.kp, tile = a.tile;
+    float* __restrict__ delta = a.delta;
+    unsigned* __restrict__ idx = a.idx;
+    float* __restrict__ nmask = a.noise_mask;
     const unsigned b = blockIdx.x;
     const unsigned nt = blockDim.x, tid = threadIdx.x;
     const unsigned lane = tid & 31u, warp = tid >> 5, nw = nt >> 5;
@@ -85,7 +72,7 @@ __device__ __forceinline__ void cap_dissonance(const T* __restrict__ p, const T*
     const float ng = sqrtf(cap_block_sum(ss, red));
 
     // 3 + 4. cosines, one warp per token, streamed through the top-k
-    cap_stream_topk(st, L, [&](unsigned t, unsigned t0) {
+    r2_stream_topk(st, L, [&](unsigned t, unsigned t0) {
         for (unsigned r = warp; r < tile; r += nw) {
             const unsigned i = t0 + r;
             float key = -R2_INF;
@@ -100,9 +87,9 @@ __device__ __forceinline__ void cap_dissonance(const T* __restrict__ p, const T*
                 }
                 s = r2_warp_sum(s);
                 n2 = r2_warp_sum(n2);
-                const float dl = 1.f - s / (sqrtf(n2) * ng + R2_CAP_EPS);
+                const float dl = 1.f - s / (sqrtf(n2) * ng + R2_COS_EPS);
                 if (lane == 0) delta[(size_t)b * L + i] = dl;
-                key = cap_key(dl);
+                key = r2_nan_last(dl);
                 id = i;
             }
             if (lane == 0) r2_stream_offer(st, t, 0, r, key, id);
@@ -119,43 +106,9 @@ __device__ __forceinline__ void cap_dissonance(const T* __restrict__ p, const T*
     }
 }
 
-#define R2_CAP_DISSONANCE(SUFFIX, T)                                                                       \
-    extern "C" __global__ void dissonance_topk_##SUFFIX(                                                   \
-        const T* p, const T* ctx, const float* mask, unsigned has_mask, unsigned anchor, unsigned L,      \
-        unsigned La, unsigned D, unsigned k, unsigned kp, unsigned tile, float* delta, unsigned* idx,    \
-        float* nmask) {                                                                                    \
-        cap_dissonance<T>(p, ctx, mask, has_mask, anchor, L, La, D, k, kp, tile, delta, idx, nmask);      \
-    }
+#define R2_CAP_DISSONANCE(SUFFIX, T) \
+    R2_ENTRY(dissonance_topk_##SUFFIX, DissonanceTopkArgs, R2_CAP_TOPK_THREADS) { cap_dissonance<T>(a); }
 
 R2_CAP_DISSONANCE(f32, float)
 R2_CAP_DISSONANCE(f16, __half)
 R2_CAP_DISSONANCE(bf16, __nv_bfloat16)
-
-// Top-k of each row of scores [B, L] f32: values [B, k] (the original scores) and indices.
-// (C++ linkage like every R2_DYN_SMEM user, so the shared array has one linkage per TU.)
-__device__ __forceinline__ void cap_topk_rows(const float* __restrict__ scores, unsigned L, unsigned k,
-                                              unsigned kp, unsigned tile, float* __restrict__ vals,
-                                              unsigned* __restrict__ idx) {
-    const unsigned b = blockIdx.x;
-    const unsigned nt = blockDim.x, tid = threadIdx.x;
-    R2_DYN_SMEM(unsigned, cnt);
-    R2Stream st;
-    r2_stream_carve(st, reinterpret_cast<unsigned char*>(cnt + 3 * R2_TOPK_MAXQ), 1, kp, tile, cnt);
-    const float* row = scores + (size_t)b * L;
-    cap_stream_topk(st, L, [&](unsigned t, unsigned t0) {
-        for (unsigned r = tid; r < tile; r += nt) {
-            const unsigned i = t0 + r;
-            r2_stream_offer(st, t, 0, r, i < L ? cap_key(row[i]) : -R2_INF, i < L ? i : R2_PAD_INDEX);
-        }
-    });
-    for (unsigned j = tid; j < k; j += nt) {
-        const unsigned i = st.run_i[j];
-        idx[(size_t)b * k + j] = i;
-        vals[(size_t)b * k + j] = row[i];
-    }
-}
-
-extern "C" __global__ void topk_rows_f32(const float* scores, unsigned L, unsigned k, unsigned kp,
-                                         unsigned tile, float* vals, unsigned* idx) {
-    cap_topk_rows(scores, L, k, kp, tile, vals, idx);
-}

@@ -1,8 +1,11 @@
 // gather_inject.cu: CAP phase 3 (paper Eq. 8-9), out of place, and its backward.
 //
-// One warp per output row, R2_GI_ROWS_PER_BLOCK rows per block (src/cap/kernel.rs plans
-// grid = ceil(rows / rows_per_block)). Indices were validated on the host (range, distinct
-// noise indices per batch row) before any launch.
+// Op: src/cap/gather_inject/ (plan and launches in kernel.rs, shared by the CUDA device and
+// the emulator). Arguments: GatherInjectArgs (r2_abi.h), one struct for the three entries.
+//
+// One warp per output row, R2_GI_ROWS_PER_BLOCK rows per block (grid = ceil(rows /
+// rows_per_block)). Indices were validated on the host (range, distinct noise indices per
+// batch row) before any launch.
 //   gather_inject_fwd_*:   out[b, i] = src[b, sal[b, j]] if i == noise[b, j], else h[b, i].
 //   gather_inject_zero_*:  grad_h[b, i] = 0 if i is a noise row, else grad[b, i].
 //   gather_inject_scatter_*: grad_src[b, s] = sum over j with sal[b, j] == s (in j order) of
@@ -18,17 +21,18 @@ __device__ __forceinline__ int cap_noise_slot(const unsigned* noise, unsigned b,
     return slot;
 }
 
+// fwd (zero = 0) and zero (zero = 1): one warp per row of out [B, L, D].
 template <class T>
-__device__ __forceinline__ void cap_inject_rows(const T* __restrict__ h, const T* __restrict__ src,
-                                                const unsigned* __restrict__ noise,
-                                                const unsigned* __restrict__ sal, unsigned B, unsigned L,
-                                                unsigned Ls, unsigned D, unsigned k, unsigned zero,
-                                                T* __restrict__ out) {
+__device__ __forceinline__ void cap_inject_rows(const GatherInjectArgs& a, unsigned zero) {
+    const T* __restrict__ h = static_cast<const T*>(a.h);
+    const T* __restrict__ src = static_cast<const T*>(a.src);
+    T* __restrict__ out = static_cast<T*>(a.out);
+    const unsigned B = a.b, L = a.l, Ls = a.ls, D = a.d, k = a.k;
     const unsigned lane = threadIdx.x & 31u;
     const unsigned row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= B * L) return;  // warp-uniform, no barrier below
     const unsigned b = row / L, i = row % L;
-    const int slot = cap_noise_slot(noise, b, k, i);
+    const int slot = cap_noise_slot(a.noise, b, k, i);
     T* o = out + (size_t)row * D;
     if (slot < 0) {
         const T* from = h + (size_t)row * D;
@@ -36,15 +40,17 @@ __device__ __forceinline__ void cap_inject_rows(const T* __restrict__ h, const T
     } else if (zero) {
         for (unsigned d = lane; d < D; d += 32) o[d] = r2_from_f32<T>(0.f);
     } else {
-        const T* from = src + ((size_t)b * Ls + sal[(size_t)b * k + slot]) * D;
+        const T* from = src + ((size_t)b * Ls + a.sal[(size_t)b * k + slot]) * D;
         for (unsigned d = lane; d < D; d += 32) o[d] = from[d];
     }
 }
 
+// scatter: one warp per row of out [B, Ls, D].
 template <class T>
-__device__ __forceinline__ void cap_scatter_rows(const T* __restrict__ grad, const unsigned* __restrict__ noise,
-                                                 const unsigned* __restrict__ sal, unsigned B, unsigned L,
-                                                 unsigned Ls, unsigned D, unsigned k, T* __restrict__ out) {
+__device__ __forceinline__ void cap_scatter_rows(const GatherInjectArgs& a) {
+    const T* __restrict__ grad = static_cast<const T*>(a.h);
+    T* __restrict__ out = static_cast<T*>(a.out);
+    const unsigned B = a.b, L = a.l, Ls = a.ls, D = a.d, k = a.k;
     const unsigned lane = threadIdx.x & 31u;
     const unsigned row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= B * Ls) return;
@@ -53,29 +59,18 @@ __device__ __forceinline__ void cap_scatter_rows(const T* __restrict__ grad, con
     for (unsigned d = lane; d < D; d += 32) {
         float acc = 0.f;
         for (unsigned j = 0; j < k; ++j) {
-            if (sal[(size_t)b * k + j] != s) continue;
-            acc += r2_to_f32(grad[((size_t)b * L + noise[(size_t)b * k + j]) * D + d]);
+            if (a.sal[(size_t)b * k + j] != s) continue;
+            acc += r2_to_f32(grad[((size_t)b * L + a.noise[(size_t)b * k + j]) * D + d]);
         }
         o[d] = r2_from_f32<T>(acc);
     }
 }
 
-#define R2_CAP_INJECT(SUFFIX, T)                                                                          \
-    extern "C" __global__ void gather_inject_fwd_##SUFFIX(const T* h, const T* src, const unsigned* noise, \
-                                                          const unsigned* sal, unsigned B, unsigned L,     \
-                                                          unsigned Ls, unsigned D, unsigned k, T* out) {   \
-        cap_inject_rows<T>(h, src, noise, sal, B, L, Ls, D, k, 0u, out);                                  \
-    }                                                                                                     \
-    extern "C" __global__ void gather_inject_zero_##SUFFIX(const T* grad, const unsigned* noise,          \
-                                                           unsigned B, unsigned L, unsigned D, unsigned k, \
-                                                           T* out) {                                      \
-        cap_inject_rows<T>(grad, grad, noise, noise, B, L, 1u, D, k, 1u, out);                            \
-    }                                                                                                     \
-    extern "C" __global__ void gather_inject_scatter_##SUFFIX(const T* grad, const unsigned* noise,       \
-                                                              const unsigned* sal, unsigned B, unsigned L, \
-                                                              unsigned Ls, unsigned D, unsigned k, T* out) { \
-        cap_scatter_rows<T>(grad, noise, sal, B, L, Ls, D, k, out);                                       \
-    }
+#define R2_GI_THREADS (32 * R2_GI_ROWS_PER_BLOCK)
+#define R2_CAP_INJECT(SUFFIX, T)                                                                         \
+    R2_ENTRY(gather_inject_fwd_##SUFFIX, GatherInjectArgs, R2_GI_THREADS) { cap_inject_rows<T>(a, 0u); } \
+    R2_ENTRY(gather_inject_zero_##SUFFIX, GatherInjectArgs, R2_GI_THREADS) { cap_inject_rows<T>(a, 1u); } \
+    R2_ENTRY(gather_inject_scatter_##SUFFIX, GatherInjectArgs, R2_GI_THREADS) { cap_scatter_rows<T>(a); }
 
 R2_CAP_INJECT(f32, float)
 R2_CAP_INJECT(f16, __half)

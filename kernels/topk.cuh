@@ -2,15 +2,13 @@
 // topk_rows. Ties go to the LOWER index everywhere.
 //
 // Lists live in shared memory as two parallel arrays (score float, index unsigned).
-// Padding entries are (-inf, 0xffffffff): they rank below every real entry.
+// Padding entries are (-inf, R2_PAD_INDEX): they rank below every real entry.
 // All functions are called by EVERY thread of the block (they contain __syncthreads)
 // with block-uniform arguments; `mask` selects which of `nq` lists take part (bit q),
 // so one call can serve several queries of a block. Every function ends with a
 // __syncthreads, so its results are visible to all threads on return.
 #pragma once
 #include "common.cuh"
-
-#define R2_PAD_INDEX 0xffffffffu
 
 // (sa, ia) ranks strictly above (sb, ib).
 __device__ __forceinline__ bool r2_better(float sa, unsigned ia, float sb, unsigned ib) {
@@ -110,8 +108,6 @@ __device__ __forceinline__ bool r2_beats_worst(const float* rs, const unsigned* 
 // Few hits (<= kp) are sorted in `buf` (log^2 kp stages) instead of the whole tile, which
 // after the first tile is the common case. Initialise with r2_stream_init.
 
-#define R2_TOPK_MAXQ 8
-
 struct R2Stream {
     float* run_s;
     unsigned* run_i;
@@ -189,5 +185,22 @@ __device__ __forceinline__ void r2_stream_flush(const R2Stream& st, unsigned til
     if (full) {
         r2_block_sort(st.tile_s, st.tile_i, st.tile_len, st.nq, st.tile_len, full);
         r2_block_merge(st.run_s, st.run_i, st.kp, st.tile_s, st.tile_i, st.tile_len, st.kp, st.nq, full);
+    }
+}
+
+// NaN policy "rank last" (dissonance_topk, topk_rows): the key of a NaN is -inf, so NaN
+// entries rank after every number, and among -inf/NaN entries by index.
+__device__ __forceinline__ float r2_nan_last(float v) { return v != v ? -R2_INF : v; }
+
+// Streams L entries through the single list of `st`: produce(t, t0) must r2_stream_offer
+// every entry t0 .. t0 + tile_len - 1 of tile t (padding past L). The result is
+// st.run_i[0 .. kp). Called by all threads.
+template <class Produce>
+__device__ __forceinline__ void r2_stream_topk(const R2Stream& st, unsigned L, Produce produce) {
+    r2_stream_init(st);
+    unsigned t = 0;
+    for (unsigned t0 = 0; t0 < L; t0 += st.tile_len, ++t) {
+        produce(t, t0);
+        r2_stream_flush(st, t);
     }
 }

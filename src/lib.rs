@@ -1,26 +1,30 @@
 //! r2scp: R2ScP ("Retrieving to Recover") for missing-modality audio-visual
 //! question answering, built on candle around hand-written CUDA kernels.
 //!
-//! Layout (each concept one module; kernels in `kernels/<name>.cu` mirror `src/<family>/`):
+//! Layout (each concept one module; an op `<op>` has `kernels/<op>.cu`, `src/<family>/<op>/`,
+//! `kernels/emu/<op>.cpp` and `tests/ops/<op>.rs`; docs/DESIGN.md "Layout"):
 //! - [`retrieve`]: fused cosine top-n retrieval (`cosine_topk`, paper Eq. 1, CMR).
 //! - [`bank`]: the memory bank searched by CMR.
 //! - [`cap`]: CAP ops (`dissonance_topk`, `gather_inject`, `topk_rows`) and `CapLayer`.
+//! - [`kernel`]: what every kernel shares: the host/device ABI, launch plans, the CUDA and
+//!   emulator launchers.
 //! - [`data`]: synthetic AVQA generator, MUSIC-AVQA loader, missing-modality simulation.
 //! - [`model`]: experts, router, decoder and the full R2ScP model.
+//! - [`nn`]: transformer building blocks (LayerNorm, attention) shared by the model and
+//!   `CapLayer`.
 //! - [`trainer`]: two-stage training, evaluation, ablations, checkpoints.
 //! - [`bench`]: side-by-side benchmarks behind `r2scp bench`.
 
 pub mod bank;
 pub mod bench;
 pub mod cap;
-#[cfg(feature = "cuda")]
-pub mod cuda;
+mod check;
 pub mod data;
-#[cfg(feature = "emulate")]
-#[doc(hidden)]
-pub mod emu;
-pub mod launch;
+mod elem;
+pub mod kernel;
 pub mod model;
+pub mod nn;
 pub mod retrieve;
-pub mod topk;
+mod simd;
+pub(crate) mod topk;
 pub mod trainer;

@@ -1,32 +1,47 @@
-//! CPU bounded top-k selection shared by the fused CPU paths.
+//! The one bounded top-k of the fused CPU paths (retrieval and CAP).
 //!
 //! Ordering contract (the same as the device code in `kernels/topk.cuh`): an entry
-//! `(score, index)` ranks above another when its score is larger, or when the scores
-//! are equal and its index is lower ("ties go to the lower index"). Scores must not be
-//! NaN; callers check for NaN before pushing (the ops turn NaN into an error).
+//! `(score, index)` ranks above another when its score is larger, or when the scores are
+//! equal and its index is lower ("ties go to the lower index"). NaN follows the collector's
+//! [`NanPolicy`]: an error (retrieval: a NaN similarity means a NaN or infinite input) or
+//! ranked as -inf (CAP: after every number, and among -inf/NaN entries by index).
 
+use crate::elem::Acc;
 use std::cmp::Ordering;
 
-/// One scored candidate: `score` (f32, not NaN) and its row `index` (u32).
+/// What a NaN score means to a [`TopK`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NanPolicy {
+    /// [`TopK::offer`] refuses it with [`NanScore`] (the op turns that into an error).
+    Error,
+    /// It ranks as -inf.
+    RankLast,
+}
+
+/// A NaN score offered to a [`TopK`] under [`NanPolicy::Error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NanScore;
+
+/// One scored candidate: `score` (never NaN once held) and its row `index` (u32).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Scored {
-    /// Similarity score; larger is better.
-    pub score: f32,
+pub struct Scored<S = f32> {
+    /// Score; larger is better.
+    pub score: S,
     /// Row index; the lower index wins a tie.
     pub index: u32,
 }
 
-impl Scored {
+impl<S: Acc> Scored<S> {
     /// True when `self` ranks strictly above `other` (higher score, or equal score and
     /// lower index).
     #[inline(always)]
-    pub fn better_than(&self, other: &Scored) -> bool {
+    pub fn better_than(&self, other: &Scored<S>) -> bool {
         self.score > other.score || (self.score == other.score && self.index < other.index)
     }
 
     /// Total order: `Less` means `self` ranks above `other` (sorts first).
     #[inline]
-    pub fn rank_cmp(&self, other: &Scored) -> Ordering {
+    pub fn rank_cmp(&self, other: &Scored<S>) -> Ordering {
         other
             .score
             .total_cmp(&self.score)
@@ -34,29 +49,31 @@ impl Scored {
     }
 }
 
-/// A bounded top-k collector: keeps the `k` best entries pushed so far.
+/// A bounded top-k collector: keeps the `k` best entries offered so far.
 ///
-/// Small `k` (the retrieval case, n ~ 1..64) keeps a sorted array with insertion;
-/// large `k` uses a binary heap whose root is the current worst entry. Both give the
-/// same result; [`TopK::into_sorted`] returns best first.
+/// Small `k` (the retrieval case, n ~ 1..64) keeps a sorted array with insertion; large `k`
+/// uses a binary heap whose root is the current worst entry. Both give the same result;
+/// [`TopK::into_sorted`] returns best first.
 #[derive(Clone, Debug)]
-pub struct TopK {
+pub struct TopK<S = f32> {
     k: usize,
     /// Small mode: sorted best-first. Heap mode: a max-heap on "worseness".
-    items: Vec<Scored>,
+    items: Vec<Scored<S>>,
     heap: bool,
+    nan: NanPolicy,
 }
 
 /// Above this `k` the collector switches from insertion into a sorted array to a heap.
 const SORTED_MAX_K: usize = 48;
 
-impl TopK {
+impl<S: Acc> TopK<S> {
     /// A collector for the best `k` entries (`k` may be 0, which keeps nothing).
-    pub fn new(k: usize) -> Self {
+    pub fn new(k: usize, nan: NanPolicy) -> Self {
         TopK {
             k,
             items: Vec::with_capacity(k.min(1 << 16)),
             heap: k > SORTED_MAX_K,
+            nan,
         }
     }
 
@@ -65,14 +82,9 @@ impl TopK {
         self.k
     }
 
-    /// Number of entries held (at most `k`).
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    /// True when nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+    /// Drops every entry (keeps `k`, the policy and the allocation).
+    pub fn clear(&mut self) {
+        self.items.clear();
     }
 
     /// True when `k` entries are held, so a new entry must beat [`TopK::worst`].
@@ -83,7 +95,7 @@ impl TopK {
 
     /// The worst entry currently held, if any.
     #[inline(always)]
-    pub fn worst(&self) -> Option<Scored> {
+    pub fn worst(&self) -> Option<Scored<S>> {
         if self.items.is_empty() {
             None
         } else if self.heap {
@@ -93,23 +105,43 @@ impl TopK {
         }
     }
 
-    /// Score a candidate must reach (`>=`) to possibly enter; `-inf` while not full.
+    /// Score a candidate must reach (`>=`) to possibly enter; -inf while not full.
     #[inline(always)]
-    pub fn threshold(&self) -> f32 {
+    pub fn threshold(&self) -> S {
         if self.is_full() {
             match self.worst() {
                 Some(w) => w.score,
-                None => f32::INFINITY, // k == 0: nothing ever enters
+                None => S::INF, // k == 0: nothing ever enters
             }
         } else {
-            f32::NEG_INFINITY
+            S::NEG_INF
         }
     }
 
-    /// Offers a candidate. Indices should be pushed in any order; ties are resolved by
-    /// index, not by arrival order.
+    /// Offers a candidate under the collector's [`NanPolicy`]; the cheap path (a score below
+    /// the threshold) is one comparison. Indices may arrive in any order: ties are resolved
+    /// by index, not by arrival.
     #[inline(always)]
-    pub fn push(&mut self, score: f32, index: u32) {
+    pub fn offer(&mut self, score: S, index: u32) -> Result<(), NanScore> {
+        if score >= self.threshold() {
+            self.push(score, index);
+        } else if score.is_nan() {
+            match self.nan {
+                NanPolicy::Error => return Err(NanScore),
+                NanPolicy::RankLast => {
+                    if S::NEG_INF >= self.threshold() {
+                        self.push(S::NEG_INF, index);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts a candidate whose score the caller has checked is not NaN (the vectorised
+    /// kernels test NaN and the threshold for a whole vector of scores at once).
+    #[inline(always)]
+    pub fn push(&mut self, score: S, index: u32) {
         let c = Scored { score, index };
         if self.k == 0 {
             return;
@@ -143,17 +175,25 @@ impl TopK {
     }
 
     /// Merges another collector's entries into this one.
-    pub fn merge(&mut self, other: &TopK) {
+    pub fn merge(&mut self, other: &TopK<S>) {
         for c in &other.items {
             self.push(c.score, c.index);
         }
     }
 
     /// The held entries, best first.
-    pub fn into_sorted(mut self) -> Vec<Scored> {
+    pub fn sorted(&mut self) -> &[Scored<S>] {
         if self.heap {
             self.items.sort_by(|a, b| a.rank_cmp(b));
+            // Sorted best first is the array mode's layout, not a "worst at the root" heap.
+            self.heap = false;
         }
+        &self.items
+    }
+
+    /// The held entries, best first.
+    pub fn into_sorted(mut self) -> Vec<Scored<S>> {
+        self.sorted();
         self.items
     }
 
@@ -192,23 +232,46 @@ impl TopK {
     }
 }
 
-/// Top-`k` of one row of scores (index = position in `scores`), best first.
-/// `k` larger than the row keeps the whole row. NaN scores are the caller's business
-/// (they compare as neither better nor worse and end up in arbitrary places).
-pub fn topk_desc(scores: &[f32], k: usize) -> Vec<Scored> {
-    let mut t = TopK::new(k.min(scores.len()));
-    for (i, &s) in scores.iter().enumerate() {
-        if s >= t.threshold() {
-            t.push(s, i as u32);
+/// Top-`k` of one row (index = position in `row`) into `idx`, best first, under `nan`
+/// (k <= row.len()). `tk` is a reusable collector (rebuilt when its `k` differs).
+pub(crate) fn row_topk<S: Acc>(
+    row: &[S],
+    k: usize,
+    nan: NanPolicy,
+    idx: &mut [u32],
+    tk: &mut Option<TopK<S>>,
+) -> Result<(), (usize, NanScore)> {
+    let t = match tk {
+        Some(t) if t.k() == k && t.nan == nan => {
+            t.clear();
+            t
         }
+        _ => tk.insert(TopK::new(k, nan)),
+    };
+    // A heap-mode collector turned sorted by an earlier `sorted()` must heap again.
+    t.heap = k > SORTED_MAX_K;
+    for (i, &v) in row.iter().enumerate() {
+        t.offer(v, i as u32).map_err(|e| (i, e))?;
     }
-    t.into_sorted()
+    for (o, e) in idx.iter_mut().zip(t.sorted()) {
+        *o = e.index;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// Top-`k` of one row of scores (index = position), best first.
+    fn topk_desc(scores: &[f32], k: usize) -> Vec<Scored> {
+        let mut t = TopK::new(k.min(scores.len()), NanPolicy::Error);
+        for (i, &s) in scores.iter().enumerate() {
+            t.offer(s, i as u32).expect("no NaN");
+        }
+        t.into_sorted()
+    }
 
     fn brute(scores: &[f32], k: usize) -> Vec<Scored> {
         let mut v: Vec<Scored> = scores
@@ -245,8 +308,8 @@ mod tests {
     fn merge_equals_single_pass() {
         let scores: Vec<f32> = (0..300).map(|i| ((i * 37) % 17) as f32).collect();
         for k in [1usize, 5, 60, 300] {
-            let mut a = TopK::new(k);
-            let mut b = TopK::new(k);
+            let mut a = TopK::new(k, NanPolicy::Error);
+            let mut b = TopK::new(k, NanPolicy::Error);
             for (i, &s) in scores.iter().enumerate() {
                 if i % 3 == 0 {
                     a.push(s, i as u32)
@@ -261,9 +324,9 @@ mod tests {
 
     #[test]
     fn zero_k_keeps_nothing() {
-        let mut t = TopK::new(0);
+        let mut t = TopK::<f32>::new(0, NanPolicy::Error);
         t.push(1.0, 0);
-        assert!(t.is_empty());
+        assert!(t.sorted().is_empty());
         assert_eq!(t.threshold(), f32::INFINITY);
     }
 }

@@ -8,8 +8,8 @@ use r2scp::data::{
     generate, Batch, DataDims, Missing, MissingPolicy, MissingSim, MissingType, Modality, Splits,
     SyntheticConfig,
 };
-use r2scp::model::layers::{key_bias, masked_mean, Mha};
 use r2scp::model::{is_expert_var, Banks, ForwardOptions, ModelConfig, R2scp, EXPERT_PREFIX};
+use r2scp::nn::{key_bias, masked_mean, Mha};
 
 fn splits() -> Splits {
     generate(&SyntheticConfig {
@@ -685,7 +685,7 @@ fn attention_ignores_masked_keys_and_masked_mean() {
     let q = Tensor::randn(0f32, 1., (2, 3, 8), &dev).unwrap();
     let kv = Tensor::randn(0f32, 1., (2, 5, 8), &dev).unwrap();
     let mask = Tensor::new(&[[1f32, 1., 0., 1., 0.], [1., 0., 0., 0., 0.]], &dev).unwrap();
-    let bias = key_bias(&mask).unwrap();
+    let bias = key_bias(&mask, DType::F32).unwrap();
     let out = mha.forward(&q, &kv, Some(&bias)).unwrap();
     let kv2 = (&kv
         + (Tensor::randn(0f32, 10., (2, 5, 8), &dev).unwrap()

@@ -118,7 +118,7 @@ inline T warp_exchange(T v, unsigned src) {
     return out;
 }
 
-// Plan as passed over FFI from Rust (src/emu.rs).
+// Plan as passed over FFI from Rust (src/kernel/emu.rs).
 struct Plan {
     unsigned grid[3];
     unsigned block[3];
@@ -173,6 +173,25 @@ int launch(const Plan& p, F body) noexcept {
     ::operator delete[](dyn.release(), std::align_val_t(64));
     return 0;
 }
+
+// ---- Entry registry ------------------------------------------------------------------
+// Each kernels/emu/<op>.cpp registers its entry points with R2EMU_ENTRY(kernel, Args) (through
+// R2_ENTRY); r2emu_launch (kernels/emu/launch.cpp) finds them by name for the Rust launcher
+// (src/kernel/emu.rs). build.rs compiles every emu/*.cpp as one translation unit, so the
+// registrars live in the object the linker keeps for r2emu_launch.
+using Entry = int (*)(const Plan& p, const void* args);
+struct Registered {
+    const char* name;
+    Entry run;
+    size_t args_size;
+};
+inline std::vector<Registered>& registry() {
+    static std::vector<Registered> r;
+    return r;
+}
+struct Registrar {
+    Registrar(const char* name, Entry run, size_t args_size) { registry().push_back({name, run, args_size}); }
+};
 
 inline uint16_t f32_to_f16_bits(float f) {
     uint32_t x;
@@ -240,6 +259,14 @@ inline float bf16_bits_to_f32(uint16_t b) {
 }
 
 }  // namespace r2emu
+
+// Registers `KERNEL` (an entry point taking `ARGS` by value) under its own name.
+#define R2EMU_ENTRY(KERNEL, ARGS)                                                         \
+    static int r2emu_run_##KERNEL(const r2emu::Plan& p, const void* a) {                  \
+        const ARGS args = *static_cast<const ARGS*>(a);                                   \
+        return r2emu::launch(p, [=] { KERNEL(args); });                                   \
+    }                                                                                     \
+    static const r2emu::Registrar r2emu_registrar_##KERNEL(#KERNEL, r2emu_run_##KERNEL, sizeof(ARGS));
 
 // ---- CUDA names ----------------------------------------------------------------------
 #define threadIdx (::r2emu::tl_thread_idx)

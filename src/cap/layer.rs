@@ -1,21 +1,16 @@
 //! `CapLayer`: the whole CAP mechanism (Algorithm 1) as one candle-nn layer.
 
-use super::{
-    dissonance_topk, dissonance_topk_reference, gather_inject, gather_inject_reference, topk_rows,
-    topk_rows_reference, Context,
-};
+use super::dissonance_topk::{dissonance_topk, dissonance_topk_reference, Context, Dissonance};
+use super::gather_inject::{gather_inject, gather_inject_reference};
+use super::topk_rows::{topk_rows, topk_rows_reference};
+use crate::nn::{key_bias, LayerNorm, Mha};
 use candle_core::{bail, DType, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
-type DisFn = fn(&Tensor, Context, usize) -> Result<super::Dissonance>;
+type DisFn = fn(&Tensor, Context, usize) -> Result<Dissonance>;
 type TopkFn = fn(&Tensor, usize) -> Result<(Tensor, Tensor)>;
 type InjectFn = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
 
-/// Attention logit bias of a padded key (finite so f16 stays finite and an all-padded row
-/// softmaxes to a uniform row instead of NaN).
-const MASK_BIAS: f64 = -30_000.0;
-/// Layer-norm epsilon of the guidance block.
-const LN_EPS: f64 = 1e-5;
 /// Selection score of a padded `H_com` token (below any attention sum, which is >= 0).
 const PAD_SALIENCY: f64 = -1e30;
 
@@ -34,49 +29,6 @@ impl CapConfig {
     /// `CapConfig { dim, heads, k }`.
     pub fn new(dim: usize, heads: usize, k: usize) -> Self {
         Self { dim, heads, k }
-    }
-}
-
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-}
-
-impl Attention {
-    fn new(d: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            q: linear(d, d, vb.pp("q"))?,
-            k: linear(d, d, vb.pp("k"))?,
-            v: linear(d, d, vb.pp("v"))?,
-            o: linear(d, d, vb.pp("o"))?,
-        })
-    }
-}
-
-struct Norm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Norm {
-    fn new(d: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.0))?,
-            bias: vb.get_with_hints(d, "bias", candle_nn::Init::Const(0.0))?,
-        })
-    }
-
-    /// Layer norm from plain ops (differentiable; f16/bf16 normalised in f32).
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dt = x.dtype();
-        let xf = x.to_dtype(super::dissonance::acc_dtype(dt))?;
-        let mean = xf.mean_keepdim(D::Minus1)?;
-        let xc = xf.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + LN_EPS)?.sqrt()?)?.to_dtype(dt)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
     }
 }
 
@@ -118,10 +70,10 @@ pub struct CapOutput {
 pub struct CapLayer {
     cfg: CapConfig,
     w_proj: Linear,
-    sa: Attention,
-    sa_norm: Norm,
-    ca: Attention,
-    ca_norm: Norm,
+    sa: Mha,
+    sa_norm: LayerNorm,
+    ca: Mha,
+    ca_norm: LayerNorm,
     straight_through: bool,
     reference_ops: bool,
 }
@@ -173,10 +125,10 @@ impl CapLayer {
                     .get_with_hints((d, d), "weight", candle_nn::Init::Const(0.0))?,
                 None,
             ),
-            sa: Attention::new(d, vb.pp("sa"))?,
-            sa_norm: Norm::new(d, vb.pp("sa_norm"))?,
-            ca: Attention::new(d, vb.pp("ca"))?,
-            ca_norm: Norm::new(d, vb.pp("ca_norm"))?,
+            sa: Mha::new(d, cfg.heads, vb.pp("sa"))?,
+            sa_norm: LayerNorm::new(d, vb.pp("sa_norm"))?,
+            ca: Mha::new(d, cfg.heads, vb.pp("ca"))?,
+            ca_norm: LayerNorm::new(d, vb.pp("ca_norm"))?,
             straight_through: true,
             reference_ops: false,
         })
@@ -199,27 +151,6 @@ impl CapLayer {
     /// The configuration.
     pub fn config(&self) -> &CapConfig {
         &self.cfg
-    }
-
-    /// [B, L, D] -> [B, H, L, D/H] (contiguous).
-    fn heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, l, d) = x.dims3()?;
-        let h = self.cfg.heads;
-        x.reshape((b, l, h, d / h))?.transpose(1, 2)?.contiguous()
-    }
-
-    /// [B, H, L, D/H] -> [B, L, D].
-    fn merge(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, l, dh) = x.dims4()?;
-        x.transpose(1, 2)?.contiguous()?.reshape((b, l, h * dh))
-    }
-
-    /// Scaled logits [B, H, Lq, Lk] of queries `xq` against keys `xk` through `att`.
-    fn logits(&self, att: &Attention, xq: &Tensor, xk: &Tensor) -> Result<Tensor> {
-        let q = self.heads(&att.q.forward(xq)?)?;
-        let k = self.heads(&att.k.forward(xk)?)?;
-        let scale = 1.0 / ((self.cfg.dim / self.cfg.heads) as f64).sqrt();
-        q.matmul(&k.t()?.contiguous()?)? * scale
     }
 
     /// CAP forward. Shapes: `h_miss` [B, L, D] (retrieved, missing modality), `h_avl`
@@ -279,30 +210,21 @@ impl CapLayer {
         // Phase 2: guidance block.
         let cm = mask_or_ones(com_mask, b, lc, dt, h_com, "com_mask")?;
         let qm = mask_or_ones(q_mask, b, lq, dt, q, "q_mask")?;
-        let cbias = ((1.0 - &cm)? * MASK_BIAS)?; // [B, Lc]
-        let qbias = ((1.0 - &qm)? * MASK_BIAS)?; // [B, Lq]
+        let cbias = key_bias(&cm, dt)?; // [B, 1, 1, Lc]
+        let qbias = key_bias(&qm, dt)?; // [B, 1, 1, Lq]
 
-        let sa_logits = self
-            .logits(&self.sa, h_com, h_com)?
-            .broadcast_add(&cbias.unsqueeze(1)?.unsqueeze(1)?)?;
+        let sa_logits = self.sa.logits(h_com, h_com)?.broadcast_add(&cbias)?;
         let a_self = candle_nn::ops::softmax(&sa_logits, D::Minus1)?; // [B, H, Lc, Lc]
-        let sa_out = self.merge(&a_self.matmul(&self.heads(&self.sa.v.forward(h_com)?)?)?)?;
         let h1 = self
             .sa_norm
-            .forward(&(h_com + self.sa.o.forward(&sa_out)?)?)?;
+            .forward(&(h_com + self.sa.mix(&a_self, h_com)?)?)?;
 
-        let ca_logits = self.logits(&self.ca, &h1, q)?; // [B, H, Lc, Lq]
-        let a_cross = candle_nn::ops::softmax(
-            &ca_logits.broadcast_add(&qbias.unsqueeze(1)?.unsqueeze(1)?)?,
-            D::Minus1,
-        )?;
-        let ca_out = self.merge(&a_cross.matmul(&self.heads(&self.ca.v.forward(q)?)?)?)?;
-        let h_guided = self
-            .ca_norm
-            .forward(&(&h1 + self.ca.o.forward(&ca_out)?)?)?;
+        let ca_logits = self.ca.logits(&h1, q)?; // [B, H, Lc, Lq]
+        let a_cross = candle_nn::ops::softmax(&ca_logits.broadcast_add(&qbias)?, D::Minus1)?;
+        let h_guided = self.ca_norm.forward(&(&h1 + self.ca.mix(&a_cross, q)?)?)?;
 
         // Saliency: attention received by each H_com token (no gradient).
-        let acc = super::dissonance::acc_dtype(dt);
+        let acc = super::dissonance_topk::acc_dtype(dt);
         let cm_a = cm.to_dtype(acc)?;
         let qm_a = qm.to_dtype(acc)?;
         let recv_self = a_self
@@ -315,7 +237,7 @@ impl CapLayer {
             &ca_logits
                 .detach()
                 .to_dtype(acc)?
-                .broadcast_add(&cbias.to_dtype(acc)?.unsqueeze(1)?.unsqueeze(3)?)?,
+                .broadcast_add(&cbias.to_dtype(acc)?.reshape((b, 1, lc, 1))?)?,
             2,
         )?; // [B, H, Lc, Lq], softmax over the H_com axis
         let recv_cross = q2c

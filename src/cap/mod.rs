@@ -9,58 +9,51 @@
 //! - [`CapLayer`]: `W_proj`, the guidance block (self-attention + cross-attention with the
 //!   question), saliency, the injection, and a straight-through gate so `W_proj` learns.
 //!
-//! Every op has a `*_reference` built only from plain candle ops; the tests hold the fused
-//! paths (and the emulated CUDA kernels) to them. Device dispatch follows `tensor.device()`.
-//! Ordering everywhere: larger first, ties to the LOWER index, NaN ranked as -inf.
+//! Each op lives in its own module (`src/cap/<op>/`, kernel `kernels/<op>.cu`, tests
+//! `tests/ops/<op>.rs`) and has a `*_reference` built only from plain candle ops; the tests
+//! hold the fused paths (and the emulated CUDA kernels) to them. Device dispatch follows
+//! `tensor.device()`. Ordering everywhere: larger first, ties to the LOWER index, NaN ranked
+//! as -inf.
 
 pub mod bench;
-#[cfg(feature = "cuda")]
-mod cuda;
-mod dissonance;
-mod elem;
+pub mod dissonance_topk;
+pub mod gather_inject;
+mod layer;
+pub mod topk_rows;
+
 #[cfg(feature = "emulate")]
 #[doc(hidden)]
-pub mod emu;
-mod inject;
-pub mod kernel;
-mod layer;
-mod topk_rows;
-
-pub use dissonance::{dissonance_topk, dissonance_topk_reference};
-pub use inject::{gather_inject, gather_inject_reference};
+pub use dissonance_topk::dissonance_topk_emulated;
+pub use dissonance_topk::{dissonance_topk, dissonance_topk_reference, Context, Dissonance};
+pub use gather_inject::{gather_inject, gather_inject_reference};
+#[cfg(feature = "emulate")]
+#[doc(hidden)]
+pub use gather_inject::{gather_inject_backward_emulated, gather_inject_emulated};
 pub use layer::{CapConfig, CapLayer, CapOutput};
+#[cfg(feature = "emulate")]
+#[doc(hidden)]
+pub use topk_rows::topk_rows_emulated;
 pub use topk_rows::{topk_rows, topk_rows_reference};
 
-use candle_core::Tensor;
+#[cfg(test)]
+mod tests {
+    use super::dissonance_topk::kernel::plan as dissonance_plan;
+    use super::gather_inject::kernel::plan as inject_plan;
+    use super::topk_rows::kernel::plan as topk_rows_plan;
 
-/// The epsilon of Eq. 1 added to the product of norms in every CAP cosine, so a zero vector
-/// has cosine 0 (delta 1), never NaN.
-pub const COS_EPS: f64 = 1e-8;
-
-/// The available-modality context of [`dissonance_topk`].
-#[derive(Clone, Copy, Debug)]
-pub enum Context<'a> {
-    /// Available tokens `h_avl` [B, La, D] (the dtype of `P`), pooled by a masked mean
-    /// (Eq. 2). `mask` [B, La] f32 or u8 holds per-token weights, 1 = valid, 0 = padded:
-    /// g = sum_t m_t h_t / sum_t m_t, and g = 0 when a row has no valid token.
-    Tokens {
-        /// [B, La, D]
-        h_avl: &'a Tensor,
-        /// [B, La] f32 or u8, 1 = valid
-        mask: Option<&'a Tensor>,
-    },
-    /// A precomputed anchor g [B, D] (the dtype of `P`).
-    Anchor(&'a Tensor),
-}
-
-/// Output of [`dissonance_topk`].
-#[derive(Clone, Debug)]
-pub struct Dissonance {
-    /// [B, L] delta = 1 - cos(P[b, i], g[b]) (Eq. 3 with the epsilon of Eq. 1); f32, or f64
-    /// for f64 inputs. Differentiable w.r.t. `P` and the context tensor.
-    pub delta: Tensor,
-    /// [B, k] u32 noise indices, delta descending, ties to the lower index (Eq. 5). No gradient.
-    pub noise_idx: Tensor,
-    /// [B, L] f32, 1 at the noise indices, else 0. No gradient.
-    pub noise_mask: Tensor,
+    #[test]
+    fn plans_cover_rows_and_fit_smem() {
+        let p = dissonance_plan(64, 60, 512, 5).expect("plan");
+        assert_eq!(p.launch.grid, (64, 1, 1));
+        assert_eq!((p.kp, p.tile), (8, 64));
+        assert_eq!(p.launch.smem_bytes, (512 + 32 + 24 + 2 * (16 + 64)) * 4);
+        let p = dissonance_plan(1, 3000, 64, 1000).expect("plan");
+        assert_eq!((p.kp, p.tile), (1024, 1024));
+        assert!(dissonance_plan(1, 3000, 64, 1025).is_err());
+        assert!(dissonance_plan(1, 10, 20_000, 5).is_err());
+        let p = topk_rows_plan(3, 1, 1).expect("plan");
+        assert_eq!((p.kp, p.tile), (2, 2));
+        assert_eq!(inject_plan(9).expect("plan").grid, (5, 1, 1));
+        assert!(inject_plan(0).is_err());
+    }
 }

@@ -3,10 +3,10 @@
 //! Every var built here lives under `expert.{audio,visual,text}.*` so the trainer
 //! can freeze all of it in stage II by prefix.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
 
-use super::layers::{key_bias, masked_mean, DropoutRng, LayerNorm, Mha, TransformerEncoder};
+use crate::nn::{key_bias, masked_mean, DropoutRng, LayerNorm, Mha, TransformerEncoder};
 
 /// Phi_m for a feature modality: Linear(D_raw -> D) plus a learned positional
 /// embedding [L, D]. Vars: `proj`, `pos`.
@@ -187,7 +187,7 @@ impl FusedHead {
         p: f32,
         train: bool,
     ) -> Result<Tensor> {
-        let bias = key_bias(av_mask)?;
+        let bias = key_bias(av_mask, DType::F32)?;
         let a = self.cross.forward(
             &self.ln_q.forward(ht)?,
             &self.ln_kv.forward(av)?,

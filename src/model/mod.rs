@@ -7,7 +7,7 @@
 
 pub mod config;
 pub mod expert;
-pub mod layers;
+
 mod r2scp;
 
 pub use config::ModelConfig;

@@ -8,10 +8,10 @@ use candle_nn::{Init, Linear, VarBuilder};
 
 use super::config::ModelConfig;
 use super::expert::{AvExpert, ExpertSizes, TextExpert};
-use super::layers::{index_tensor, masked_mean, DropoutRng, LayerNorm, Mha, TransformerEncoder};
 use crate::bank::MemoryBank;
 use crate::cap::{CapConfig, CapLayer};
 use crate::data::{Batch, DataDims, Dataset, Missing, Modality};
+use crate::nn::{index_tensor, masked_mean, DropoutRng, LayerNorm, Mha, TransformerEncoder};
 
 /// Prefix of every stage-I var (Phi_m, E_m and the stage-I heads of all three experts).
 /// Stage II trains every var whose name does NOT start with it.

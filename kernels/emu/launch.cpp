@@ -1,0 +1,15 @@
+// The one C entry the Rust emulator launcher calls (src/kernel/emu.rs): finds a registered
+// entry point by name and runs it with the plan and argument bytes it was given.
+#include <cstring>
+
+#include "cuda_emu.h"
+
+// 0 = ran; 1 = no such entry; 2 = bad block size; 3 = empty grid; 4 = argument size mismatch.
+extern "C" int r2emu_launch(const char* entry, r2emu::Plan plan, const void* args, size_t args_size) {
+    for (const auto& e : r2emu::registry()) {
+        if (std::strcmp(e.name, entry) != 0) continue;
+        if (e.args_size != args_size) return 4;
+        return e.run(plan, args);
+    }
+    return 1;
+}

@@ -1,0 +1,50 @@
+//! Launch plan and device path of `kernels/topk_rows.cu`: one block per row of scores, the
+//! streaming top-k of `kernels/topk.cuh`. One code for the CUDA device and the emulator.
+// The device path runs with feature `cuda` (a GPU) or `emulate` (the tests); the plan is
+// always public.
+#![cfg_attr(not(any(feature = "cuda", feature = "emulate")), allow(dead_code))]
+
+use crate::kernel::abi::TopkRowsArgs;
+use crate::kernel::topk::{row_topk_plan, TopkPlan};
+use crate::kernel::{to_u32, KernelArgs, Launcher, Ptr};
+use candle_core::Result;
+
+const OP: &str = "topk_rows";
+
+/// Plan of `topk_rows_f32` for B rows of L scores, top-k.
+pub fn plan(b: usize, l: usize, k: usize) -> Result<TopkPlan> {
+    row_topk_plan(OP, b, l, k, 0)
+}
+
+/// Values [B, k] f32 and indices [B, k] of one call.
+pub(crate) struct Outputs<L: Launcher> {
+    pub vals: L::Buf<f32>,
+    pub idx: L::Buf<u32>,
+}
+
+/// Runs the kernel on `x` for `scores` [B, L] f32 (contiguous, on the launcher's device).
+pub(crate) fn launch<L: Launcher>(
+    x: &L,
+    scores: Ptr<f32>,
+    b: usize,
+    l: usize,
+    k: usize,
+) -> Result<Outputs<L>> {
+    let p = plan(b, l, k)?;
+    let out = Outputs {
+        vals: x.zeros::<f32>(b * k)?,
+        idx: x.zeros::<u32>(b * k)?,
+    };
+    let args = TopkRowsArgs {
+        scores,
+        l: to_u32(l, "L", OP)?,
+        k: to_u32(k, "k", OP)?,
+        kp: p.kp,
+        tile: p.tile,
+        vals: x.ptr(&out.vals),
+        idx: x.ptr(&out.idx),
+    };
+    // SAFETY: scores B*L, outputs B*k as allocated.
+    unsafe { x.launch(&format!("{}_f32", TopkRowsArgs::ENTRY), &p.launch, &args)? };
+    Ok(out)
+}

@@ -1,0 +1,152 @@
+// The host/device ABI of every kernel in kernels/, declared once.
+//
+// This file holds only the `r2_abi!` declaration. It is read twice:
+// - by src/kernel/mod.rs, whose `r2_abi!` turns it into Rust: a `pub const` per constant and a
+//   `#[repr(C)]` argument struct per kernel family (`KernelArgs`, `DeviceRepr` with `cuda`);
+// - by build.rs (`include!`), whose `r2_abi!` turns it into `r2_abi.h`: a `#define` per
+//   constant and the mirror C struct, which every `kernels/*.cu` includes through common.cuh.
+// A kernel takes its struct by value; the cudarc launch and the emulated launch pass the same
+// bytes, so an argument cannot be out of order on one side only.
+//
+// Two sections: `consts` (NAME: u32|f32 = literal;) and `structs` (Name("entry") { fields }).
+// Field kinds: `ptr T` (const T*), `mut_ptr T` (T*), `u32`, `f32`; `T` is f32, u32 or `elem`
+// (`const void*`: the storage type is the entry point's dtype suffix, `_f32`, `_f16`, `_bf16`).
+
+r2_abi! {
+    consts {
+        /// The epsilon of paper Eq. 1 in every cosine of the crate (retrieval and CAP):
+        /// `cos = a.b / (|a| |b| + COS_EPS)`, so a zero vector has cosine 0, never NaN.
+        COS_EPS: f32 = 1e-8;
+        /// Index of a padding entry in every top-k list: ranks below every real entry.
+        PAD_INDEX: u32 = 0xffffffff;
+        /// Most lists one block keeps in the streaming top-k of kernels/topk.cuh (hit counters
+        /// are `3 * TOPK_MAXQ` words of shared memory).
+        TOPK_MAXQ: u32 = 8;
+        /// Device error code: a NaN score (error word 1 = query, word 2 = bank row).
+        ERR_NAN_SCORE: u32 = 1;
+
+        /// Threads per block of both cosine_topk kernels (4 warps).
+        CT_THREADS: u32 = 128;
+        /// Bank rows scored per tile of `cosine_topk_partial` (two groups of 32 rows per warp); also
+        /// the candidate tile of `cosine_topk_merge`.
+        CT_TILE: u32 = 256;
+        /// Most queries one `cosine_topk_partial` block scores together (each key row read once
+        /// for all of them).
+        CT_QB_MAX: u32 = 8;
+
+        /// Threads per block of `dissonance_topk` and `topk_rows` (2 warps: the rows are short).
+        CAP_TOPK_THREADS: u32 = 64;
+        /// Output rows per block of the `gather_inject` kernels (one warp each).
+        GI_ROWS_PER_BLOCK: u32 = 2;
+    }
+
+    structs {
+        /// `cosine_topk_partial_{f32,f16,bf16}`: block (x, y) scores bank rows
+        /// `[x * chunk_rows, (x + 1) * chunk_rows)` against queries `[y * qb, (y + 1) * qb)` and
+        /// writes its best `kp` (score, row) pairs per query to `cand_*[(query * gx + x) * kp ..]`.
+        CosineTopkPartialArgs("cosine_topk_partial") {
+            /// [B, D] f32 queries.
+            q: ptr f32,
+            /// [M, D] bank keys in the entry's dtype.
+            keys: ptr elem,
+            /// [M] f32 key norms.
+            key_norms: ptr f32,
+            /// [B] bank row each query skips (`PAD_INDEX` = none).
+            exclude: ptr u32,
+            b: u32,
+            m: u32,
+            d: u32,
+            /// Queries per block.
+            qb: u32,
+            /// Running-list length (a power of two >= n).
+            kp: u32,
+            /// Bank rows per block (a multiple of `CT_TILE`).
+            chunk_rows: u32,
+            /// [B, gx, kp] candidate scores.
+            cand_s: mut_ptr f32,
+            /// [B, gx, kp] candidate rows.
+            cand_i: mut_ptr u32,
+            /// [3] error word (code, query, row), zeroed before the launch.
+            err: mut_ptr u32,
+        }
+
+        /// `cosine_topk_merge`: one block per query merges its `ncand` candidates (sorted runs of
+        /// `kp`) into the top `n`.
+        CosineTopkMergeArgs("cosine_topk_merge") {
+            /// [B, ncand] candidate scores.
+            cand_s: ptr f32,
+            /// [B, ncand] candidate rows.
+            cand_i: ptr u32,
+            ncand: u32,
+            kp: u32,
+            n: u32,
+            /// [B, n] scores, descending.
+            out_s: mut_ptr f32,
+            /// [B, n] rows.
+            out_i: mut_ptr u32,
+        }
+
+        /// `dissonance_topk_{f32,f16,bf16}`: one block per batch row b: the anchor g (masked mean of
+        /// `ctx[b]`, or the anchor row), `delta[b, i] = 1 - cos(p[b, i], g)` and the top-k rows by delta.
+        DissonanceTopkArgs("dissonance_topk") {
+            /// [B, L, D] projected retrieved tokens in the entry's dtype.
+            p: ptr elem,
+            /// [B, La, D] available tokens, or [B, D] anchors (`anchor` = 1), in the entry's dtype.
+            ctx: ptr elem,
+            /// [B, La] f32 token weights (read only when `has_mask` = 1).
+            mask: ptr f32,
+            has_mask: u32,
+            anchor: u32,
+            l: u32,
+            la: u32,
+            d: u32,
+            k: u32,
+            /// Running-list length (a power of two >= k).
+            kp: u32,
+            /// Streaming tile (a power of two >= kp).
+            tile: u32,
+            /// [B, L] f32 delta.
+            delta: mut_ptr f32,
+            /// [B, k] noise rows, delta descending.
+            idx: mut_ptr u32,
+            /// [B, L] f32 0/1 noise mask.
+            noise_mask: mut_ptr f32,
+        }
+
+        /// `topk_rows_f32`: one block per row of scores [B, L]: the top-k (value, index) pairs.
+        TopkRowsArgs("topk_rows") {
+            /// [B, L] f32 scores.
+            scores: ptr f32,
+            l: u32,
+            k: u32,
+            kp: u32,
+            tile: u32,
+            /// [B, k] values (the scores themselves).
+            vals: mut_ptr f32,
+            /// [B, k] indices.
+            idx: mut_ptr u32,
+        }
+
+        /// `gather_inject_{fwd,zero,scatter}_{f32,f16,bf16}`, one warp per output row:
+        /// `fwd`: `out[b, i] = src[b, sal[b, j]]` where `i = noise[b, j]`, else `h[b, i]` ([B, L, D]);
+        /// `zero`: `out[b, i] = 0` at noise rows, else `h[b, i]` (`h` = the output gradient);
+        /// `scatter`: `out[b, s] = sum over j with sal[b, j] = s of h[b, noise[b, j]]` ([B, Ls, D]).
+        GatherInjectArgs("gather_inject") {
+            /// [B, L, D] rows kept (fwd, zero) or the output gradient (scatter).
+            h: ptr elem,
+            /// [B, Ls, D] source rows (fwd only).
+            src: ptr elem,
+            /// [B, k] noise (target) rows, distinct per batch row.
+            noise: ptr u32,
+            /// [B, k] salient (source) rows.
+            sal: ptr u32,
+            b: u32,
+            l: u32,
+            ls: u32,
+            d: u32,
+            k: u32,
+            /// [B, L, D] (fwd, zero) or [B, Ls, D] (scatter).
+            out: mut_ptr elem,
+        }
+    }
+}

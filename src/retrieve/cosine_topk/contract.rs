@@ -1,0 +1,100 @@
+//! The validated shape of one `cosine_topk` call: every check of the contract except NaN
+//! (which needs the scores).
+
+use crate::check::{check_device, check_dtype, rank2, KEY_FLOATS};
+use candle_core::{bail, DType, Result, Tensor};
+
+/// Validated sizes of one `cosine_topk` call.
+#[derive(Clone, Debug)]
+pub(crate) struct Checked {
+    pub b: usize,
+    pub m: usize,
+    pub d: usize,
+    pub n: usize,
+    /// Per-query excluded row (`u32::MAX` = none), length `b`.
+    pub exclude: Vec<u32>,
+}
+
+/// Checks the whole contract except NaN; `op` names the caller in the errors.
+pub(crate) fn check(
+    op: &str,
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+) -> Result<Checked> {
+    let (b, d) = rank2((queries, "queries"), "[B, D]", op)?;
+    let (m, dk) = rank2((keys, "keys"), "[M, D]", op)?;
+    if d != dk {
+        bail!("{op}: query dimension D = {d} does not match the keys' D = {dk}");
+    }
+    if d == 0 {
+        bail!("{op}: vectors must have D >= 1, got D = 0");
+    }
+    check_dtype(keys.dtype(), &KEY_FLOATS, "keys", "f32, f16 or bf16", op)?;
+    if queries.dtype() != DType::F32 && queries.dtype() != keys.dtype() {
+        bail!(
+            "{op}: queries dtype {:?} must be f32 or the keys' dtype {:?}",
+            queries.dtype(),
+            keys.dtype()
+        );
+    }
+    check_device((queries, "queries"), (keys, "keys"), op)?;
+    if let Some(kn) = key_norms {
+        if kn.dims() != [m] {
+            bail!(
+                "{op}: key_norms must be [M] = [{m}], got shape {:?}",
+                kn.dims()
+            );
+        }
+        if kn.dtype() != DType::F32 {
+            bail!("{op}: key_norms must be f32, got {:?}", kn.dtype());
+        }
+        check_device((kn, "key_norms"), (keys, "keys"), op)?;
+    }
+    let exclude = match exclude {
+        None => vec![u32::MAX; b],
+        Some(ex) => {
+            if ex.dims() != [b] {
+                bail!(
+                    "{op}: exclude must be [B] = [{b}], got shape {:?}",
+                    ex.dims()
+                );
+            }
+            if ex.dtype() != DType::U32 {
+                bail!("{op}: exclude must be u32, got {:?}", ex.dtype());
+            }
+            let v = ex.to_vec1::<u32>()?;
+            for (q, &r) in v.iter().enumerate() {
+                if r != u32::MAX && r as usize >= m {
+                    bail!(
+                        "{op}: exclude[{q}] = {r} is not a bank row (M = {m}) nor u32::MAX (none)"
+                    );
+                }
+            }
+            v
+        }
+    };
+    if n == 0 {
+        bail!("{op}: n must be >= 1, got n = 0");
+    }
+    for (q, &r) in exclude.iter().enumerate() {
+        let left = if r == u32::MAX { m } else { m - 1 };
+        if n > left {
+            bail!(
+                "{op}: n = {n} exceeds the {left} bank rows left after exclusion (query {q}, M = {m})"
+            );
+        }
+    }
+    if b == 0 && n > m {
+        bail!("{op}: n = {n} exceeds the M = {m} bank rows");
+    }
+    Ok(Checked {
+        b,
+        m,
+        d,
+        n,
+        exclude,
+    })
+}
