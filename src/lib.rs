@@ -8,6 +8,7 @@
 //! - [`data`]: synthetic AVQA generator, MUSIC-AVQA loader, missing-modality simulation.
 //! - [`model`]: experts, router, decoder and the full R2ScP model.
 //! - [`trainer`]: two-stage training, evaluation, ablations, checkpoints.
+//! - [`io`]: bounded readers of every file taken from a user or an earlier run.
 //! - [`bench`]: side-by-side benchmarks behind `r2scp bench`.
 
 pub mod bank;
@@ -19,6 +20,7 @@ pub mod data;
 #[cfg(feature = "emulate")]
 #[doc(hidden)]
 pub mod emu;
+pub mod io;
 pub mod launch;
 pub mod model;
 pub mod retrieve;

@@ -44,18 +44,14 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
     commit(&tmp, path)
 }
 
-/// Load all tensors of a safetensors file onto `device`; the error names the file.
+/// Load all tensors of a safetensors file onto `device` through the bounded reader
+/// ([`crate::io::tensors`]); the error names the file.
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     if !path.is_file() {
         bail!("checkpoint file {} does not exist", path.display());
     }
-    candle_core::safetensors::load(path, device).map_err(|e| {
-        anyhow!(
-            "checkpoint file {} is not a valid safetensors file: {}",
-            path.display(),
-            one_line(&e.to_string())
-        )
-    })
+    crate::io::tensors::read(path, device)
+        .map_err(|e| anyhow!("checkpoint file {}", one_line(&e.to_string())))
 }
 
 /// Serialize `value` as pretty JSON to `path`, atomically.
@@ -65,11 +61,10 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     atomic_write(path, s.as_bytes())
 }
 
-/// Read and parse a JSON file; errors name the file and the parse problem.
+/// Read and parse a JSON state file of at most [`crate::io::MAX_STATE_BYTES`]; errors name
+/// the file and the parse problem.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let s = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&s)
-        .map_err(|e| anyhow!("{} is not a valid state file: {e}", path.display()))
+    crate::io::json::read(path, crate::io::MAX_STATE_BYTES, "state file")
 }
 
 /// Truncate `path` to `len` bytes (used to drop metrics lines written after the last
