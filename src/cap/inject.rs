@@ -56,6 +56,10 @@ pub(crate) fn validate(
     if k > l {
         bail!("{OP}: k = {k} noise indices per row exceed the L = {l} rows of h");
     }
+    // Rows of zero width would make the CPU path chunk by 0 (a panic), as in dissonance_topk.
+    if d == 0 {
+        bail!("{OP}: h has feature dim D = 0, expected D >= 1");
+    }
     let host = |t: &Tensor| -> Result<Vec<u32>> {
         t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u32>()
     };
@@ -96,7 +100,7 @@ pub(crate) fn validate(
 /// Backward: grad_h = output gradient with the noise rows zeroed; grad_src accumulates each
 /// injected row's gradient into its salient source row (a row used twice receives both).
 /// Errors (all checked on the host before any kernel): shape/dtype/device mismatch, `k == 0`,
-/// `k > L`, an index out of range, a noise index repeated within a batch row.
+/// `k > L`, `D == 0`, an index out of range, a noise index repeated within a batch row.
 pub fn gather_inject(
     h: &Tensor,
     src: &Tensor,
