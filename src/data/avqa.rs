@@ -3,7 +3,7 @@
 //! Layout under `dir` (names configurable in [`AvqaOptions`]):
 //! ```text
 //! avqa-train.json  avqa-val.json  avqa-test.json
-//! audio/<video_id>.npy          [T_a, Da]  (any float dtype, converted to f32)
+//! audio/<video_id>.npy          [T_a, Da]  (f2/f4/f8, either byte order, C or Fortran order; read as f32)
 //! visual/<video_id>.npy         [T_v, Dv]
 //! keys/audio/<video_id>.npy     [Dk] or [1, Dk]   (optional, unified-space keys)
 //! keys/visual/<video_id>.npy    [Dk] or [1, Dk]   (optional)
