@@ -11,7 +11,9 @@
 //! the reference is defined (finite inputs for the CAP ops, whose references use NaN-unsafe
 //! sorts and `0 * x` masking).
 //!
-//! Executors: the fused CPU path. Cases per op: 300, or `R2SCP_PROP_CASES`.
+//! Executors: the fused CPU path. Cases per op: 300, or `R2SCP_PROP_CASES`. Each property is
+//! a `check_*(executors, cases)` function, so the emulated CUDA kernels can be added as
+//! `emu_*` tests (rerun under ThreadSanitizer by `.ci/run`) with their own case count.
 
 use candle_core::{DType, Device, Tensor};
 use r2scp::cap::{
@@ -202,8 +204,13 @@ fn same_nan_or_close(a: f64, b: f64, tol: f64) -> bool {
 
 #[test]
 fn cosine_topk_property() {
+    check_cosine_topk(COS_EXECUTORS, cases());
+}
+
+/// Every case of `cosine_topk` on each of `executors`.
+fn check_cosine_topk(executors: &[(&str, CosOp)], n_cases: u64) {
     let mut outcomes = [0usize; 2];
-    for seed in 0..cases() {
+    for seed in 0..n_cases {
         let r = &mut ChaCha8Rng::seed_from_u64(0xC05 ^ seed);
         let b = pick(r, &[0, 1, 2, 3, 7, 4]);
         let m = pick(r, &[0, 1, 2, 5, 40, 9, 17, 3]);
@@ -275,7 +282,7 @@ fn cosine_topk_property() {
             || nan_score;
         let what = format!("cosine_topk seed {seed}: B {b} M {m} D {d} n {n} keys {kdt:?} queries {qdt:?} exclude {exclude:?} special {special}");
         let reference = cosine_topk_reference(&q, &k, norms.as_ref(), n, ex_t.as_ref());
-        for (name, op) in COS_EXECUTORS {
+        for (name, op) in executors {
             let got = op(&q, &k, norms.as_ref(), n, ex_t.as_ref());
             if must_fail {
                 let e = got
@@ -361,7 +368,7 @@ fn cosine_topk_property() {
         outcomes[0], outcomes[1]
     );
     assert!(
-        outcomes[0] >= cases() as usize / 5 && outcomes[1] >= cases() as usize / 5,
+        outcomes[0] >= n_cases as usize / 5 && outcomes[1] >= n_cases as usize / 5,
         "{outcomes:?}"
     );
 }
@@ -371,8 +378,13 @@ fn cosine_topk_property() {
 
 #[test]
 fn topk_rows_property() {
+    check_topk_rows(ROWS_EXECUTORS, cases());
+}
+
+/// Every case of `topk_rows` on each of `executors`.
+fn check_topk_rows(executors: &[(&str, RowsOp)], n_cases: u64) {
     let mut outcomes = [0usize; 2];
-    for seed in 0..cases() {
+    for seed in 0..n_cases {
         let r = &mut ChaCha8Rng::seed_from_u64(0x707 ^ seed);
         let b = pick(r, &[0, 1, 2, 5]);
         let l = pick(r, &[0, 1, 2, 7, 33]);
@@ -398,7 +410,7 @@ fn topk_rows_property() {
         } else {
             topk_rows_reference(&s, k)
         };
-        for (name, op) in ROWS_EXECUTORS {
+        for (name, op) in executors {
             let got = op(&s, k);
             if must_fail {
                 let e = got
@@ -454,7 +466,7 @@ fn topk_rows_property() {
         outcomes[0], outcomes[1]
     );
     assert!(
-        outcomes[0] >= cases() as usize / 5 && outcomes[1] >= cases() as usize / 5,
+        outcomes[0] >= n_cases as usize / 5 && outcomes[1] >= n_cases as usize / 5,
         "{outcomes:?}"
     );
 }
@@ -464,8 +476,13 @@ fn topk_rows_property() {
 
 #[test]
 fn dissonance_topk_property() {
+    check_dissonance_topk(DIS_EXECUTORS, cases());
+}
+
+/// Every case of `dissonance_topk` on each of `executors`.
+fn check_dissonance_topk(executors: &[(&str, DisOp)], n_cases: u64) {
     let mut outcomes = [0usize; 2];
-    for seed in 0..cases() {
+    for seed in 0..n_cases {
         let r = &mut ChaCha8Rng::seed_from_u64(0xD15 ^ seed);
         let b = pick(r, &[0, 1, 2, 4, 3]);
         let l = pick(r, &[0, 1, 3, 9, 5, 6]);
@@ -539,7 +556,7 @@ fn dissonance_topk_property() {
         } else {
             dissonance_topk_reference(&p, ctx, k)
         };
-        for (name, op) in DIS_EXECUTORS {
+        for (name, op) in executors {
             let got = op(&p, ctx, k);
             if must_fail {
                 let e = got
@@ -648,7 +665,7 @@ fn dissonance_topk_property() {
         outcomes[0], outcomes[1]
     );
     assert!(
-        outcomes[0] >= cases() as usize / 5 && outcomes[1] >= cases() as usize / 5,
+        outcomes[0] >= n_cases as usize / 5 && outcomes[1] >= n_cases as usize / 5,
         "{outcomes:?}"
     );
 }
@@ -658,8 +675,13 @@ fn dissonance_topk_property() {
 
 #[test]
 fn gather_inject_property() {
+    check_gather_inject(INJ_EXECUTORS, cases());
+}
+
+/// Every case of `gather_inject` on each of `executors`.
+fn check_gather_inject(executors: &[(&str, InjOp)], n_cases: u64) {
     let mut outcomes = [0usize; 2];
-    for seed in 0..cases() {
+    for seed in 0..n_cases {
         let r = &mut ChaCha8Rng::seed_from_u64(0x1D7 ^ seed);
         let b = pick(r, &[0, 1, 2, 4, 3]);
         let l = pick(r, &[0, 1, 3, 8, 5, 6]);
@@ -765,7 +787,7 @@ fn gather_inject_property() {
             || d == 0;
         let what = format!("gather_inject seed {seed}: B {b} L {l} Ls {ls} D {d} k {k} {dt:?} src {src_dt:?} idx {idx_dt:?} broken {broken} special {special}");
         let reference = gather_inject_reference(&h, &src, &noise_t, &sal_t);
-        for (name, op) in INJ_EXECUTORS {
+        for (name, op) in executors {
             let got = op(&h, &src, &noise_t, &sal_t);
             if must_fail {
                 let e = got
@@ -820,7 +842,7 @@ fn gather_inject_property() {
         outcomes[0], outcomes[1]
     );
     assert!(
-        outcomes[0] >= cases() as usize / 5 && outcomes[1] >= cases() as usize / 5,
+        outcomes[0] >= n_cases as usize / 5 && outcomes[1] >= n_cases as usize / 5,
         "{outcomes:?}"
     );
 }
