@@ -16,7 +16,7 @@
 // then has fewer hits than kp, so r2_stream_flush only ever sorts its hit buffer.
 //
 // Score: dot / (|q| |k| + R2_COS_EPS) with key norms precomputed ([M] f32). Excluded rows
-// and rows past the chunk get (-inf, R2_PAD_INDEX). A NaN score sets err[0] =
+// and rows past the chunk get (-inf, R2_PAD_INDEX). A NaN score (the excluded row's too) sets err[0] =
 // R2_ERR_NAN_SCORE with err[1] = query, err[2] = row (first reporter), and the host turns it
 // into an error.
 #include "topk.cuh"
@@ -101,11 +101,12 @@ __device__ __forceinline__ void cosine_topk_partial(const CosineTopkPartialArgs&
                 if ((unsigned)j >= nq) continue;
                 float s = -R2_INF;
                 unsigned idx = R2_PAD_INDEX;
-                if (live && r != ex[j]) {
+                if (live) {
+                    // A NaN score is an error even at the excluded row, as on every path.
                     const float v = acc[j] / (qn[j] * knr + R2_COS_EPS);
                     if (isnan(v)) {
                         r2_report(a.err, R2_ERR_NAN_SCORE, q0 + j, r);
-                    } else {
+                    } else if (r != ex[j]) {
                         s = v;
                         idx = r;
                     }

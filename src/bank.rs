@@ -5,6 +5,7 @@
 //! one clip id per row (unique). [`MemoryBank::search`] runs [`crate::retrieve::cosine_topk`]
 //! with the precomputed norms, skipping the row whose id a query names (its own clip).
 
+use crate::io::candle_text;
 use crate::retrieve::{cosine_topk, key_norms};
 use candle_core::{bail, DType, Device, Tensor};
 use std::collections::HashMap;
@@ -259,37 +260,47 @@ impl MemoryBank {
         })
     }
 
-    /// Loads a bank written by [`MemoryBank::save`], reading the file through a memory
-    /// map (tensors are copied from the map onto `device`). The file must not change
-    /// while it loads.
+    /// Loads a bank written by [`MemoryBank::save`] onto `device` through the bounded
+    /// safetensors reader ([`crate::io::tensors`]: every size in the header is checked
+    /// against the file before anything is allocated). The stored key norms must match the
+    /// keys (relative difference at most 1e-4), so a corrupted norm cannot skew retrieval
+    /// silently. Every error names the file.
     pub fn load(path: &Path, device: &Device) -> candle_core::Result<Self> {
-        // SAFETY: the map lives only for this call and the docs require the file to stay
-        // unchanged meanwhile.
-        let st =
-            unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
-                candle_core::Error::Msg(format!("MemoryBank::load {}: {e}", path.display()))
-            })?;
-        let get = |name: &str| {
-            st.load(name, device).map_err(|e| {
-                candle_core::Error::Msg(format!(
-                    "MemoryBank::load {}: tensor `{name}`: {e}",
-                    path.display()
-                ))
-            })
+        let fail = |msg: String| candle_core::Error::Msg(format!("MemoryBank::load {msg}"));
+        let at = |msg: String| fail(format!("{}: {msg}", path.display()));
+        let mut st =
+            crate::io::tensors::read(path, device).map_err(|e| fail(crate::io::error_line(&e)))?;
+        let mut get = |name: &str| {
+            st.remove(name)
+                .ok_or_else(|| at(format!("no tensor `{name}`")))
         };
         let keys = get("keys")?;
-        let key_norms = get("key_norms")?;
+        let norms = get("key_norms")?;
         let values = get("values")?;
         let ids_t = get("ids")?;
+        if let Some(extra) = st.keys().next() {
+            return Err(at(format!("unexpected tensor `{extra}`")));
+        }
         if ids_t.dtype() != DType::U32 || ids_t.rank() != 1 {
-            bail!(
-                "MemoryBank::load {}: `ids` must be u32 [M], got {:?} {:?}",
-                path.display(),
+            return Err(at(format!(
+                "`ids` must be u32 [M], got {:?} {:?}",
                 ids_t.dtype(),
                 ids_t.dims()
-            );
+            )));
         }
         let ids = ids_t.to_vec1::<u32>()?;
-        Self::with_norms(keys, key_norms, values, ids)
+        let bank = Self::with_norms(keys, norms, values, ids).map_err(|e| at(candle_text(&e)))?;
+        let fresh = key_norms(&bank.keys).map_err(|e| at(candle_text(&e)))?;
+        let stored = bank.key_norms.to_vec1::<f32>()?;
+        for (row, (s, f)) in stored.iter().zip(fresh.to_vec1::<f32>()?).enumerate() {
+            // NaN in either fails this test.
+            let close = (s - f).abs() <= 1e-4 * f.abs().max(1.0);
+            if !close {
+                return Err(at(format!(
+                    "stored key norm {s} of row {row} does not match its key (norm {f})"
+                )));
+            }
+        }
+        Ok(bank)
     }
 }

@@ -13,6 +13,7 @@
 //! - [`nn`]: transformer building blocks (LayerNorm, attention) shared by the model and
 //!   `CapLayer`.
 //! - [`trainer`]: two-stage training, evaluation, ablations, checkpoints.
+//! - [`io`]: bounded readers of every file taken from a user or an earlier run.
 //! - [`bench`]: side-by-side benchmarks behind `r2scp bench`.
 
 pub mod bank;
@@ -21,6 +22,7 @@ pub mod cap;
 mod check;
 pub mod data;
 mod elem;
+pub mod io;
 pub mod kernel;
 pub mod model;
 pub mod nn;

@@ -323,7 +323,7 @@ fn main() -> ExitCode {
     match std::panic::catch_unwind(|| run(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            eprintln!("error: {}", r2scp::io::error_line(&e));
             ExitCode::from(1)
         }
         Err(_) => ExitCode::from(101),

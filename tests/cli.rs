@@ -189,3 +189,44 @@ fn eval_of_missing_or_corrupt_checkpoint() {
     ));
     assert!(e.contains("--resume"), "{e}");
 }
+
+/// Issue 13: a `.npy` whose header claims shape (100000000, 100000) f32 (40 TB) over 64
+/// bytes of data used to abort the process inside candle's reader
+/// (`memory allocation of 40000000000000 bytes failed`, no `error:` line).
+#[test]
+fn forty_terabyte_npy_header_is_one_error_line_within_a_second() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    std::fs::create_dir_all(data.join("audio")).unwrap();
+    std::fs::create_dir_all(data.join("visual")).unwrap();
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let mut h =
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (100000000, 100000), }".to_string();
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    npy.extend((h.len() as u16).to_le_bytes());
+    npy.extend(h.as_bytes());
+    npy.extend([0u8; 64]);
+    std::fs::write(data.join("audio/v1.npy"), &npy).unwrap();
+    candle_core::Tensor::zeros((3, 5), candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap()
+        .write_npy(data.join("visual/v1.npy"))
+        .unwrap();
+    let q = r#"[{"video_id": "v1", "question_id": 1, "type": ["Audio", "Counting"], "question_content": "How many instruments are sounding?", "anser": "two"}]"#;
+    for split in ["train", "val", "test"] {
+        std::fs::write(data.join(format!("avqa-{split}.json")), q).unwrap();
+    }
+    let t0 = std::time::Instant::now();
+    let out = r2scp(&["train", "--data", "data", "--quiet"], d.path());
+    let secs = t0.elapsed().as_secs_f64();
+    let e = one_line_error(&out);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("audio/v1.npy") && e.contains("40000000000000 bytes") && e.contains("64 bytes"),
+        "{e}"
+    );
+    println!("40 TB header: exit 1 after {secs:.3} s: {e}");
+    assert!(secs < 1.0, "took {secs:.2} s");
+}

@@ -3,7 +3,7 @@
 //! Layout under `dir` (names configurable in [`AvqaOptions`]):
 //! ```text
 //! avqa-train.json  avqa-val.json  avqa-test.json
-//! audio/<video_id>.npy          [T_a, Da]  (any float dtype, converted to f32)
+//! audio/<video_id>.npy          [T_a, Da]  (f2/f4/f8, either byte order, C or Fortran order; read as f32)
 //! visual/<video_id>.npy         [T_v, Dv]
 //! keys/audio/<video_id>.npy     [Dk] or [1, Dk]   (optional, unified-space keys)
 //! keys/visual/<video_id>.npy    [Dk] or [1, Dk]   (optional)
@@ -32,7 +32,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{Dataset, QuestionType, Splits, Vocab};
+use crate::io::npy::NpyArray;
 
 /// What to do with a val/test answer that never occurs in the train split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,7 +216,9 @@ fn build_split(
     let (mut audio, mut visual, mut audio_key, mut visual_key) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for v in &videos {
-        let f = feats.video(v)?;
+        let f = feats
+            .video(v)
+            .with_context(|| format!("{}: video {v:?}", path.display()))?;
         audio.extend(f.audio);
         visual.extend(f.visual);
         audio_key.extend(f.audio_key);
@@ -243,20 +246,12 @@ fn build_split(
 
 /// Parse one annotation file; errors name the file and the entry.
 fn parse_annotations(path: &Path) -> Result<Vec<Entry>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read annotation file", path.display()))?;
-    let json: Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow!("{}: malformed JSON: {e}", path.display()))?;
-    let list = json.as_array().ok_or_else(|| {
-        anyhow!(
-            "{}: expected a JSON list of questions at the top level",
-            path.display()
-        )
-    })?;
-    list.iter()
-        .enumerate()
-        .map(|(i, v)| parse_entry(v).with_context(|| format!("{}: entry {i}", path.display())))
-        .collect()
+    crate::io::json::read_list(
+        path,
+        crate::io::MAX_ANNOTATION_BYTES,
+        "annotation file",
+        |i, v| parse_entry(&v).with_context(|| format!("{}: entry {i}", path.display())),
+    )
 }
 
 fn parse_entry(v: &Value) -> Result<Entry> {
@@ -346,8 +341,8 @@ fn string_list(v: &Value) -> Result<Vec<String>> {
     let list = match v {
         Value::Array(a) => a.clone(),
         Value::String(s) => {
-            let parsed: Value = serde_json::from_str(s)
-                .or_else(|_| serde_json::from_str(&s.replace('\'', "\"")))
+            let parsed: Value = crate::io::json::from_str_bounded(s)
+                .or_else(|_| crate::io::json::from_str_bounded(&s.replace('\'', "\"")))
                 .map_err(|e| anyhow!("cannot parse {s:?} as a list: {e}"))?;
             match parsed {
                 Value::Array(a) => a,
@@ -522,21 +517,10 @@ impl FeatureReader {
     }
 }
 
-/// Read a float `.npy` into f32, as a tensor (errors name the file).
-fn read_npy_f32(path: &Path) -> Result<Tensor> {
+/// Read a float `.npy` as f32 through the bounded reader (errors name the file).
+fn read_npy_f32(path: &Path) -> Result<NpyArray> {
     ensure!(path.is_file(), "{}: feature file not found", path.display());
-    let t =
-        Tensor::read_npy(path).map_err(|e| anyhow!("{}: cannot read .npy: {e}", path.display()))?;
-    ensure!(
-        matches!(
-            t.dtype(),
-            DType::F32 | DType::F64 | DType::F16 | DType::BF16
-        ),
-        "{}: dtype {:?}, expected a float array",
-        path.display(),
-        t.dtype()
-    );
-    Ok(t.to_dtype(DType::F32)?)
+    crate::io::npy::read_f32(path)
 }
 
 /// Read a `[T, D]` matrix; the first file fixes `(T, D)` and later files must match.
@@ -545,13 +529,13 @@ fn read_matrix(
     expect: &mut Option<((usize, usize), PathBuf)>,
 ) -> Result<(Vec<f32>, usize, usize)> {
     let t = read_npy_f32(path)?;
-    let (r, c) = t.dims2().map_err(|_| {
-        anyhow!(
+    let &[r, c] = t.shape.as_slice() else {
+        bail!(
             "{}: shape {:?}, expected a matrix [T, D] (time steps x feature dim)",
             path.display(),
-            t.dims()
-        )
-    })?;
+            t.shape
+        );
+    };
     ensure!(
         r > 0 && c > 0,
         "{}: empty feature matrix of shape [{r}, {c}]",
@@ -568,7 +552,7 @@ fn read_matrix(
         ),
         None => *expect = Some(((r, c), path.to_path_buf())),
     }
-    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    let v = t.data;
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         bail!(
             "{}: non-finite value {} at flat index {i}",
@@ -582,7 +566,7 @@ fn read_matrix(
 /// Read a key `[Dk]` or `[1, Dk]`; the first key fixes Dk.
 fn read_key(path: &Path, expect: &mut Option<(usize, PathBuf)>) -> Result<Vec<f32>> {
     let t = read_npy_f32(path)?;
-    let dk = match t.dims() {
+    let dk = match t.shape.as_slice() {
         [d] => *d,
         [1, d] => *d,
         other => bail!(
@@ -600,7 +584,7 @@ fn read_key(path: &Path, expect: &mut Option<(usize, PathBuf)>) -> Result<Vec<f3
         ),
         None => *expect = Some((dk, path.to_path_buf())),
     }
-    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    let v = t.data;
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         bail!("{}: non-finite value {} at index {i}", path.display(), v[i]);
     }

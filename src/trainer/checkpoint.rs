@@ -44,18 +44,14 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
     commit(&tmp, path)
 }
 
-/// Load all tensors of a safetensors file onto `device`; the error names the file.
+/// Load all tensors of a safetensors file onto `device` through the bounded reader
+/// ([`crate::io::tensors`]); the error names the file.
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     if !path.is_file() {
         bail!("checkpoint file {} does not exist", path.display());
     }
-    candle_core::safetensors::load(path, device).map_err(|e| {
-        anyhow!(
-            "checkpoint file {} is not a valid safetensors file: {}",
-            path.display(),
-            one_line(&e.to_string())
-        )
-    })
+    crate::io::tensors::read(path, device)
+        .map_err(|e| anyhow!("checkpoint file {}", one_line(&e.to_string())))
 }
 
 /// Serialize `value` as pretty JSON to `path`, atomically.
@@ -65,11 +61,10 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     atomic_write(path, s.as_bytes())
 }
 
-/// Read and parse a JSON file; errors name the file and the parse problem.
+/// Read and parse a JSON state file of at most [`crate::io::MAX_STATE_BYTES`]; errors name
+/// the file and the parse problem.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let s = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&s)
-        .map_err(|e| anyhow!("{} is not a valid state file: {e}", path.display()))
+    crate::io::json::read(path, crate::io::MAX_STATE_BYTES, "state file")
 }
 
 /// Truncate `path` to `len` bytes (used to drop metrics lines written after the last
@@ -114,7 +109,44 @@ fn tmp_path(path: &Path) -> PathBuf {
     parent_dir(path).join(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// True for the name of a temporary file [`atomic_write`] or [`save_tensors`] writes
+/// (`.<name>.tmp-<pid>`); one left behind by a killed process is safe to delete.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp-")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Delete the temporary files (see [`is_temp_name`]) a killed process left in `dir`; a
+/// missing directory or a file that cannot be removed is left alone (they are never read).
+pub fn remove_temp_files(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if is_temp_name(&e.file_name().to_string_lossy()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Milliseconds to wait between a finished temporary file and its rename, read once from
+/// `R2SCP_TEST_COMMIT_DELAY_MS` (unset: no wait). Only the crash test sets it, to widen the
+/// window in which it kills a run in the middle of a checkpoint write.
+fn commit_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("R2SCP_TEST_COMMIT_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    })
+}
+
 fn commit(tmp: &Path, path: &Path) -> Result<()> {
+    if let Some(d) = commit_delay() {
+        std::thread::sleep(d);
+    }
     fs::rename(tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     // Persist the rename itself.

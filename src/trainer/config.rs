@@ -171,8 +171,7 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Parse a TOML file (unknown keys and bad values name the file and the key).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let s = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
+        let s = crate::io::read_text_capped(path, crate::io::MAX_CONFIG_BYTES, "config file")?;
         Self::from_toml_str(&s).with_context(|| format!("config file {}", path.display()))
     }
 

@@ -291,7 +291,30 @@ pub fn read_state(path: &Path) -> Result<TrainState> {
             st.format
         );
     }
+    check_state(&st).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
     Ok(st)
+}
+
+/// What a state file must satisfy beyond its JSON types before a run trusts it: a valid
+/// saved config (a hostile `batch_size = 0` would divide by zero), a real stage, and tensor
+/// file names that stay inside the checkpoint directory.
+fn check_state(st: &TrainState) -> Result<()> {
+    if !matches!(st.stage, 1 | 2) {
+        bail!("stage = {}, expected 1 or 2", st.stage);
+    }
+    for (field, name) in [
+        ("model_file", Some(&st.model_file)),
+        ("optim_file", st.optim_file.as_ref()),
+        ("best_file", st.best_file.as_ref()),
+    ] {
+        if let Some(n) = name {
+            let plain = !n.is_empty() && !n.contains(['/', '\\']) && n != "." && n != "..";
+            if !plain {
+                bail!("{field} = {n:?}, expected a file name in the checkpoint directory");
+            }
+        }
+    }
+    st.config.validate().context("saved config")
 }
 
 fn stage_cfg(cfg: &TrainConfig, stage: u8) -> &StageConfig {
@@ -354,11 +377,24 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let ckpt = checkpoint_dir(&opts.run_dir);
     let state_path = ckpt.join("state.json");
     let metrics_path = opts.run_dir.join("metrics.jsonl");
-    let (cfg, state) = if opts.resume {
+    if opts.resume {
+        // Temporary files of writes a kill interrupted; they are never read.
+        super::checkpoint::remove_temp_files(&ckpt);
+        super::checkpoint::remove_temp_files(&opts.run_dir);
+    }
+    let saved_cfg = opts.run_dir.join("config.toml");
+    // A run killed before its first checkpoint has only its config: resuming starts it over.
+    let restart = opts.resume && find_state(&opts.run_dir).is_err() && saved_cfg.is_file();
+    let (cfg, state) = if opts.resume && !restart {
         let st = read_state(&find_state(&opts.run_dir)?)?;
         truncate_file(&metrics_path, st.metrics_len)?;
         (st.config.clone(), Some(st))
     } else {
+        let cfg = &if restart {
+            TrainConfig::from_toml_file(&saved_cfg)?
+        } else {
+            cfg.clone()
+        };
         if state_path.exists() {
             bail!(
                 "run directory {} already holds a checkpoint; use --resume to continue it or choose another --name",

@@ -9,4 +9,5 @@ mod cosine_topk;
 mod dissonance_topk;
 mod gather_inject;
 mod kernels_readme;
+mod properties;
 mod topk_rows;

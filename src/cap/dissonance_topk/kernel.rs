@@ -42,12 +42,15 @@ pub(crate) struct Outputs<L: Launcher> {
 /// Runs the kernel of one call on `x`.
 pub(crate) fn launch<L: Launcher>(x: &L, dims: Dims, inp: &Inputs) -> Result<Outputs<L>> {
     let Dims { b, l, la, d, k } = dims;
-    let p = plan(b, l, d, k)?;
     let out = Outputs {
         delta: x.zeros::<f32>(b * l)?,
         idx: x.zeros::<u32>(b * k)?,
         mask: x.zeros::<f32>(b * l)?,
     };
+    if b == 0 {
+        return Ok(out); // nothing to launch: empty outputs, as on the CPU
+    }
+    let p = plan(b, l, d, k)?;
     let args = DissonanceTopkArgs {
         p: inp.p,
         ctx: inp.ctx,

@@ -52,6 +52,10 @@ pub(crate) fn validate(
     if k > l {
         bail!("{OP}: k = {k} noise indices per row exceed the L = {l} rows of h");
     }
+    // Rows of zero width would make the CPU path chunk by 0 (a panic), as in dissonance_topk.
+    if d == 0 {
+        bail!("{OP}: h has feature dim D = 0, expected D >= 1");
+    }
     let host = |t: &Tensor| -> Result<Vec<u32>> {
         t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u32>()
     };

@@ -69,10 +69,13 @@ pub(crate) fn launch<L: Launcher, T: crate::kernel::DevElem>(
         );
     }
     let rows = inj.b * pass.out_rows(inj);
+    let out = x.zeros::<T>(rows * inj.d)?;
+    if rows == 0 {
+        return Ok(out); // nothing to launch: an empty output, as on the CPU
+    }
     let p = plan(rows)?;
     let noise = x.upload(&inj.noise)?;
     let sal = x.upload(&inj.sal)?;
-    let out = x.zeros::<T>(rows * inj.d)?;
     let args = GatherInjectArgs {
         h,
         src,

@@ -21,7 +21,7 @@ use kernel::Pass;
 /// Backward: grad_h = output gradient with the noise rows zeroed; grad_src accumulates each
 /// injected row's gradient into its salient source row (a row used twice receives both).
 /// Errors (all checked on the host before any kernel): shape/dtype/device mismatch, `k == 0`,
-/// `k > L`, an index out of range, a noise index repeated within a batch row.
+/// `k > L`, `D == 0`, an index out of range, a noise index repeated within a batch row.
 pub fn gather_inject(
     h: &Tensor,
     src: &Tensor,

@@ -30,11 +30,14 @@ pub(crate) fn launch<L: Launcher>(
     l: usize,
     k: usize,
 ) -> Result<Outputs<L>> {
-    let p = plan(b, l, k)?;
     let out = Outputs {
         vals: x.zeros::<f32>(b * k)?,
         idx: x.zeros::<u32>(b * k)?,
     };
+    if b == 0 {
+        return Ok(out); // nothing to launch: empty outputs, as on the CPU
+    }
+    let p = plan(b, l, k)?;
     let args = TopkRowsArgs {
         scores,
         l: to_u32(l, "L", OP)?,
