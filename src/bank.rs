@@ -1,7 +1,7 @@
 //! The memory bank searched by cross-modal retrieval (paper section 3.2).
 //!
 //! A [`MemoryBank`] holds M rows: keys [M, Dk] (f32, f16 or bf16) with their f32 norms
-//! [M] computed once at construction, values [M, ...] (any dtype and trailing shape) and
+//! \[M\] computed once at construction, values [M, ...] (any dtype and trailing shape) and
 //! one clip id per row (unique). [`MemoryBank::search`] runs [`crate::retrieve::cosine_topk`]
 //! with the precomputed norms, skipping the row whose id a query names (its own clip).
 
@@ -119,7 +119,7 @@ impl MemoryBank {
         &self.keys
     }
 
-    /// Key norms [M] f32.
+    /// Key norms \[M\] f32.
     pub fn key_norms(&self) -> &Tensor {
         &self.key_norms
     }
@@ -244,7 +244,7 @@ impl MemoryBank {
         })
     }
 
-    /// Saves keys, key_norms, values and ids (u32 [M]) to a safetensors file.
+    /// Saves keys, key_norms, values and ids (u32 \[M\]) to a safetensors file.
     pub fn save(&self, path: &Path) -> candle_core::Result<()> {
         let mut map = HashMap::new();
         map.insert("keys".to_string(), self.keys.clone());

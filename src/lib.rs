@@ -8,7 +8,12 @@
 //! - [`data`]: synthetic AVQA generator, MUSIC-AVQA loader, missing-modality simulation.
 //! - [`model`]: experts, router, decoder and the full R2ScP model.
 //! - [`trainer`]: two-stage training, evaluation, ablations, checkpoints.
-//! - [`bench`]: side-by-side benchmarks behind `r2scp bench`.
+//! - [`mod@bench`]: measuring helpers, and the side-by-side benchmarks behind `r2scp bench`.
+//!
+//! Features: `cli` (default) adds what only the `r2scp` binary needs: clap, TOML config
+//! files, progress bars (indicatif) and PNG plots (plotters). With
+//! `default-features = false` the library is the ops, the bank, the data, the model and the
+//! trainer (training, checkpoints, evaluation, metrics, reports without plots).
 
 pub mod bank;
 pub mod bench;

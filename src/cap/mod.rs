@@ -13,7 +13,6 @@
 //! paths (and the emulated CUDA kernels) to them. Device dispatch follows `tensor.device()`.
 //! Ordering everywhere: larger first, ties to the LOWER index, NaN ranked as -inf.
 
-pub mod bench;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod dissonance;
