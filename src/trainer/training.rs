@@ -245,8 +245,10 @@ impl Tally {
         self.loss / self.n_steps.max(1) as f64
     }
 
-    fn accuracy(&self) -> f64 {
-        self.correct as f64 / self.n_samples.max(1) as f64
+    /// Accuracy in %, computed as 100 * correct / samples (in this order: the printed
+    /// figures round the same way as they always have).
+    fn percent_correct(&self) -> f64 {
+        100.0 * self.correct as f64 / self.n_samples.max(1) as f64
     }
 
     /// Samples per second since `since`.
@@ -664,7 +666,7 @@ impl Trainer<'_> {
                 format!(
                     "loss {:.3} acc {:.1}% {:.0} q/s",
                     shown.mean_loss(),
-                    100.0 * shown.accuracy(),
+                    shown.percent_correct(),
                     shown.throughput(epoch_start)
                 )
             });
@@ -680,7 +682,7 @@ impl Trainer<'_> {
             println!(
                 "{stage} epoch {epoch}: train loss {:.4} acc {:.2}% ({:.1}s, {:.0} q/s)",
                 shown.mean_loss(),
-                100.0 * shown.accuracy(),
+                shown.percent_correct(),
                 epoch_start.elapsed().as_secs_f64(),
                 shown.throughput(epoch_start)
             );
