@@ -1,8 +1,8 @@
 //! The memory bank searched by cross-modal retrieval (paper section 3.2).
 //!
 //! A [`MemoryBank`] holds M rows: keys [M, Dk] (f32, f16 or bf16) with their f32 norms
-//! [M] computed once at construction, values [M, ...] (any dtype and trailing shape) and
-//! one clip id per row (unique). [`MemoryBank::search`] runs [`crate::retrieve::cosine_topk`]
+//! \[M\] computed once at construction, values [M, ...] (any dtype and trailing shape) and
+//! one clip id per row (unique). [`MemoryBank::search`] runs [`fn@crate::retrieve::cosine_topk`]
 //! with the precomputed norms, skipping the row whose id a query names (its own clip).
 
 use crate::io::candle_text;
@@ -120,7 +120,7 @@ impl MemoryBank {
         &self.keys
     }
 
-    /// Key norms [M] f32.
+    /// Key norms \[M\] f32.
     pub fn key_norms(&self) -> &Tensor {
         &self.key_norms
     }
@@ -177,7 +177,7 @@ impl MemoryBank {
 
     /// Top-n most similar rows for queries [B, Dk] (f32 or the keys' dtype).
     /// `exclude_ids[b] = Some(clip id)` skips that clip's row for query b (an id not in
-    /// the bank excludes nothing). Errors as [`cosine_topk`], e.g. when n exceeds the rows
+    /// the bank excludes nothing). Errors as [`fn@crate::retrieve::cosine_topk`], e.g. when n exceeds the rows
     /// left after exclusion.
     pub fn search(
         &self,
@@ -245,7 +245,7 @@ impl MemoryBank {
         })
     }
 
-    /// Saves keys, key_norms, values and ids (u32 [M]) to a safetensors file.
+    /// Saves keys, key_norms, values and ids (u32 \[M\]) to a safetensors file.
     pub fn save(&self, path: &Path) -> candle_core::Result<()> {
         let mut map = HashMap::new();
         map.insert("keys".to_string(), self.keys.clone());

@@ -14,7 +14,12 @@
 //!   `CapLayer`.
 //! - [`trainer`]: two-stage training, evaluation, ablations, checkpoints.
 //! - [`io`]: bounded readers of every file taken from a user or an earlier run.
-//! - [`bench`]: side-by-side benchmarks behind `r2scp bench`.
+//! - [`mod@bench`]: measuring helpers, and the side-by-side benchmarks behind `r2scp bench`.
+//!
+//! Features: `cli` (default) adds what only the `r2scp` binary needs: clap, TOML config
+//! files, progress bars (indicatif) and PNG plots (plotters). With
+//! `default-features = false` the library is the ops, the bank, the data, the model and the
+//! trainer (training, checkpoints, evaluation, metrics, reports without plots).
 
 pub mod bank;
 pub mod bench;

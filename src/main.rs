@@ -320,7 +320,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match std::panic::catch_unwind(|| run(cli)) {
+    match std::panic::catch_unwind(|| dispatch(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("error: {}", r2scp::io::error_line(&e));
@@ -352,14 +352,15 @@ fn setup(m: &MachineArgs) -> Result<Device> {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Runs the subcommand the command line chose.
+fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => cmd_train(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Ablate(a) => cmd_ablate(a),
         Command::Bench(b) => match b.which {
-            BenchCommand::Retrieve(a) => r2scp::bench::retrieve::run(&a),
-            BenchCommand::Cap(a) => r2scp::bench::cap::run(&a),
+            BenchCommand::Retrieve(a) => r2scp::bench::retrieve::compare(&a),
+            BenchCommand::Cap(a) => r2scp::bench::cap::compare(&a),
         },
     }
 }
@@ -482,7 +483,8 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     if !st.finished {
         println!(
             "note: the run is not finished (stage {}, epoch {}); evaluating its last checkpoint",
-            st.stage, st.epoch
+            st.stage.number(),
+            st.epoch
         );
     }
     println!("Test accuracy (%) of {}:\n", a.checkpoint.display());
@@ -504,7 +506,7 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
         quiet: a.machine.quiet,
         device,
     };
-    let report = ablate::run(&base, &opts)?;
+    let report = ablate::run_studies(&base, &opts)?;
     println!("{}", report.display());
     Ok(())
 }

@@ -367,7 +367,7 @@ impl TransformerEncoder {
     }
 }
 
-/// u32 row indices -> a [n] u32 tensor on `device`.
+/// u32 row indices -> a \[n\] u32 tensor on `device`.
 pub fn index_tensor(rows: &[u32], device: &Device) -> Result<Tensor> {
     Tensor::from_vec(rows.to_vec(), rows.len(), device)
 }

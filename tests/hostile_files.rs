@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use r2scp::bank::MemoryBank;
 use r2scp::data::load_music_avqa;
 use r2scp::trainer::checkpoint::{load_tensors, save_tensors, write_json};
-use r2scp::trainer::run::read_state;
+use r2scp::trainer::state::read_state;
 use r2scp::trainer::{EvalResult, TrainConfig, TrainState};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -1060,9 +1060,9 @@ fn sample_state() -> TrainState {
         router: [0.25, 0.5, 0.25],
     };
     TrainState {
-        format: r2scp::trainer::run::STATE_FORMAT,
+        format: r2scp::trainer::state::STATE_FORMAT,
         config,
-        stage: 2,
+        stage: r2scp::trainer::Stage::Mixing,
         epoch: 3,
         step: 120,
         stage_done: false,
@@ -1087,7 +1087,7 @@ fn state_json_reader_survives_mutations() {
     write_json(&target, &sample_state()).unwrap();
     let base = fs::read(&target).unwrap();
     let st = read_state(&target).unwrap();
-    assert_eq!((st.stage, st.epoch, st.step), (2, 3, 120));
+    assert_eq!((st.stage.number(), st.epoch, st.step), (2, 3, 120));
     let text = String::from_utf8(base.clone()).unwrap();
     let mut m = Mutations::new(31);
     let lines: Vec<usize> = text.match_indices('\n').map(|(i, _)| i + 1).collect();

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use r2scp::trainer::checkpoint::{is_temp_name, load_tensors};
 use r2scp::trainer::metrics::{read_metrics, Record};
-use r2scp::trainer::run::read_state;
+use r2scp::trainer::state::read_state;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -135,7 +135,7 @@ fn temp_file_seen(
 fn progress(ckpt: &Path) -> Option<(u8, usize)> {
     read_state(&ckpt.join("state.json"))
         .ok()
-        .map(|s| (s.stage, s.epoch))
+        .map(|s| (s.stage.number(), s.epoch))
 }
 
 fn det(path: &Path) -> Vec<Record> {

@@ -7,10 +7,12 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 use r2scp::trainer::checkpoint::load_tensors;
+use r2scp::trainer::config::SNAPSHOT_FILE;
 use r2scp::trainer::loss::{cross_entropy_per_sample, rank_terms};
 use r2scp::trainer::metrics::{read_metrics, Record};
-use r2scp::trainer::run::{checkpoint_dir, read_state};
-use r2scp::trainer::{train, RunOptions, TrainConfig};
+use r2scp::trainer::plot::NOT_DRAWN;
+use r2scp::trainer::state::{checkpoint_dir, read_state};
+use r2scp::trainer::{train, RunOptions, Stage, TrainConfig};
 
 fn tiny() -> TrainConfig {
     let mut c = TrainConfig {
@@ -77,28 +79,44 @@ fn tiny_config_trains_end_to_end() {
         let w: f64 = r.router.iter().sum();
         assert!((w - 1.0).abs() < 1e-3, "router weights sum to {w}");
     }
+    // The `cli` feature draws the plots and snapshots the config as TOML; without it the
+    // snapshot is JSON and the report says that no plots were drawn.
+    let plots: &[&str] = if cfg!(feature = "cli") {
+        &["plots/loss.png", "plots/accuracy.png", "plots/router.png"]
+    } else {
+        &[]
+    };
+    assert_eq!(SNAPSHOT_FILE == "config.toml", cfg!(feature = "cli"));
     for f in [
         "metrics.jsonl",
         "report.md",
         "results.json",
-        "config.toml",
-        "plots/loss.png",
-        "plots/accuracy.png",
-        "plots/router.png",
+        SNAPSHOT_FILE,
         "checkpoint/state.json",
-    ] {
+    ]
+    .iter()
+    .chain(plots)
+    {
         assert!(run.join(f).is_file(), "{f} missing");
     }
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert_eq!(
+        report.contains(NOT_DRAWN),
+        !cfg!(feature = "cli"),
+        "{report}"
+    );
     let st = read_state(&checkpoint_dir(&run).join("state.json")).unwrap();
-    assert!(st.finished && st.stage == 2 && st.stage_done);
+    assert!(st.finished && st.stage == Stage::Mixing && st.stage_done);
     let m = read_metrics(&run.join("metrics.jsonl")).unwrap();
-    assert!(m.iter().any(|r| r.kind == "train" && r.stage == 1));
     assert!(m
         .iter()
-        .any(|r| r.kind == "train" && r.stage == 2 && r.router.is_some()));
+        .any(|r| r.kind == "train" && r.stage == Some(Stage::Experts)));
     assert!(m
         .iter()
-        .any(|r| r.kind == "train" && r.stage == 2 && r.extra.contains_key("rank_pos")));
+        .any(|r| r.kind == "train" && r.stage == Some(Stage::Mixing) && r.router.is_some()));
+    assert!(m.iter().any(|r| r.kind == "train"
+        && r.stage == Some(Stage::Mixing)
+        && r.extra.contains_key("rank_pos")));
     assert_eq!(m.iter().filter(|r| r.kind == "test").count(), 3);
     // a second fresh run into the same directory is refused
     let err = train(&tiny(), &o).unwrap_err().to_string();
@@ -122,10 +140,16 @@ fn resume_after_interruption_gives_identical_metrics() {
     };
     assert!(train(&cfg, &halt(false)).unwrap().halted);
     let st = read_state(&checkpoint_dir(&b).join("state.json")).unwrap();
-    assert_eq!((st.stage, st.epoch, st.stage_done), (1, 1, true));
+    assert_eq!(
+        (st.stage, st.epoch, st.stage_done),
+        (Stage::Experts, 1, true)
+    );
     assert!(train(&cfg, &halt(true)).unwrap().halted);
     let st = read_state(&checkpoint_dir(&b).join("state.json")).unwrap();
-    assert_eq!((st.stage, st.epoch, st.stage_done), (2, 1, false));
+    assert_eq!(
+        (st.stage, st.epoch, st.stage_done),
+        (Stage::Mixing, 1, false)
+    );
     assert!(st.optim_file.is_some());
     {
         use std::io::Write;
@@ -285,12 +309,19 @@ fn ablation_shares_stage_one_and_reports() {
         quiet: true,
         device: Device::Cpu,
     };
-    let report = ablate::run(&cfg, &o).expect("ablate");
+    let report = ablate::run_studies(&cfg, &o).expect("ablate");
     let md = std::fs::read_to_string(&report).unwrap();
     for w in ["Table 2", "Table 3", "w/o ranking loss", "missing avg"] {
         assert!(md.contains(w), "{w} missing from report:\n{md}");
     }
-    assert!(out.join("plots/table2.png").is_file());
+    if cfg!(feature = "cli") {
+        assert!(out.join("plots/table2.png").is_file());
+    } else {
+        assert!(
+            md.contains(NOT_DRAWN) && !out.join("plots").exists(),
+            "{md}"
+        );
+    }
     let sdir = out.join(format!("seed{}", cfg.seed));
     for v in [
         "full",
@@ -322,6 +353,6 @@ fn ablation_shares_stage_one_and_reports() {
     // Rerunning reuses the finished variants (no retraining: metrics files unchanged).
     let read = || std::fs::read_to_string(sdir.join("cmr1-cap0/metrics.jsonl")).unwrap();
     let before = read();
-    ablate::run(&cfg, &o).expect("ablate again");
+    ablate::run_studies(&cfg, &o).expect("ablate again");
     assert!(before == read(), "a finished variant was retrained");
 }

@@ -1,11 +1,15 @@
 //! Side-by-side benchmarks behind `r2scp bench` (`retrieve`, `cap`) and shared measuring
 //! helpers.
 //!
-//! Helpers reused by every bench: [`time_best`] (best-of-n wall time after a warm-up),
-//! [`stream_read_gbps`] (this machine's streaming-read bandwidth, the bound a
-//! bandwidth-limited kernel is judged against), [`Table`] (one markdown table).
+//! The two commands (their clap options and the tables they print) are application code,
+//! built with the `cli` feature only. The helpers are library code, reused by every bench:
+//! [`time_best`] (best-of-n wall time after a warm-up), [`time_best_pair`] (two variants
+//! timed alternately), [`stream_read_gbps`] (this machine's streaming-read bandwidth, the
+//! bound a bandwidth-limited kernel is judged against), [`Table`] (one markdown table).
 
+#[cfg(feature = "cli")]
 pub mod cap;
+#[cfg(feature = "cli")]
 pub mod retrieve;
 
 use std::time::{Duration, Instant};

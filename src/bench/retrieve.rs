@@ -146,8 +146,9 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     Ok(base)
 }
 
-/// Runs the benchmark and prints the table.
-pub fn run(args: &Args) -> anyhow::Result<()> {
+/// Times the fused `cosine_topk` against its reference (and FAISS when asked) for every
+/// size and dtype, with the bank's streaming-read time beside it, and prints one table.
+pub fn compare(args: &Args) -> anyhow::Result<()> {
     let dev = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0).context("bench retrieve --device cuda")?,

@@ -1,11 +1,11 @@
 //! CAP: Context-aware Adaptive Purification (paper section 3.3, Algorithm 1) as candle ops and
 //! one reusable layer.
 //!
-//! - [`dissonance_topk`] (phase 1, Eq. 2-5): masked mean pooling of the available modality,
+//! - [`fn@dissonance_topk`] (phase 1, Eq. 2-5): masked mean pooling of the available modality,
 //!   cosine dissonance of every projected retrieved token, top-k noise indices and mask, in one
 //!   fused pass (CPU) or one kernel (CUDA). `delta` is differentiable w.r.t. `P` and the context.
-//! - [`topk_rows`]: the same top-k machinery over a score row (phase 2 saliency selection).
-//! - [`gather_inject`] (phase 3, Eq. 8-9): out-of-place row injection with its backward.
+//! - [`fn@topk_rows`]: the same top-k machinery over a score row (phase 2 saliency selection).
+//! - [`fn@gather_inject`] (phase 3, Eq. 8-9): out-of-place row injection with its backward.
 //! - [`CapLayer`]: `W_proj`, the guidance block (self-attention + cross-attention with the
 //!   question), saliency, the injection, and a straight-through gate so `W_proj` learns.
 //!
@@ -15,7 +15,6 @@
 //! `tensor.device()`. Ordering everywhere: larger first, ties to the LOWER index, NaN ranked
 //! as -inf.
 
-pub mod bench;
 pub mod dissonance_topk;
 pub mod gather_inject;
 mod layer;

@@ -49,9 +49,9 @@ r2_abi! {
             q: ptr f32,
             /// [M, D] bank keys in the entry's dtype.
             keys: ptr elem,
-            /// [M] f32 key norms.
+            /// \[M\] f32 key norms.
             key_norms: ptr f32,
-            /// [B] bank row each query skips (`PAD_INDEX` = none).
+            /// \[B\] bank row each query skips (`PAD_INDEX` = none).
             exclude: ptr u32,
             b: u32,
             m: u32,
@@ -66,7 +66,7 @@ r2_abi! {
             cand_s: mut_ptr f32,
             /// [B, gx, kp] candidate rows.
             cand_i: mut_ptr u32,
-            /// [3] error word (code, query, row), zeroed before the launch.
+            /// \[3\] error word (code, query, row), zeroed before the launch.
             err: mut_ptr u32,
         }
 

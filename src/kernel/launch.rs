@@ -144,8 +144,8 @@ impl DevElem for u32 {}
 impl DevElem for half::f16 {}
 impl DevElem for half::bf16 {}
 
-/// Where an op's kernels run: a CUDA device ([`cuda::CudaLauncher`]) or the emulator
-/// ([`emu::EmuLauncher`]). It owns the buffers the kernels write and launches entry points by
+/// Where an op's kernels run: a CUDA device (`kernel::cuda::CudaLauncher`, feature `cuda`) or
+/// the emulator (`kernel::emu::EmuLauncher`, feature `emulate`). It owns the buffers the kernels write and launches entry points by
 /// name with a plan and an argument struct; everything else about an op's device path is
 /// written once, generic over this trait.
 pub trait Launcher {

@@ -1,7 +1,7 @@
 //! What every kernel needs and no op owns: the host/device ABI ([`abi`]), launch plans
 //! ([`LaunchPlan`]), and the two launchers that run a plan: a CUDA device (feature `cuda`,
-//! [`cuda`]) and the CPU emulation of the CUDA execution model used by the tests (feature
-//! `emulate`, [`emu`]).
+//! `kernel::cuda`) and the CPU emulation of the CUDA execution model used by the tests
+//! (feature `emulate`, `kernel::emu`).
 //!
 //! Dependencies point one way: the ops (`crate::retrieve`, `crate::cap`) use this module; it
 //! uses none of them. An op's device code is written once against [`Launcher`]: it allocates

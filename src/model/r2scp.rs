@@ -77,9 +77,9 @@ pub struct ExpertLogits {
     pub visual: Tensor,
     /// The {v, t, a} term: E_t tokens attending over the available A/V expert tokens [B, A].
     pub text: Tensor,
-    /// [B] f32, 1 where audio is present.
+    /// \[B\] f32, 1 where audio is present.
     pub audio_present: Tensor,
-    /// [B] f32, 1 where visual is present.
+    /// \[B\] f32, 1 where visual is present.
     pub visual_present: Tensor,
 }
 
@@ -87,9 +87,9 @@ pub struct ExpertLogits {
 /// modality whose clip is in the bank (so its ground truth is known in training).
 #[derive(Clone, Debug)]
 pub struct RankTerms {
-    /// Batch rows [R] (ascending), also as a u32 tensor `rows_t` [R] for `index_select`.
+    /// Batch rows \[R\] (ascending), also as a u32 tensor `rows_t` \[R\] for `index_select`.
     pub rows: Vec<usize>,
-    /// `rows` as a [R] u32 tensor on the batch's device.
+    /// `rows` as a \[R\] u32 tensor on the batch's device.
     pub rows_t: Tensor,
     /// [R, A]: the missing modality replaced by the ground-truth features (the bank row
     /// of the sample's own clip) through Phi/E, no CAP: Y | X_gt.
@@ -108,7 +108,7 @@ pub struct RetrievalTrace {
     pub modality: Modality,
     /// Negative (least similar) retrieval, for the ranking loss.
     pub negative: bool,
-    /// Batch rows [M].
+    /// Batch rows \[M\].
     pub rows: Vec<usize>,
     /// Bank rows [M, n] u32.
     pub indices: Tensor,
@@ -533,7 +533,7 @@ impl R2scp {
     }
 
     /// Detach an expert-only result when experts are frozen.
-    fn ex(&self, t: Tensor) -> Tensor {
+    fn detach_if_frozen(&self, t: Tensor) -> Tensor {
         if self.experts_frozen() {
             t.detach()
         } else {
@@ -580,7 +580,7 @@ impl R2scp {
         let h = self
             .expert(m)
             .encode(&x, &self.drop, self.p_expert(), train)?;
-        Ok(self.ex(h))
+        Ok(self.detach_if_frozen(h))
     }
 
     /// Stage I (Eq. 10): logits of the audio, visual and text(-fused) experts.
@@ -589,7 +589,7 @@ impl R2scp {
         let b = self.check_batch(batch)?;
         let dev = batch.audio.device().clone();
         let p = self.p_expert();
-        let ht = self.ex(self.text.encode(
+        let ht = self.detach_if_frozen(self.text.encode(
             &batch.question,
             &batch.question_mask,
             &self.drop,
@@ -702,7 +702,7 @@ impl R2scp {
                 bank.search(&q, n, Some(&excl))?
             };
             let h = self.bank_tokens(banks, m, &ret.indices, dev, train)?;
-            let h = self.ex(h).mean(1)?; // Eq. 4: [M, n, L, D] -> [M, L, D]
+            let h = self.detach_if_frozen(h).mean(1)?; // Eq. 4: [M, n, L, D] -> [M, L, D]
             traces.push(RetrievalTrace {
                 modality: m,
                 negative,
@@ -727,7 +727,7 @@ impl R2scp {
             .expert(avl)
             .phi
             .forward(&Self::raw(batch, avl).index_select(&idx, 0)?)?;
-        let f_avl = self.ex(f_avl);
+        let f_avl = self.detach_if_frozen(f_avl);
         let f_avl = match rec.com.as_ref() {
             Some(a) => a.forward(&f_avl)?,
             None => f_avl,
@@ -783,7 +783,7 @@ impl R2scp {
         let train = opts.train;
         let dev = batch.audio.device().clone();
         let qmask = &batch.question_mask;
-        let ht = self.ex(self.text.encode(
+        let ht = self.detach_if_frozen(self.text.encode(
             &batch.question,
             qmask,
             &self.drop,
@@ -946,7 +946,8 @@ impl R2scp {
             let bank = banks.get(m);
             let brows: Vec<u32> = sel.iter().map(|x| x.1).collect();
             let bidx = Tensor::from_vec(brows.clone(), (brows.len(), 1), bank.keys().device())?;
-            let gt = self.ex(self.bank_tokens(banks, m, &bidx, &dev, train)?.squeeze(1)?);
+            let gt =
+                self.detach_if_frozen(self.bank_tokens(banks, m, &bidx, &dev, train)?.squeeze(1)?);
             let oi = 1 - mi;
             let (other_present, _) = partition(&batch.missing, m.other());
             let neg = self.recover_rows(

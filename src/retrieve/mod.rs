@@ -4,11 +4,11 @@
 //! [`COS_EPS`](crate::kernel::abi::COS_EPS) = 1e-8, computed in f32 whatever the storage
 //! dtype. A zero query or key scores exactly 0, never NaN.
 //!
-//! Contract shared by [`cosine_topk`] (fused: CPU path or CUDA kernel) and
+//! Contract shared by [`fn@cosine_topk`] (fused: CPU path or CUDA kernel) and
 //! [`cosine_topk_reference`] (plain candle ops):
 //! - `queries` [B, D]: f32, or the keys' dtype. `keys` [M, D]: f32, f16 or bf16.
-//! - `key_norms` [M] f32: `|k_i|` precomputed once per bank (`None` = computed here).
-//! - `exclude` [B] u32: a bank row each query must skip (its own clip), `u32::MAX` = none.
+//! - `key_norms` \[M\] f32: `|k_i|` precomputed once per bank (`None` = computed here).
+//! - `exclude` \[B\] u32: a bank row each query must skip (its own clip), `u32::MAX` = none.
 //! - Output: `(scores [B, n] f32 sorted descending, indices [B, n] u32)` on the keys'
 //!   device. Equal scores rank the lower index first.
 //! - NaN policy: any NaN score (a NaN or an infinity in the inputs) is an **error** naming

@@ -22,24 +22,15 @@ use super::checkpoint::{atomic_write, write_json};
 use super::config::TrainConfig;
 use super::eval::{missing_avg, EvalResult};
 use super::metrics::{read_metrics, MetricsWriter};
-use super::plot::{line_plot, Labels, Series};
-use super::run::{checkpoint_dir, read_state, train, RunOptions, STATE_FORMAT};
+use super::plot::{Figures, Labels, Series, NOT_DRAWN};
+use super::stage::Stage;
+use super::state::{checkpoint_dir, read_state, STATE_FORMAT};
+use super::training::{train, RunOptions};
 use crate::data::{MissingPolicy, MissingSim, MissingType};
 
 /// One ablation study.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Study {
     /// Retrieval (CMR) and CAP on/off (Table 2).
@@ -172,15 +163,12 @@ fn variants(base: &TrainConfig, studies: &[Study]) -> (Vec<Variant>, Vec<String>
                 );
             }
             Study::N => {
-                for n in N_VALUES {
-                    if n == base.model.n_retrieved {
-                        continue;
-                    }
-                    add(
-                        format!("n{n}"),
-                        &move |c: &mut TrainConfig| c.model.n_retrieved = n,
-                        None,
-                    );
+                for n in N_VALUES
+                    .into_iter()
+                    .filter(|&n| n != base.model.n_retrieved)
+                {
+                    let set_n = move |c: &mut TrainConfig| c.model.n_retrieved = n;
+                    add(format!("n{n}"), &set_n, None);
                 }
             }
             Study::K => {
@@ -196,14 +184,10 @@ fn variants(base: &TrainConfig, studies: &[Study]) -> (Vec<Variant>, Vec<String>
                         ));
                         continue;
                     }
-                    if k == base.model.k_purge {
-                        continue;
+                    if k != base.model.k_purge {
+                        let set_k = move |c: &mut TrainConfig| c.model.k_purge = k;
+                        add(format!("k{k}"), &set_k, None);
                     }
-                    add(
-                        format!("k{k}"),
-                        &move |c: &mut TrainConfig| c.model.k_purge = k,
-                        None,
-                    );
                 }
             }
             Study::Rate => {
@@ -240,11 +224,11 @@ fn variants(base: &TrainConfig, studies: &[Study]) -> (Vec<Variant>, Vec<String>
 /// that resuming `dst` starts stage II from the shared experts.
 fn fork_stage1(src: &Path, dst: &Path, cfg: &TrainConfig) -> Result<()> {
     let st = read_state(&checkpoint_dir(src).join("state.json"))?;
-    if st.stage != 1 || !st.stage_done {
+    if st.stage != Stage::Experts || !st.stage_done {
         bail!(
             "{}: stage I is not complete (stage {}, epoch {})",
             src.display(),
-            st.stage,
+            st.stage.number(),
             st.epoch
         );
     }
@@ -259,7 +243,7 @@ fn fork_stage1(src: &Path, dst: &Path, cfg: &TrainConfig) -> Result<()> {
     super::checkpoint::truncate_file(&metrics_path, 0)?;
     let mut w = MetricsWriter::open(&metrics_path)?;
     for r in read_metrics(&src.join("metrics.jsonl"))? {
-        if r.stage == 1 {
+        if r.stage == Some(Stage::Experts) {
             w.write(&r)?;
         }
     }
@@ -273,8 +257,7 @@ fn fork_stage1(src: &Path, dst: &Path, cfg: &TrainConfig) -> Result<()> {
     ns.metrics_len = len;
     ns.optim_file = None;
     ns.best_file = None;
-    let toml = toml::to_string_pretty(cfg)?;
-    atomic_write(&dst.join("config.toml"), toml.as_bytes())?;
+    cfg.write_snapshot(dst)?;
     write_json(&ck.join("state.json"), &ns)
 }
 
@@ -340,8 +323,9 @@ fn run_variant(
     })
 }
 
-/// Run the ablation; returns the path of the markdown report.
-pub fn run(base: &TrainConfig, opts: &AblateOptions) -> Result<PathBuf> {
+/// Trains every variant of the chosen studies for every seed (reusing finished ones) and
+/// writes `results.json` and the report; returns the path of the markdown report.
+pub fn run_studies(base: &TrainConfig, opts: &AblateOptions) -> Result<PathBuf> {
     if opts.seeds.is_empty() {
         bail!("ablate: no seeds given");
     }
@@ -435,13 +419,16 @@ impl<'a> Agg<'a> {
     }
 }
 
-fn fmt_ms(x: Option<(f64, f64)>) -> String {
+/// `mean ± std` with two decimals, `-` when there is nothing.
+fn fmt_mean_std(x: Option<(f64, f64)>) -> String {
     match x {
         Some((m, s)) => format!("{m:.2} ± {s:.2}"),
         None => "-".into(),
     }
 }
 
+/// Writes `<out>/report.md` (a section per study that ran, the notes, every variant) and
+/// its plots; returns the report's path.
 fn write_report(
     opts: &AblateOptions,
     results: &[VariantResult],
@@ -449,8 +436,34 @@ fn write_report(
     secs: f64,
 ) -> Result<PathBuf> {
     let agg = Agg::new(results);
-    let plots = opts.out_dir.join("plots");
-    std::fs::create_dir_all(&plots)?;
+    let figures = Figures::new(&opts.out_dir)?;
+    let mut md = report_header(opts, secs);
+    if opts.studies.contains(&Study::Table2) {
+        table2_section(&mut md, &agg, &figures)?;
+    }
+    if opts.studies.contains(&Study::Strategy) {
+        strategy_section(&mut md, &agg);
+    }
+    if opts.studies.contains(&Study::N) {
+        let title = "Retrieved candidates n (Fig. 4)";
+        sweep_section(&mut md, &agg, &figures, title, "n", &N_VALUES)?;
+    }
+    if opts.studies.contains(&Study::K) {
+        let title = "Purification budget k (Fig. 4)";
+        sweep_section(&mut md, &agg, &figures, title, "k", &K_VALUES)?;
+    }
+    if opts.studies.contains(&Study::Rate) {
+        rate_section(&mut md, &agg, &figures)?;
+    }
+    notes_section(&mut md, notes);
+    variants_section(&mut md, &agg);
+    let path = opts.out_dir.join("report.md");
+    atomic_write(&path, md.as_bytes())?;
+    Ok(path)
+}
+
+/// Title, seeds, wall time and what "missing avg" means.
+fn report_header(opts: &AblateOptions, secs: f64) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# r2scp ablations\n");
     let _ = writeln!(
@@ -468,211 +481,197 @@ fn write_report(
         md,
         "\"Missing avg\" is the mean of the missing-audio and missing-visual settings (the metric of the paper's Table 3).\n"
     );
-    if opts.studies.contains(&Study::Table2) {
-        let _ = writeln!(md, "## Retrieval (CMR) and purification (CAP), Table 2\n");
-        let _ = writeln!(
-            md,
-            "| A | V | CMR | CAP | accuracy |\n|---|---|---|---|---:|"
-        );
-        let combos = [
-            ("cmr0-cap0", "", ""),
-            ("cmr0-cap1", "", "✓"),
-            ("cmr1-cap0", "✓", ""),
-            ("full", "✓", "✓"),
-        ];
-        for (s, a, v) in [
-            ("missing-visual", "●", "○"),
-            ("missing-audio", "○", "●"),
-            ("complete", "●", "●"),
-        ] {
-            for (id, r, c) in combos {
-                let _ = writeln!(
-                    md,
-                    "| {a} | {v} | {r} | {c} | {} |",
-                    fmt_ms(agg.setting(id, s))
-                );
-            }
-        }
-        let _ = writeln!(md, "\n| CMR | CAP | missing avg |\n|---|---|---:|");
-        for (id, r, c) in combos {
-            let _ = writeln!(md, "| {r} | {c} | {} |", fmt_ms(agg.miss(id)));
-        }
-        let series: Vec<Series> = ["missing-audio", "missing-visual", "complete"]
-            .iter()
-            .map(|s| {
-                Series::new(
-                    *s,
-                    combos
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, (id, _, _))| {
-                            agg.setting(id, s).map(|(m, _)| (i as f64, m))
-                        })
-                        .collect(),
-                )
-            })
-            .collect();
-        line_plot(
-            &plots.join("table2.png"),
-            Labels {
-                title: "CMR/CAP: 0 none, 1 CAP only, 2 CMR only, 3 both",
-                x: "variant",
-                y: "test accuracy (%)",
-            },
-            &series,
-        )?;
-        md.push_str("\n![table2](plots/table2.png)\n\n");
+    if !cfg!(feature = "cli") {
+        let _ = writeln!(md, "{NOT_DRAWN}\n");
     }
-    if opts.studies.contains(&Study::Strategy) {
-        let _ = writeln!(
-            md,
-            "## Training strategy, Table 3\n\n| Method | missing avg | complete |\n|---|---:|---:|"
-        );
-        for (id, label) in [
-            ("full", "R2ScP (full)"),
-            (
-                "wo-stage1",
-                "w/o modality-specific expert pre-training (stage I)",
-            ),
-            ("wo-stage2", "w/o expert mixing training (stage II)"),
-            ("wo-rank", "w/o ranking loss"),
-        ] {
-            let _ = writeln!(
-                md,
-                "| {label} | {} | {} |",
-                fmt_ms(agg.miss(id)),
-                fmt_ms(agg.setting(id, "complete"))
-            );
-        }
-        md.push('\n');
-    }
-    let sweep = |md: &mut String,
-                 title: &str,
-                 name: &str,
-                 vals: &[usize],
-                 id_of: &dyn Fn(usize) -> String|
-     -> Result<()> {
-        let _ = writeln!(
-            md,
-            "## {title}\n\n| {name} | missing avg | complete |\n|---:|---:|---:|"
-        );
-        let mut pts = Vec::new();
-        let mut cpts = Vec::new();
-        for &x in vals {
-            let id = id_of(x);
-            if !agg.has(&id) {
-                continue;
-            }
-            let m = agg.miss(&id);
-            let c = agg.setting(&id, "complete");
-            let _ = writeln!(md, "| {x} | {} | {} |", fmt_ms(m), fmt_ms(c));
-            if let Some((v, _)) = m {
-                pts.push((x as f64, v));
-            }
-            if let Some((v, _)) = c {
-                cpts.push((x as f64, v));
-            }
-        }
-        line_plot(
-            &plots.join(format!("{name}.png")),
-            Labels {
-                title,
-                x: name,
-                y: "test accuracy (%)",
-            },
-            &[
-                Series::new("missing avg", pts),
-                Series::new("complete", cpts),
-            ],
-        )?;
-        let _ = writeln!(md, "\n![{name}](plots/{name}.png)\n");
-        Ok(())
+    md
+}
+
+/// Ends a section with its plot: test accuracy (%) against `x`, drawn into
+/// `plots/<name>.png` and linked (only the blank line when the build draws no plots).
+fn accuracy_plot(
+    md: &mut String,
+    figures: &Figures,
+    name: &str,
+    title: &str,
+    x: &str,
+    series: &[Series],
+) -> Result<()> {
+    let labels = Labels {
+        title,
+        x,
+        y: "test accuracy (%)",
     };
-    if opts.studies.contains(&Study::N) {
-        sweep(
-            &mut md,
-            "Retrieved candidates n (Fig. 4)",
-            "n",
-            &N_VALUES,
-            &|n| {
-                if agg.has(&format!("n{n}")) {
-                    format!("n{n}")
-                } else {
-                    "full".into()
-                }
-            },
-        )?;
+    match figures.line_plot(name, labels, series)? {
+        Some(link) => {
+            let _ = write!(md, "\n{link}\n\n");
+        }
+        None => md.push('\n'),
     }
-    if opts.studies.contains(&Study::K) {
-        sweep(
-            &mut md,
-            "Purification budget k (Fig. 4)",
-            "k",
-            &K_VALUES,
-            &|k| {
-                if agg.has(&format!("k{k}")) {
-                    format!("k{k}")
-                } else {
-                    "full".into()
-                }
-            },
-        )?;
-    }
-    if opts.studies.contains(&Study::Rate) {
-        let _ = writeln!(
-            md,
-            "## Missing rate (Fig. 5)\n\nTrained and tested with the same rate (mixed audio/visual); \
-             the last two columns are the fixed missing-audio/missing-visual average.\n\n\
-             | rate | R2ScP (sim) | no CMR/CAP (sim) | R2ScP missing avg | no CMR/CAP missing avg |\n|---:|---:|---:|---:|---:|"
-        );
-        let mut full_pts = Vec::new();
-        let mut base_pts = Vec::new();
-        for r in RATES {
-            let pct = (r * 100.0).round() as u32;
-            let pick = |a: &str, b: &str| {
-                if agg
-                    .by_id
-                    .get(a)
-                    .is_some_and(|v| v.iter().any(|x| x.sim.is_some()))
-                {
-                    a.to_string()
-                } else {
-                    b.to_string()
-                }
-            };
-            let fid = pick(&format!("rate{pct}"), "full");
-            let bid = pick(&format!("rate{pct}-cmr0-cap0"), "cmr0-cap0");
-            let fs = agg.stat(&fid, |x| x.sim.as_ref().map(|e| e.acc()));
-            let bs = agg.stat(&bid, |x| x.sim.as_ref().map(|e| e.acc()));
+    Ok(())
+}
+
+/// Table 2: accuracy per setting for CMR/CAP on and off, the missing average, one plot.
+fn table2_section(md: &mut String, agg: &Agg, figures: &Figures) -> Result<()> {
+    let _ = writeln!(md, "## Retrieval (CMR) and purification (CAP), Table 2\n");
+    let _ = writeln!(
+        md,
+        "| A | V | CMR | CAP | accuracy |\n|---|---|---|---|---:|"
+    );
+    let combos = [
+        ("cmr0-cap0", "", ""),
+        ("cmr0-cap1", "", "✓"),
+        ("cmr1-cap0", "✓", ""),
+        ("full", "✓", "✓"),
+    ];
+    for (s, a, v) in [
+        ("missing-visual", "●", "○"),
+        ("missing-audio", "○", "●"),
+        ("complete", "●", "●"),
+    ] {
+        for (id, r, c) in combos {
             let _ = writeln!(
                 md,
-                "| {pct}% | {} | {} | {} | {} |",
-                fmt_ms(fs),
-                fmt_ms(bs),
-                fmt_ms(agg.miss(&fid)),
-                fmt_ms(agg.miss(&bid))
+                "| {a} | {v} | {r} | {c} | {} |",
+                fmt_mean_std(agg.setting(id, s))
             );
-            if let Some((m, _)) = fs {
-                full_pts.push((pct as f64, m));
-            }
-            if let Some((m, _)) = bs {
-                base_pts.push((pct as f64, m));
-            }
         }
-        line_plot(
-            &plots.join("rate.png"),
-            Labels {
-                title: "Missing rate",
-                x: "missing rate (%)",
-                y: "test accuracy (%)",
-            },
-            &[
-                Series::new("R2ScP", full_pts),
-                Series::new("no CMR / no CAP", base_pts),
-            ],
-        )?;
-        md.push_str("\n![rate](plots/rate.png)\n\n");
     }
+    let _ = writeln!(md, "\n| CMR | CAP | missing avg |\n|---|---|---:|");
+    for (id, r, c) in combos {
+        let _ = writeln!(md, "| {r} | {c} | {} |", fmt_mean_std(agg.miss(id)));
+    }
+    let series: Vec<Series> = ["missing-audio", "missing-visual", "complete"]
+        .iter()
+        .map(|s| {
+            Series::new(
+                *s,
+                combos
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, (id, _, _))| agg.setting(id, s).map(|(m, _)| (i as f64, m)))
+                    .collect(),
+            )
+        })
+        .collect();
+    let title = "CMR/CAP: 0 none, 1 CAP only, 2 CMR only, 3 both";
+    accuracy_plot(md, figures, "table2", title, "variant", &series)
+}
+
+/// Table 3: the full model against each training strategy left out.
+fn strategy_section(md: &mut String, agg: &Agg) {
+    let _ = writeln!(
+        md,
+        "## Training strategy, Table 3\n\n| Method | missing avg | complete |\n|---|---:|---:|"
+    );
+    for (id, label) in [
+        ("full", "R2ScP (full)"),
+        (
+            "wo-stage1",
+            "w/o modality-specific expert pre-training (stage I)",
+        ),
+        ("wo-stage2", "w/o expert mixing training (stage II)"),
+        ("wo-rank", "w/o ranking loss"),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} |",
+            fmt_mean_std(agg.miss(id)),
+            fmt_mean_std(agg.setting(id, "complete"))
+        );
+    }
+    md.push('\n');
+}
+
+/// A sweep over one option `name` (`n` or `k`, variant ids `<name><value>`; the value of
+/// the base config is the `full` variant): a table and a plot `<name>.png`.
+fn sweep_section(
+    md: &mut String,
+    agg: &Agg,
+    figures: &Figures,
+    title: &str,
+    name: &str,
+    vals: &[usize],
+) -> Result<()> {
+    let _ = writeln!(
+        md,
+        "## {title}\n\n| {name} | missing avg | complete |\n|---:|---:|---:|"
+    );
+    let mut pts = Vec::new();
+    let mut cpts = Vec::new();
+    for &x in vals {
+        let own = format!("{name}{x}");
+        let id = if agg.has(&own) { own } else { "full".into() };
+        if !agg.has(&id) {
+            continue;
+        }
+        let m = agg.miss(&id);
+        let c = agg.setting(&id, "complete");
+        let _ = writeln!(md, "| {x} | {} | {} |", fmt_mean_std(m), fmt_mean_std(c));
+        pts.extend(m.map(|(v, _)| (x as f64, v)));
+        cpts.extend(c.map(|(v, _)| (x as f64, v)));
+    }
+    let series = [
+        Series::new("missing avg", pts),
+        Series::new("complete", cpts),
+    ];
+    accuracy_plot(md, figures, name, title, name, &series)
+}
+
+/// Fig. 5: each training/test missing rate, the full model against no CMR/CAP.
+fn rate_section(md: &mut String, agg: &Agg, figures: &Figures) -> Result<()> {
+    let _ = writeln!(
+        md,
+        "## Missing rate (Fig. 5)\n\nTrained and tested with the same rate (mixed audio/visual); \
+         the last two columns are the fixed missing-audio/missing-visual average.\n\n\
+         | rate | R2ScP (sim) | no CMR/CAP (sim) | R2ScP missing avg | no CMR/CAP missing avg |\n|---:|---:|---:|---:|---:|"
+    );
+    let mut full_pts = Vec::new();
+    let mut base_pts = Vec::new();
+    for r in RATES {
+        let pct = (r * 100.0).round() as u32;
+        let pick = |a: &str, b: &str| {
+            if agg
+                .by_id
+                .get(a)
+                .is_some_and(|v| v.iter().any(|x| x.sim.is_some()))
+            {
+                a.to_string()
+            } else {
+                b.to_string()
+            }
+        };
+        let fid = pick(&format!("rate{pct}"), "full");
+        let bid = pick(&format!("rate{pct}-cmr0-cap0"), "cmr0-cap0");
+        let fs = agg.stat(&fid, |x| x.sim.as_ref().map(|e| e.acc()));
+        let bs = agg.stat(&bid, |x| x.sim.as_ref().map(|e| e.acc()));
+        let _ = writeln!(
+            md,
+            "| {pct}% | {} | {} | {} | {} |",
+            fmt_mean_std(fs),
+            fmt_mean_std(bs),
+            fmt_mean_std(agg.miss(&fid)),
+            fmt_mean_std(agg.miss(&bid))
+        );
+        full_pts.extend(fs.map(|(m, _)| (pct as f64, m)));
+        base_pts.extend(bs.map(|(m, _)| (pct as f64, m)));
+    }
+    let series = [
+        Series::new("R2ScP", full_pts),
+        Series::new("no CMR / no CAP", base_pts),
+    ];
+    accuracy_plot(
+        md,
+        figures,
+        "rate",
+        "Missing rate",
+        "missing rate (%)",
+        &series,
+    )
+}
+
+/// What the variant list left out, and why.
+fn notes_section(md: &mut String, notes: &[String]) {
     if !notes.is_empty() {
         let _ = writeln!(md, "## Notes\n");
         for n in notes {
@@ -680,18 +679,19 @@ fn write_report(
         }
         md.push('\n');
     }
+}
+
+/// Every variant's three settings and missing average.
+fn variants_section(md: &mut String, agg: &Agg) {
     let _ = writeln!(md, "## All variants (Table 1 average over the three settings)\n\n| variant | missing audio | missing visual | complete | missing avg |\n|---|---:|---:|---:|---:|");
     for id in agg.by_id.keys() {
         let _ = writeln!(
             md,
             "| {id} | {} | {} | {} | {} |",
-            fmt_ms(agg.setting(id, "missing-audio")),
-            fmt_ms(agg.setting(id, "missing-visual")),
-            fmt_ms(agg.setting(id, "complete")),
-            fmt_ms(agg.miss(id))
+            fmt_mean_std(agg.setting(id, "missing-audio")),
+            fmt_mean_std(agg.setting(id, "missing-visual")),
+            fmt_mean_std(agg.setting(id, "complete")),
+            fmt_mean_std(agg.miss(id))
         );
     }
-    let path = opts.out_dir.join("report.md");
-    atomic_write(&path, md.as_bytes())?;
-    Ok(path)
 }

@@ -3,14 +3,17 @@
 //! A TOML file names only what it changes; everything else keeps its default. Top-level
 //! keys are the trainer options below, plus `[stage1]`, `[stage2]`, `[model]`
 //! ([`ModelConfig`]) and `[synthetic]` ([`SyntheticConfig`]) tables. Unknown keys are
-//! rejected with the offending key in the message.
+//! rejected with the offending key in the message. Reading TOML is part of the `cli`
+//! feature; the serde form (JSON in `state.json`) is always there.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::atomic_write;
 use super::optim::Decay;
+use super::stage::Stage;
 use crate::data::{MissingType, SyntheticConfig};
 use crate::model::ModelConfig;
 
@@ -168,14 +171,65 @@ impl Default for TrainConfig {
     }
 }
 
+/// File name of the config snapshot [`TrainConfig::write_snapshot`] writes into a run
+/// directory: TOML with the `cli` feature, JSON without it.
+pub const SNAPSHOT_FILE: &str = if cfg!(feature = "cli") {
+    "config.toml"
+} else {
+    "config.json"
+};
+
 impl TrainConfig {
+    /// The options of `stage`.
+    pub fn stage(&self, stage: Stage) -> &StageConfig {
+        match stage {
+            Stage::Experts => &self.stage1,
+            Stage::Mixing => &self.stage2,
+        }
+    }
+
+    /// Whether `stage` runs (Table 3 "w/o stage I" / "w/o stage II" turn one off).
+    pub fn stage_enabled(&self, stage: Stage) -> bool {
+        match stage {
+            Stage::Experts => self.stage1_enabled,
+            Stage::Mixing => self.stage2_enabled,
+        }
+    }
+
+    /// Write the human-readable copy of this config, `run_dir/`[`SNAPSHOT_FILE`],
+    /// atomically. Resume reads `checkpoint/state.json`, which holds the config too; only a
+    /// run killed before its first checkpoint resumes from this copy ([`Self::read_snapshot`]).
+    pub fn write_snapshot(&self, run_dir: &Path) -> Result<()> {
+        #[cfg(feature = "cli")]
+        let text = toml::to_string_pretty(self).context("serialising the config")?;
+        #[cfg(not(feature = "cli"))]
+        let text = serde_json::to_string_pretty(self).context("serialising the config")? + "\n";
+        atomic_write(&run_dir.join(SNAPSHOT_FILE), text.as_bytes())
+    }
+
+    /// The config in `run_dir/`[`SNAPSHOT_FILE`] (written by [`Self::write_snapshot`]).
+    pub fn read_snapshot(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join(SNAPSHOT_FILE);
+        #[cfg(feature = "cli")]
+        {
+            Self::from_toml_file(&path)
+        }
+        #[cfg(not(feature = "cli"))]
+        {
+            let s = crate::io::read_text_capped(&path, crate::io::MAX_CONFIG_BYTES, "config file")?;
+            serde_json::from_str(&s).with_context(|| format!("config file {}", path.display()))
+        }
+    }
+
     /// Parse a TOML file (unknown keys and bad values name the file and the key).
+    #[cfg(feature = "cli")]
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let s = crate::io::read_text_capped(path, crate::io::MAX_CONFIG_BYTES, "config file")?;
         Self::from_toml_str(&s).with_context(|| format!("config file {}", path.display()))
     }
 
     /// Parse TOML text.
+    #[cfg(feature = "cli")]
     pub fn from_toml_str(s: &str) -> Result<Self> {
         toml::from_str(s)
             .map_err(|e| anyhow::anyhow!("{}", super::checkpoint::one_line(&e.to_string())))
@@ -273,6 +327,7 @@ impl TrainConfig {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "cli")]
     #[test]
     fn toml_partial_and_unknown_keys() {
         let c = TrainConfig::from_toml_str(
@@ -290,6 +345,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn validate_names_the_bad_option() {
         let mut bad = TrainConfig {
             missing_rate: 1.5,
             ..Default::default()

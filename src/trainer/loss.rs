@@ -3,7 +3,7 @@
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
-/// Per-sample cross-entropy: logits [B, A] f32, target [B] u32 -> [B] f32 (differentiable
+/// Per-sample cross-entropy: logits [B, A] f32, target \[B\] u32 -> \[B\] f32 (differentiable
 /// w.r.t. the logits; built from ops that all have a backward).
 pub fn cross_entropy_per_sample(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let (b, a) = logits.dims2()?;
@@ -21,7 +21,7 @@ pub fn cross_entropy_per_sample(logits: &Tensor, target: &Tensor) -> Result<Tens
     logp.gather(&t, 1)?.squeeze(1)?.neg()
 }
 
-/// Mean of `per_sample` [B] weighted by `weight` [B] (0/1 presence); 0 when all weights are 0.
+/// Mean of `per_sample` \[B\] weighted by `weight` \[B\] (0/1 presence); 0 when all weights are 0.
 pub fn weighted_mean(per_sample: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let w = weight.to_dtype(DType::F32)?;
     let n = w.sum_all()?.to_scalar::<f32>()?;
@@ -32,7 +32,7 @@ pub fn weighted_mean(per_sample: &Tensor, weight: &Tensor) -> Result<Tensor> {
     s.affine(1.0 / n as f64, 0.0)
 }
 
-/// The two hinge terms of Eq. 13-14 from per-sample task losses [R] (mean over R):
+/// The two hinge terms of Eq. 13-14 from per-sample task losses \[R\] (mean over R):
 /// `L_rank+ = mean max(0, margin + L(Y|X_gt) - L(Y|R+))`,
 /// `L_rank- = mean max(0, margin + L(Y|R+) - L(Y|R-))`.
 /// Returns `(rank_pos, rank_neg)`, scalars. Gradients flow into all three terms, as
@@ -56,7 +56,7 @@ pub fn rank_terms(
     Ok((pos, neg))
 }
 
-/// Number of rows of logits [B, A] whose argmax equals target [B] (ties: lowest index).
+/// Number of rows of logits [B, A] whose argmax equals target \[B\] (ties: lowest index).
 pub fn correct(logits: &Tensor, target: &Tensor) -> Result<Vec<bool>> {
     let pred = argmax_rows(logits)?;
     let t = target.to_dtype(DType::U32)?.to_vec1::<u32>()?;

@@ -13,13 +13,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::stage::{self, Stage};
+
 /// One metrics line.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// `"train"`, `"val"` or `"test"`.
     pub kind: String,
-    /// Training stage (1 or 2; 0 for a final test evaluation).
-    pub stage: u8,
+    /// Training stage; `None` for a final test evaluation (`1`, `2` or `0` on disk).
+    #[serde(with = "stage::number_or_zero")]
+    pub stage: Option<Stage>,
     /// Epoch within the stage (1-based).
     pub epoch: usize,
     /// Updates done in this stage so far.
@@ -134,7 +137,7 @@ mod tests {
         let mut w = MetricsWriter::open(&p)?;
         let mut r = Record {
             kind: "train".into(),
-            stage: 2,
+            stage: Some(Stage::Mixing),
             epoch: 1,
             step: 10,
             loss: Some(1.5),
@@ -148,6 +151,23 @@ mod tests {
         let back = read_metrics(&p)?;
         assert_eq!(back, vec![r.clone()]);
         assert_eq!(back[0].deterministic().secs, None);
+        Ok(())
+    }
+
+    #[test]
+    fn stage_keeps_its_numeric_form() -> Result<()> {
+        // Lines as every version wrote them: the final test has stage 0.
+        let test_line = r#"{"kind":"test","stage":0,"epoch":0,"step":0,"acc":0.5}"#;
+        let r: Record = serde_json::from_str(test_line)?;
+        assert_eq!(r.stage, None);
+        assert_eq!(serde_json::to_string(&r)?, test_line);
+        let train_line = r#"{"kind":"train","stage":1,"epoch":1,"step":3}"#;
+        let r: Record = serde_json::from_str(train_line)?;
+        assert_eq!(r.stage, Some(Stage::Experts));
+        assert_eq!(serde_json::to_string(&r)?, train_line);
+        let bad = r#"{"kind":"train","stage":3,"epoch":1,"step":3}"#;
+        let e = serde_json::from_str::<Record>(bad).unwrap_err().to_string();
+        assert!(e.contains("stage 3: expected 1 or 2"), "{e}");
         Ok(())
     }
 }

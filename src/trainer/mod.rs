@@ -1,8 +1,11 @@
 //! Two-stage training (paper section 3.4-3.5), evaluation, ablations and checkpoints.
 //!
-//! - [`run`]: a training run ([`train`]): stage I (each expert with its own head), stage II
-//!   (experts frozen; router, CMR/CAP parts and decoder trained with L_task + lambda
-//!   (L_rank+ + L_rank-)), checkpoints each epoch, `--resume`, early stopping, final test.
+//! - [`training`]: a training run ([`train`]): stage I (each expert with its own head),
+//!   stage II (experts frozen; router, CMR/CAP parts and decoder trained with L_task +
+//!   lambda (L_rank+ + L_rank-)), checkpoints each epoch, `--resume`, early stopping, final
+//!   test.
+//! - [`stage`]: [`Stage`], the two stages; [`state`]: [`TrainState`], the checkpoint's
+//!   `state.json`.
 //! - [`eval`]: accuracy per missing setting and question type; the Table 1 layout.
 //! - [`loss`]: cross-entropy and the hinge ranking loss (Eq. 13-15).
 //! - [`optim`]: AdamW with persistent moments and the warmup + decay schedule.
@@ -10,6 +13,11 @@
 //! - [`checkpoint`]: atomic file writes; [`metrics`]: `metrics.jsonl`.
 //! - [`report`], [`plot`]: `report.md` and PNG plots; [`ablate`]: the ablation study.
 //! - [`config`]: [`TrainConfig`] (TOML + CLI).
+//! - [`progress`]: the progress bar of an epoch.
+//!
+//! Dependencies point one way: `ablate` -> `training` -> `report` -> `state` ->
+//! `config` / `eval` / `stage`. Progress bars, plots and TOML need the `cli` feature;
+//! without it training runs the same, silently, and reports say their plots were not drawn.
 
 pub mod ablate;
 pub mod checkpoint;
@@ -22,8 +30,12 @@ pub mod optim;
 pub mod plot;
 pub mod progress;
 pub mod report;
-pub mod run;
+pub mod stage;
+pub mod state;
+pub mod training;
 
 pub use config::{StageConfig, TrainConfig};
 pub use eval::{evaluate, evaluate_table, format_table1, EvalResult, Predictor};
-pub use run::{evaluate_checkpoint, train, RunOptions, RunSummary, Session, TrainState};
+pub use stage::Stage;
+pub use state::TrainState;
+pub use training::{evaluate_checkpoint, train, RunOptions, RunSummary, Session};

@@ -240,7 +240,8 @@ impl AdamW {
 }
 
 /// Shape of the decay after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Decay {
     /// Half-cosine from the peak to `min_lr_frac * peak`.

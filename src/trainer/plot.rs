@@ -1,20 +1,32 @@
-//! PNG line plots (plotters, bitmap backend).
+//! PNG line plots of the reports ([`Figures`]). Drawing needs plotters, part of the `cli`
+//! feature; without it a report is written without plots and says so ([`NOT_DRAWN`]).
 //!
 //! Text needs a font registered with plotters' `ab_glyph` backend: DejaVu Sans is loaded
 //! from the usual system path (or `$R2SCP_FONT`). Without a font the plot is still drawn,
 //! with axes, grid and lines but no captions, tick labels or legend.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+#[cfg(feature = "cli")]
 use std::sync::OnceLock;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
+#[cfg(feature = "cli")]
+use anyhow::{anyhow, Context};
+#[cfg(feature = "cli")]
 use plotters::prelude::*;
+#[cfg(feature = "cli")]
 use plotters::style::FontStyle;
 
+/// The line a report carries in place of its plots when the build cannot draw them.
+pub const NOT_DRAWN: &str =
+    "Plots: not drawn (this build of r2scp lacks its `cli` feature, which brings plotters).";
+
 /// Default font location.
+#[cfg(feature = "cli")]
 pub const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// Register a sans-serif font once; true when text can be drawn.
+#[cfg(feature = "cli")]
 pub fn ensure_font() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
@@ -57,6 +69,46 @@ pub struct Labels<'a> {
     pub y: &'a str,
 }
 
+/// The plots of one report: `<report dir>/plots/<name>.png`, linked from the report's
+/// markdown as `plots/<name>.png`.
+#[derive(Debug, Clone)]
+pub struct Figures {
+    // Read only when drawing.
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    dir: PathBuf,
+}
+
+impl Figures {
+    /// Plots of the report in `report_dir`; creates `report_dir/plots` when the build
+    /// draws (`cli`), else creates nothing.
+    pub fn new(report_dir: &Path) -> Result<Self> {
+        let dir = report_dir.join("plots");
+        #[cfg(feature = "cli")]
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { dir })
+    }
+
+    /// Draws the line plot `<name>.png` (the free function `line_plot` of this module) and
+    /// returns its markdown image link `![<name>](plots/<name>.png)`; `None` (nothing
+    /// drawn) without the `cli` feature.
+    #[cfg_attr(not(feature = "cli"), allow(unused_variables))]
+    pub fn line_plot(
+        &self,
+        name: &str,
+        labels: Labels,
+        series: &[Series],
+    ) -> Result<Option<String>> {
+        #[cfg(feature = "cli")]
+        {
+            line_plot(&self.dir.join(format!("{name}.png")), labels, series)?;
+            Ok(Some(format!("![{name}](plots/{name}.png)")))
+        }
+        #[cfg(not(feature = "cli"))]
+        Ok(None)
+    }
+}
+
+#[cfg(feature = "cli")]
 const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -70,11 +122,13 @@ const COLORS: [RGBColor; 8] = [
 
 /// Draw `series` as lines with point markers into a 800x500 PNG at `path`.
 /// Empty series are skipped; an all-empty plot is still written (axes only).
+#[cfg(feature = "cli")]
 pub fn line_plot(path: &Path, labels: Labels, series: &[Series]) -> Result<()> {
     let text = ensure_font();
     draw(path, labels, series, text)
 }
 
+#[cfg(feature = "cli")]
 fn draw(path: &Path, labels: Labels, series: &[Series], text: bool) -> Result<()> {
     let err = |e: &dyn std::fmt::Debug| anyhow!("plot {}: {e:?}", path.display());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -162,7 +216,7 @@ fn draw(path: &Path, labels: Labels, series: &[Series], text: bool) -> Result<()
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cli"))]
 mod tests {
     use super::*;
 

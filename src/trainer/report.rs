@@ -9,15 +9,15 @@ use anyhow::Result;
 use super::checkpoint::{atomic_write, write_json};
 use super::eval::{format_table1, mean_acc, missing_avg};
 use super::metrics::{read_metrics, Record};
-use super::plot::{line_plot, Labels, Series};
-use super::run::TrainState;
+use super::plot::{Figures, Labels, Series, NOT_DRAWN};
+use super::stage::Stage;
+use super::state::TrainState;
 
-/// Write `results.json`, `report.md` and `plots/{loss,accuracy,router}.png` into `run_dir`.
+/// Write `results.json`, `report.md` and `plots/{loss,accuracy,router}.png` into `run_dir`
+/// (the plots with the `cli` feature only; without it the report says they were not drawn).
 pub fn write_run_report(run_dir: &Path, state: &TrainState) -> Result<()> {
     let metrics = read_metrics(&run_dir.join("metrics.jsonl"))?;
-    let plots = run_dir.join("plots");
-    std::fs::create_dir_all(&plots)?;
-    plot_run(&plots, &metrics)?;
+    let plots = plot_run(&Figures::new(run_dir)?, &metrics)?;
     let test = state.test.clone().unwrap_or_default();
     write_json(
         &run_dir.join("results.json"),
@@ -87,11 +87,21 @@ pub fn write_run_report(run_dir: &Path, state: &TrainState) -> Result<()> {
         }
         md.push('\n');
     }
-    md.push_str("## Plots\n\n![loss](plots/loss.png)\n\n![accuracy](plots/accuracy.png)\n\n");
-    md.push_str(
-        "![router](plots/router.png)\n\nRouter weights: mean expert weights alpha (Eq. 11) of \
-         the training batches during stage II (the paper's Figure 6).\n",
-    );
+    md.push_str("## Plots\n\n");
+    match plots {
+        Some(links) => {
+            for link in links {
+                let _ = write!(md, "{link}\n\n");
+            }
+            md.push_str(
+                "Router weights: mean expert weights alpha (Eq. 11) of the training batches \
+                 during stage II (the paper's Figure 6).\n",
+            );
+        }
+        None => {
+            let _ = writeln!(md, "{NOT_DRAWN}");
+        }
+    }
     atomic_write(&run_dir.join("report.md"), md.as_bytes())
 }
 
@@ -107,14 +117,14 @@ fn on_off(b: bool) -> &'static str {
 fn global_steps(metrics: &[Record]) -> Vec<f64> {
     let s1_end = metrics
         .iter()
-        .filter(|r| r.stage == 1)
+        .filter(|r| r.stage == Some(Stage::Experts))
         .map(|r| r.step)
         .max()
         .unwrap_or(0) as f64;
     metrics
         .iter()
         .map(|r| {
-            if r.stage == 2 {
+            if r.stage == Some(Stage::Mixing) {
                 s1_end + r.step as f64
             } else {
                 r.step as f64
@@ -123,16 +133,18 @@ fn global_steps(metrics: &[Record]) -> Vec<f64> {
         .collect()
 }
 
-fn plot_run(dir: &Path, metrics: &[Record]) -> Result<()> {
+/// Draws `loss`, `accuracy` and `router`; their markdown links in that order, or `None`
+/// when the build does not draw.
+fn plot_run(figures: &Figures, metrics: &[Record]) -> Result<Option<Vec<String>>> {
     let xs = global_steps(metrics);
     let pick =
-        |f: &dyn Fn(&Record) -> Option<f64>, kind: &str, stage: u8, setting: Option<&str>| {
+        |f: &dyn Fn(&Record) -> Option<f64>, kind: &str, stage: Stage, setting: Option<&str>| {
             metrics
                 .iter()
                 .zip(&xs)
                 .filter(|(r, _)| {
                     r.kind == kind
-                        && r.stage == stage
+                        && r.stage == Some(stage)
                         && setting.is_none_or(|s| r.setting.as_deref() == Some(s))
                 })
                 .filter_map(|(r, x)| f(r).map(|y| (*x, y)))
@@ -140,8 +152,8 @@ fn plot_run(dir: &Path, metrics: &[Record]) -> Result<()> {
         };
     let loss = |r: &Record| r.loss;
     let acc = |r: &Record| r.acc.map(|a| 100.0 * a);
-    line_plot(
-        &dir.join("loss.png"),
+    let loss_link = figures.line_plot(
+        "loss",
         Labels {
             title: "Training loss",
             x: "update",
@@ -150,27 +162,33 @@ fn plot_run(dir: &Path, metrics: &[Record]) -> Result<()> {
         &[
             Series::new(
                 "stage I (sum of 3 expert losses)",
-                pick(&loss, "train", 1, None),
+                pick(&loss, "train", Stage::Experts, None),
             ),
             Series::new(
                 "stage II (task + lambda rank)",
-                pick(&loss, "train", 2, None),
+                pick(&loss, "train", Stage::Mixing, None),
             ),
         ],
     )?;
     let mut acc_series = vec![
-        Series::new("train stage I (text expert)", pick(&acc, "train", 1, None)),
-        Series::new("train stage II", pick(&acc, "train", 2, None)),
-        Series::new("val stage I (mean of experts)", pick(&acc, "val", 1, None)),
+        Series::new(
+            "train stage I (text expert)",
+            pick(&acc, "train", Stage::Experts, None),
+        ),
+        Series::new("train stage II", pick(&acc, "train", Stage::Mixing, None)),
+        Series::new(
+            "val stage I (mean of experts)",
+            pick(&acc, "val", Stage::Experts, None),
+        ),
     ];
     for s in ["missing-audio", "missing-visual", "complete"] {
         acc_series.push(Series::new(
             format!("val {s}"),
-            pick(&acc, "val", 2, Some(s)),
+            pick(&acc, "val", Stage::Mixing, Some(s)),
         ));
     }
-    line_plot(
-        &dir.join("accuracy.png"),
+    let accuracy_link = figures.line_plot(
+        "accuracy",
         Labels {
             title: "Accuracy",
             x: "update",
@@ -181,12 +199,12 @@ fn plot_run(dir: &Path, metrics: &[Record]) -> Result<()> {
     let router = |i: usize| {
         metrics
             .iter()
-            .filter(|r| r.kind == "train" && r.stage == 2)
+            .filter(|r| r.kind == "train" && r.stage == Some(Stage::Mixing))
             .filter_map(|r| r.router.map(|w| (r.step as f64, w[i])))
             .collect::<Vec<_>>()
     };
-    line_plot(
-        &dir.join("router.png"),
+    let router_link = figures.line_plot(
+        "router",
         Labels {
             title: "Expert loads during stage II (router weights)",
             x: "stage II update",
@@ -198,5 +216,7 @@ fn plot_run(dir: &Path, metrics: &[Record]) -> Result<()> {
             Series::new("text expert", router(2)),
         ],
     )?;
-    Ok(())
+    Ok([loss_link, accuracy_link, router_link]
+        .into_iter()
+        .collect())
 }

@@ -8,7 +8,7 @@ use candle_core::{bail, DType, Result, Tensor};
 
 pub(crate) const OP: &str = "dissonance_topk";
 
-/// The available-modality context of [`dissonance_topk`].
+/// The available-modality context of [`fn@super::dissonance_topk`].
 #[derive(Clone, Copy, Debug)]
 pub enum Context<'a> {
     /// Available tokens `h_avl` [B, La, D] (the dtype of `P`), pooled by a masked mean
@@ -24,10 +24,10 @@ pub enum Context<'a> {
     Anchor(&'a Tensor),
 }
 
-/// Output of [`dissonance_topk`].
+/// Output of [`fn@super::dissonance_topk`].
 #[derive(Clone, Debug)]
 pub struct Dissonance {
-    /// [B, L] delta = 1 - cos(P[b, i], g[b]) (Eq. 3 with the epsilon of Eq. 1); f32, or f64
+    /// \[B, L\] delta = 1 - cos(P\[b, i\], g\[b\]) (Eq. 3 with the epsilon of Eq. 1); f32, or f64
     /// for f64 inputs. Differentiable w.r.t. `P` and the context tensor.
     pub delta: Tensor,
     /// [B, k] u32 noise indices, delta descending, ties to the lower index (Eq. 5). No gradient.

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 /// Phase 1 of CAP, fused: masked mean pooling of the context (Eq. 2), delta = 1 - cosine of
 /// every row of `p` [B, L, D] with the pooled anchor (Eq. 3, epsilon
-/// [`COS_EPS`](crate::kernel::abi::COS_EPS)), and the top-`k` noise indices by delta (Eq. 5),
+/// [`COS_EPS`]), and the top-`k` noise indices by delta (Eq. 5),
 /// in one pass per batch row (CPU, rayon over rows) or one kernel (CUDA). `p` and the context
 /// share one float dtype (f32, f16, bf16; f64 on CPU).
 ///

@@ -1,7 +1,7 @@
 //! `topk_rows`: the CAP top-k over score rows (phase 2 saliency selection, Eq. 7).
 //!
 //! Files of this op: `kernel.rs` (plan and device path of `kernels/topk_rows.cu`, CUDA and
-//! emulator); the CPU path is [`crate::topk::row_topk`] over rows in parallel; tests in
+//! emulator); the CPU path is `crate::topk::row_topk` over rows in parallel; tests in
 //! `tests/ops/topk_rows.rs`.
 
 pub mod kernel;
@@ -62,7 +62,7 @@ fn cpu_topk<A: Acc>(s: &[A], l: usize, k: usize) -> Result<(Vec<A>, Vec<u32>)> {
 
 /// Top-`k` of every row of `scores` [B, L] (f32; f64 on CPU): returns (values [B, k] in the
 /// dtype of `scores`, indices [B, k] u32), larger first, ties to the lower index, NaN ranked
-/// as -inf. The same top-k machinery as [`super::dissonance_topk`]. Values are
+/// as -inf. The same top-k machinery as [`fn@super::dissonance_topk`]. Values are
 /// differentiable w.r.t. `scores` (as a gather at the indices); indices carry no gradient.
 /// Errors: rank != 2, a non-float dtype, `k == 0`, `k > L`.
 pub fn topk_rows(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {

@@ -62,7 +62,7 @@ impl CosinePlan {
     }
 }
 
-/// Shared bytes of the per-warp [32][33] f32 transpose buffers that make the partial
+/// Shared bytes of the per-warp \[32\]\[33\] f32 transpose buffers that make the partial
 /// kernel's key loads coalesced (`R2_CT_TRANSPOSE_FLOATS` in kernels/cosine_topk.cu).
 pub const TRANSPOSE_BYTES: u64 = (THREADS as u64 / 32) * 32 * 33 * 4;
 

@@ -18,7 +18,7 @@ use contract::check;
 /// Fused cosine top-n (paper Eq. 1); see [`crate::retrieve`] for the full contract.
 ///
 /// `queries` [B, D] (f32 or the keys' dtype), `keys` [M, D] (f32|f16|bf16), `key_norms`
-/// [M] f32 (`None` = computed), `exclude` [B] u32 (`u32::MAX` = none). Returns
+/// \[M\] f32 (`None` = computed), `exclude` \[B\] u32 (`u32::MAX` = none). Returns
 /// `(scores [B, n] f32 descending, indices [B, n] u32)`; ties go to the lower index.
 /// CPU tensors run the fused CPU path (tiled, vectorised, threaded, no B x M matrix);
 /// CUDA tensors (feature `cuda`) run `kernels/cosine_topk.cu`.
@@ -72,7 +72,7 @@ pub fn cosine_topk_emulated(
     kernel::run_on(&crate::kernel::emu::EmuLauncher, &c, queries, keys, &kn)
 }
 
-/// `|k_i|` for each bank row, as f32 [M] on the keys' device (keys [M, D] f32|f16|bf16).
+/// `|k_i|` for each bank row, as f32 \[M\] on the keys' device (keys \[M, D\] f32|f16|bf16).
 /// Computed once per bank and passed to [`cosine_topk`] as `key_norms`.
 pub fn key_norms(keys: &Tensor) -> Result<Tensor> {
     crate::check::rank2((keys, "keys"), "[M, D]", "key_norms")?;

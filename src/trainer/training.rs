@@ -16,21 +16,20 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{load_tensors, read_json, save_tensors, truncate_file, write_json};
-use super::config::{StageConfig, TrainConfig};
+use super::checkpoint::{load_tensors, save_tensors, truncate_file, write_json};
+use super::config::TrainConfig;
 use super::eval::{evaluate, evaluate_table, mean_acc, EvalResult, Predictor};
 use super::init::seeded_var_builder;
 use super::loss::{correct, cross_entropy_per_sample, rank_terms, weighted_mean};
 use super::metrics::{MetricsWriter, Record};
 use super::optim::{AdamW, AdamWParams, Schedule};
-use super::progress;
+use super::progress::EpochBar;
+use super::stage::Stage;
+use super::state::{checkpoint_dir, find_state, read_state, TrainState};
 use crate::data::{
-    batches, generate, load_music_avqa, MissingPolicy, MissingSim, QuestionType, Splits,
+    batches, generate, load_music_avqa, Batch, MissingPolicy, MissingSim, QuestionType, Splits,
 };
 use crate::model::{is_expert_var, Banks, ForwardOptions, R2scp};
-
-/// Version of the `state.json` layout.
-pub const STATE_FORMAT: u32 = 1;
 
 /// Purpose tags of [`derive_seed`].
 #[derive(Debug, Clone, Copy)]
@@ -46,7 +45,11 @@ pub enum SeedTag {
 }
 
 /// SplitMix64 of `(seed, stage, epoch, tag)`: the seed of one purpose in one epoch.
-pub fn derive_seed(seed: u64, stage: u8, epoch: usize, tag: SeedTag) -> u64 {
+/// `stage` is `None` for seeds tied to no stage (initialisation, with epoch 0); it enters
+/// the hash as its number (1, 2; 0 for `None`), so the seeds are those of the `u8` stages
+/// that came before the [`Stage`] enum.
+pub fn derive_seed(seed: u64, stage: Option<Stage>, epoch: usize, tag: SeedTag) -> u64 {
+    let stage = stage.map_or(0, Stage::number);
     let mut z = seed
         ^ (stage as u64).wrapping_mul(0xA24B_AED4_963E_E407)
         ^ (epoch as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25)
@@ -95,7 +98,11 @@ impl Session {
     pub fn from_splits(cfg: &TrainConfig, splits: Splits, device: &Device) -> Result<Self> {
         let banks = Banks::from_dataset(&splits.train, device)?;
         let varmap = VarMap::new();
-        let vb = seeded_var_builder(&varmap, derive_seed(cfg.seed, 0, 0, SeedTag::Init), device);
+        let vb = seeded_var_builder(
+            &varmap,
+            derive_seed(cfg.seed, None, 0, SeedTag::Init),
+            device,
+        );
         let model = R2scp::new(&cfg.model, &splits.dims(), vb)
             .map_err(|e| anyhow!("building the model: {e}"))?;
         Ok(Self {
@@ -199,47 +206,6 @@ impl RunOptions {
     }
 }
 
-/// The JSON state next to the checkpoint tensors (`checkpoint/state.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainState {
-    /// Layout version ([`STATE_FORMAT`]).
-    pub format: u32,
-    /// The run's configuration (resume uses it, not the command line).
-    pub config: TrainConfig,
-    /// Stage of the last completed epoch (1 or 2).
-    pub stage: u8,
-    /// Epochs completed in `stage`.
-    pub epoch: usize,
-    /// Optimizer updates done in `stage`.
-    pub step: u64,
-    /// `stage` has ended (its best weights are in `model_file`).
-    pub stage_done: bool,
-    /// Best validation accuracy of `stage` so far.
-    pub best_val: Option<f64>,
-    /// Epoch of `best_val`.
-    pub best_epoch: usize,
-    /// Epochs since `best_val` improved.
-    pub bad_epochs: usize,
-    /// Length in bytes of `metrics.jsonl` at this checkpoint.
-    pub metrics_len: u64,
-    /// Parameters (file name in the checkpoint directory).
-    pub model_file: String,
-    /// AdamW moments (absent once the stage is done).
-    pub optim_file: Option<String>,
-    /// Parameters of the best epoch of `stage`.
-    pub best_file: Option<String>,
-    /// Seeds the next epoch will use: (order, missing, dropout). Informational: they are
-    /// recomputed from (seed, stage, epoch).
-    pub next_seeds: [u64; 3],
-    /// Training and final evaluation are complete.
-    pub finished: bool,
-    /// Final test results (Table 1 rows), when finished.
-    pub test: Option<Vec<EvalResult>>,
-    /// Results of [`RunOptions::extra_eval`], when finished.
-    #[serde(default)]
-    pub test_extra: Option<Vec<EvalResult>>,
-}
-
 /// What a run produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSummary {
@@ -257,89 +223,45 @@ pub struct RunSummary {
     pub secs: f64,
 }
 
-/// Path of the checkpoint directory of a run.
-pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
-    run_dir.join("checkpoint")
-}
-
-/// Find `state.json` from a run directory or a checkpoint directory.
-pub fn find_state(dir: &Path) -> Result<PathBuf> {
-    for p in [
-        dir.join("checkpoint").join("state.json"),
-        dir.join("state.json"),
-    ] {
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    if !dir.exists() {
-        bail!("checkpoint directory {} does not exist", dir.display());
-    }
-    bail!(
-        "{} holds no checkpoint (expected checkpoint/state.json or state.json)",
-        dir.display()
-    )
-}
-
-/// Read a checkpoint's state; errors name the file.
-pub fn read_state(path: &Path) -> Result<TrainState> {
-    let st: TrainState = read_json(path)?;
-    if st.format != STATE_FORMAT {
-        bail!(
-            "{}: state format {} is not supported (expected {STATE_FORMAT})",
-            path.display(),
-            st.format
-        );
-    }
-    check_state(&st).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
-    Ok(st)
-}
-
-/// What a state file must satisfy beyond its JSON types before a run trusts it: a valid
-/// saved config (a hostile `batch_size = 0` would divide by zero), a real stage, and tensor
-/// file names that stay inside the checkpoint directory.
-fn check_state(st: &TrainState) -> Result<()> {
-    if !matches!(st.stage, 1 | 2) {
-        bail!("stage = {}, expected 1 or 2", st.stage);
-    }
-    for (field, name) in [
-        ("model_file", Some(&st.model_file)),
-        ("optim_file", st.optim_file.as_ref()),
-        ("best_file", st.best_file.as_ref()),
-    ] {
-        if let Some(n) = name {
-            let plain = !n.is_empty() && !n.contains(['/', '\\']) && n != "." && n != "..";
-            if !plain {
-                bail!("{field} = {n:?}, expected a file name in the checkpoint directory");
-            }
-        }
-    }
-    st.config.validate().context("saved config")
-}
-
-fn stage_cfg(cfg: &TrainConfig, stage: u8) -> &StageConfig {
-    if stage == 1 {
-        &cfg.stage1
-    } else {
-        &cfg.stage2
-    }
-}
-
-fn stage_name(stage: u8) -> &'static str {
-    if stage == 1 {
-        "stage I"
-    } else {
-        "stage II"
-    }
-}
-
-/// Running sums over a logging window.
+/// Running sums of updates: loss, samples and correct answers.
 #[derive(Default)]
-struct Window {
+struct Tally {
     n_steps: usize,
     n_samples: usize,
     correct: usize,
     loss: f64,
+}
+
+impl Tally {
+    /// One update over `samples` samples, `correct` of them answered right, loss `loss`.
+    fn add(&mut self, samples: usize, correct: usize, loss: f64) {
+        self.n_steps += 1;
+        self.n_samples += samples;
+        self.correct += correct;
+        self.loss += loss;
+    }
+
+    fn mean_loss(&self) -> f64 {
+        self.loss / self.n_steps.max(1) as f64
+    }
+
+    /// Accuracy in %, computed as 100 * correct / samples (in this order: the printed
+    /// figures round the same way as they always have).
+    fn percent_correct(&self) -> f64 {
+        100.0 * self.correct as f64 / self.n_samples.max(1) as f64
+    }
+
+    /// Samples per second since `since`.
+    fn throughput(&self, since: Instant) -> f64 {
+        self.n_samples as f64 / since.elapsed().as_secs_f64().max(1e-9)
+    }
+}
+
+/// Running sums over a logging window: a [`Tally`], the loss parts and accuracies of the
+/// stage, and the router weights.
+#[derive(Default)]
+struct Window {
+    tally: Tally,
     parts: Vec<(String, f64)>,
     router: [f64; 3],
     router_n: usize,
@@ -382,7 +304,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         super::checkpoint::remove_temp_files(&ckpt);
         super::checkpoint::remove_temp_files(&opts.run_dir);
     }
-    let saved_cfg = opts.run_dir.join("config.toml");
+    let saved_cfg = opts.run_dir.join(super::config::SNAPSHOT_FILE);
     // A run killed before its first checkpoint has only its config: resuming starts it over.
     let restart = opts.resume && find_state(&opts.run_dir).is_err() && saved_cfg.is_file();
     let (cfg, state) = if opts.resume && !restart {
@@ -391,7 +313,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         (st.config.clone(), Some(st))
     } else {
         let cfg = &if restart {
-            TrainConfig::from_toml_file(&saved_cfg)?
+            TrainConfig::read_snapshot(&opts.run_dir)?
         } else {
             cfg.clone()
         };
@@ -404,8 +326,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         cfg.validate()?;
         std::fs::create_dir_all(&ckpt).with_context(|| format!("creating {}", ckpt.display()))?;
         truncate_file(&metrics_path, 0)?;
-        let toml = toml::to_string_pretty(cfg).context("serialising the config")?;
-        super::checkpoint::atomic_write(&opts.run_dir.join("config.toml"), toml.as_bytes())?;
+        cfg.write_snapshot(&opts.run_dir)?;
         (cfg.clone(), None)
     };
     let s = Session::new(&cfg, &opts.device)?;
@@ -415,25 +336,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             s.load_weights(&ckpt.join(&st.model_file))?;
             st
         }
-        None => TrainState {
-            format: STATE_FORMAT,
-            config: cfg.clone(),
-            stage: if cfg.stage1_enabled { 1 } else { 2 },
-            epoch: 0,
-            step: 0,
-            stage_done: false,
-            best_val: None,
-            best_epoch: 0,
-            bad_epochs: 0,
-            metrics_len: 0,
-            model_file: String::new(),
-            optim_file: None,
-            best_file: None,
-            next_seeds: [0; 3],
-            finished: false,
-            test: None,
-            test_extra: None,
-        },
+        None => TrainState::new(&cfg),
     };
     let metrics = MetricsWriter::open(&metrics_path)?;
     let mut t = Trainer {
@@ -457,7 +360,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             t.s.splits.test.len()
         );
     }
-    t.run()
+    t.train_and_test()
 }
 
 impl Trainer<'_> {
@@ -465,15 +368,12 @@ impl Trainer<'_> {
         &self.s.cfg
     }
 
-    fn run(&mut self) -> Result<RunSummary> {
+    /// Trains the stages not done yet, tests the model (Table-1 rows and
+    /// [`RunOptions::extra_eval`]) and writes the report.
+    fn train_and_test(&mut self) -> Result<RunSummary> {
         if !self.state.finished {
-            for stage in [1u8, 2] {
-                let enabled = if stage == 1 {
-                    self.cfg().stage1_enabled
-                } else {
-                    self.cfg().stage2_enabled
-                };
-                if !enabled
+            for stage in Stage::ALL {
+                if !self.cfg().stage_enabled(stage)
                     || (self.state.stage > stage)
                     || (self.state.stage == stage && self.state.stage_done)
                 {
@@ -481,17 +381,9 @@ impl Trainer<'_> {
                 }
                 if self.state.stage < stage {
                     // previous stage finished: start this one fresh
-                    self.state.stage = stage;
-                    self.state.epoch = 0;
-                    self.state.step = 0;
-                    self.state.stage_done = false;
-                    self.state.best_val = None;
-                    self.state.best_epoch = 0;
-                    self.state.bad_epochs = 0;
-                    self.state.optim_file = None;
-                    self.state.best_file = None;
+                    self.state.begin_stage(stage);
                 }
-                if let Flow::Halted = self.run_stage(stage)? {
+                if let Flow::Halted = self.train_stage(stage)? {
                     return Ok(RunSummary {
                         run_dir: self.opts.run_dir.clone(),
                         halted: true,
@@ -504,25 +396,8 @@ impl Trainer<'_> {
             }
             self.finish()?;
         }
-        let want = self.opts.extra_eval.len();
-        if self.state.test_extra.as_ref().map_or(0, Vec::len) != want {
-            let mut extra = Vec::with_capacity(want);
-            for p in &self.opts.extra_eval {
-                extra.push(evaluate(
-                    &self.s.model,
-                    &self.s.splits.test,
-                    &self.s.banks,
-                    *p,
-                    self.cfg().eval_batch_size,
-                    self.predictor(),
-                    &self.s.device,
-                )?);
-            }
-            self.state.test_extra = Some(extra);
-            write_json(
-                &checkpoint_dir(&self.opts.run_dir).join("state.json"),
-                &self.state,
-            )?;
+        if self.state.test_extra.as_ref().map_or(0, Vec::len) != self.opts.extra_eval.len() {
+            self.test_extra_settings()?;
         }
         let test = self.state.test.clone().unwrap_or_default();
         if self.opts.report {
@@ -538,6 +413,39 @@ impl Trainer<'_> {
         })
     }
 
+    /// Tests the model under each of [`RunOptions::extra_eval`] and saves the results in
+    /// the state.
+    fn test_extra_settings(&mut self) -> Result<()> {
+        self.state.test_extra = Some(self.test_under(&self.opts.extra_eval)?);
+        self.save_state()
+    }
+
+    /// Accuracy on the test split under each missing-modality policy.
+    fn test_under(&self, policies: &[MissingPolicy]) -> Result<Vec<EvalResult>> {
+        policies
+            .iter()
+            .map(|p| {
+                evaluate(
+                    &self.s.model,
+                    &self.s.splits.test,
+                    &self.s.banks,
+                    *p,
+                    self.cfg().eval_batch_size,
+                    self.predictor(),
+                    &self.s.device,
+                )
+            })
+            .collect()
+    }
+
+    /// Writes `checkpoint/state.json` (atomically; the commit point of a checkpoint).
+    fn save_state(&self) -> Result<()> {
+        write_json(
+            &checkpoint_dir(&self.opts.run_dir).join("state.json"),
+            &self.state,
+        )
+    }
+
     fn predictor(&self) -> Predictor {
         if self.cfg().stage2_enabled {
             Predictor::Full
@@ -548,18 +456,11 @@ impl Trainer<'_> {
 
     fn finish(&mut self) -> Result<()> {
         let t0 = Instant::now();
-        let rows = evaluate_table(
-            &self.s.model,
-            &self.s.splits.test,
-            &self.s.banks,
-            self.cfg().eval_batch_size,
-            self.predictor(),
-            &self.s.device,
-        )?;
+        let rows = self.test_under(&MissingPolicy::EVAL_SETTINGS)?;
         for r in &rows {
             let mut rec = Record {
                 kind: "test".into(),
-                stage: 0,
+                stage: None,
                 epoch: 0,
                 step: 0,
                 loss: Some(r.loss),
@@ -590,24 +491,17 @@ impl Trainer<'_> {
         self.state.test = Some(rows);
         self.state.finished = true;
         self.state.metrics_len = self.metrics.len()?;
-        write_json(
-            &checkpoint_dir(&self.opts.run_dir).join("state.json"),
-            &self.state,
-        )?;
-        Ok(())
+        self.save_state()
     }
 
-    fn run_stage(&mut self, stage: u8) -> Result<Flow> {
+    fn train_stage(&mut self, stage: Stage) -> Result<Flow> {
         let cfg = self.cfg().clone();
-        let sc = stage_cfg(&cfg, stage).clone();
-        let frozen = stage == 2 && cfg.stage1_enabled;
+        let sc = cfg.stage(stage).clone();
+        let frozen = stage == Stage::Mixing && cfg.stage1_enabled;
         self.s.model.set_experts_frozen(frozen);
-        let trainable = move |n: &str| {
-            if stage == 1 {
-                is_expert_var(n)
-            } else {
-                !frozen || !is_expert_var(n)
-            }
+        let trainable = move |n: &str| match stage {
+            Stage::Experts => is_expert_var(n),
+            Stage::Mixing => !frozen || !is_expert_var(n),
         };
         let params = AdamWParams {
             lr: sc.lr,
@@ -638,7 +532,7 @@ impl Trainer<'_> {
             self.state.step = opt.step_count();
             let val = self.validate(stage, epoch)?;
             let improved = self.state.best_val.is_none_or(|b| val > b);
-            let tag = format!("s{stage}e{epoch}");
+            let tag = format!("s{}e{epoch}", stage.number());
             if improved {
                 self.state.best_val = Some(val);
                 self.state.best_epoch = epoch;
@@ -658,8 +552,7 @@ impl Trainer<'_> {
             }
             if !self.opts.quiet {
                 println!(
-                    "{} epoch {epoch}/{}: val {:.2}%{}{}",
-                    stage_name(stage),
+                    "{stage} epoch {epoch}/{}: val {:.2}%{}{}",
                     sc.epochs,
                     100.0 * val,
                     if improved { " (best)" } else { "" },
@@ -678,13 +571,13 @@ impl Trainer<'_> {
             self.state.step = opt.step_count();
             self.state.stage_done = done;
             self.state.next_seeds = [
-                derive_seed(cfg.seed, stage, epoch + 1, SeedTag::Order),
-                derive_seed(cfg.seed, stage, epoch + 1, SeedTag::Missing),
-                derive_seed(cfg.seed, stage, epoch + 1, SeedTag::Dropout),
+                derive_seed(cfg.seed, Some(stage), epoch + 1, SeedTag::Order),
+                derive_seed(cfg.seed, Some(stage), epoch + 1, SeedTag::Missing),
+                derive_seed(cfg.seed, Some(stage), epoch + 1, SeedTag::Dropout),
             ];
             self.write_checkpoint(&tag, if done { None } else { Some(&opt) })?;
             self.epochs_done_here += 1;
-            let last_stage = stage == 2 || !cfg.stage2_enabled;
+            let last_stage = stage == Stage::Mixing || !cfg.stage2_enabled;
             let halt = self
                 .opts
                 .halt_after_epochs
@@ -714,7 +607,7 @@ impl Trainer<'_> {
         self.state.model_file = model_file;
         self.state.optim_file = optim_file;
         self.state.metrics_len = self.metrics.len()?;
-        write_json(&ckpt.join("state.json"), &self.state)?;
+        self.save_state()?;
         // Drop tensor files of older generations.
         let keep: Vec<&str> = [
             Some(self.state.model_file.as_str()),
@@ -735,9 +628,11 @@ impl Trainer<'_> {
         Ok(())
     }
 
+    /// One pass over the training split: an AdamW update per batch, a `train` metrics
+    /// line every `log_every` updates, the progress bar and the epoch's summary line.
     fn train_epoch(
         &mut self,
-        stage: u8,
+        stage: Stage,
         epoch: usize,
         opt: &mut AdamW,
         sched: &Schedule,
@@ -747,27 +642,14 @@ impl Trainer<'_> {
         let seed = cfg.seed;
         self.s
             .model
-            .set_dropout_seed(derive_seed(seed, stage, epoch, SeedTag::Dropout));
-        let policy = if stage == 1 {
-            MissingPolicy::Complete
-        } else {
-            MissingPolicy::Simulated(MissingSim {
-                rate: cfg.missing_rate,
-                kind: cfg.missing_type,
-                seed: derive_seed(seed, stage, epoch, SeedTag::Missing),
-            })
-        };
-        let order = derive_seed(seed, stage, epoch, SeedTag::Order);
-        let pb = progress::bar(
-            spe,
-            &format!("{} ep {epoch}", stage_name(stage)),
-            !self.opts.quiet,
-        );
+            .set_dropout_seed(derive_seed(seed, Some(stage), epoch, SeedTag::Dropout));
+        let policy = training_missing_policy(&cfg, stage, epoch);
+        let order = derive_seed(seed, Some(stage), epoch, SeedTag::Order);
+        let bar = EpochBar::new(spe, &format!("{stage} ep {epoch}"), !self.opts.quiet);
         let mut win = Window::default();
-        let mut shown = Window::default();
+        let mut shown = Tally::default();
         let epoch_start = Instant::now();
-        let mut epoch_samples = 0usize;
-        let use_rank = stage == 2 && cfg.rank_loss && cfg.lambda_rank > 0.0;
+        let use_rank = stage == Stage::Mixing && cfg.rank_loss && cfg.lambda_rank > 0.0;
         for batch in batches(
             &self.s.splits.train,
             cfg.batch_size,
@@ -779,135 +661,158 @@ impl Trainer<'_> {
             let lr = sched.lr(opt.step_count());
             opt.set_lr(lr);
             win.started.get_or_insert_with(Instant::now);
-            let b = batch.len();
-            let (loss, ok) = if stage == 1 {
-                let el = self.s.model.expert_logits(&batch, true)?;
-                let la = weighted_mean(
-                    &cross_entropy_per_sample(&el.audio, &batch.answer)?,
-                    &el.audio_present,
-                )?;
-                let lv = weighted_mean(
-                    &cross_entropy_per_sample(&el.visual, &batch.answer)?,
-                    &el.visual_present,
-                )?;
-                let lt = cross_entropy_per_sample(&el.text, &batch.answer)?.mean_all()?;
-                let loss = ((&la + &lv)? + &lt)?;
-                for (name, t) in [
-                    ("loss_audio", &la),
-                    ("loss_visual", &lv),
-                    ("loss_text", &lt),
-                ] {
-                    win.add_part(name, t.to_scalar::<f32>()? as f64);
-                }
-                let oka = correct(&el.audio, &batch.answer)?;
-                let okv = correct(&el.visual, &batch.answer)?;
-                let okt = correct(&el.text, &batch.answer)?;
-                win.add_part("acc_audio", oka.iter().filter(|x| **x).count() as f64);
-                win.add_part("acc_visual", okv.iter().filter(|x| **x).count() as f64);
-                win.add_part("acc_text", okt.iter().filter(|x| **x).count() as f64);
-                (loss, okt.iter().filter(|x| **x).count())
-            } else {
-                let out = self.s.model.forward_with(
-                    &batch,
-                    &self.s.banks,
-                    ForwardOptions {
-                        train: true,
-                        rank_terms: use_rank,
-                    },
-                )?;
-                let task = cross_entropy_per_sample(&out.logits, &batch.answer)?.mean_all()?;
-                win.add_part("task", task.to_scalar::<f32>()? as f64);
-                let mut loss = task;
-                if let (true, Some(r)) = (use_rank, out.rank.as_ref()) {
-                    let ans = batch.answer.index_select(&r.rows_t, 0)?;
-                    let (rp, rn) = rank_terms(
-                        &cross_entropy_per_sample(&r.logits_gt, &ans)?,
-                        &cross_entropy_per_sample(&r.logits_pos, &ans)?,
-                        &cross_entropy_per_sample(&r.logits_neg, &ans)?,
-                        cfg.margin,
-                    )?;
-                    win.add_part("rank_pos", rp.to_scalar::<f32>()? as f64);
-                    win.add_part("rank_neg", rn.to_scalar::<f32>()? as f64);
-                    loss = (loss + ((rp + rn)? * cfg.lambda_rank)?)?;
-                }
-                let w = out.router_weights.sum(0)?.to_vec1::<f32>()?;
-                for (acc, v) in win.router.iter_mut().zip(&w) {
-                    *acc += *v as f64;
-                }
-                win.router_n += b;
-                let ok = correct(&out.logits, &batch.answer)?;
-                (loss, ok.iter().filter(|x| **x).count())
+            let (loss, ok) = match stage {
+                Stage::Experts => self.expert_loss(&batch, &mut win)?,
+                Stage::Mixing => self.mixing_loss(&batch, use_rank, &mut win)?,
             };
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
                 bail!(
-                    "{} epoch {epoch} step {}: loss is {lv}; lower the learning rate",
-                    stage_name(stage),
+                    "{stage} epoch {epoch} step {}: loss is {lv}; lower the learning rate",
                     opt.step_count() + 1
                 );
             }
             opt.backward_step(&loss)?;
-            win.n_steps += 1;
-            win.n_samples += b;
-            win.correct += ok;
-            win.loss += lv;
-            shown.n_samples += b;
-            shown.correct += ok;
-            shown.loss += lv;
-            shown.n_steps += 1;
-            epoch_samples += b;
-            pb.inc(1);
-            pb.set_message(format!(
-                "loss {:.3} acc {:.1}% {:.0} q/s",
-                shown.loss / shown.n_steps as f64,
-                100.0 * shown.correct as f64 / shown.n_samples.max(1) as f64,
-                epoch_samples as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9)
-            ));
-            if win.n_steps >= cfg.log_every {
+            win.tally.add(batch.len(), ok, lv);
+            shown.add(batch.len(), ok, lv);
+            bar.step(|| {
+                format!(
+                    "loss {:.3} acc {:.1}% {:.0} q/s",
+                    shown.mean_loss(),
+                    shown.percent_correct(),
+                    shown.throughput(epoch_start)
+                )
+            });
+            if win.tally.n_steps >= cfg.log_every {
                 flush_window(&mut self.metrics, self.start, stage, epoch, opt, &mut win)?;
             }
         }
-        if win.n_steps > 0 {
+        if win.tally.n_steps > 0 {
             flush_window(&mut self.metrics, self.start, stage, epoch, opt, &mut win)?;
         }
-        pb.finish_and_clear();
+        bar.finish();
         if !self.opts.quiet {
             println!(
-                "{} epoch {epoch}: train loss {:.4} acc {:.2}% ({:.1}s, {:.0} q/s)",
-                stage_name(stage),
-                shown.loss / shown.n_steps.max(1) as f64,
-                100.0 * shown.correct as f64 / shown.n_samples.max(1) as f64,
+                "{stage} epoch {epoch}: train loss {:.4} acc {:.2}% ({:.1}s, {:.0} q/s)",
+                shown.mean_loss(),
+                shown.percent_correct(),
                 epoch_start.elapsed().as_secs_f64(),
-                epoch_samples as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9)
+                shown.throughput(epoch_start)
             );
         }
         Ok(())
     }
+
+    /// Stage-I loss of one batch: the sum of the three experts' cross-entropies, each
+    /// with its own head (audio and visual over the samples that have the modality).
+    /// Adds the parts and the per-expert accuracies to `win`; returns the loss and the
+    /// text expert's correct count.
+    fn expert_loss(&self, batch: &Batch, win: &mut Window) -> Result<(Tensor, usize)> {
+        let el = self.s.model.expert_logits(batch, true)?;
+        let la = weighted_mean(
+            &cross_entropy_per_sample(&el.audio, &batch.answer)?,
+            &el.audio_present,
+        )?;
+        let lv = weighted_mean(
+            &cross_entropy_per_sample(&el.visual, &batch.answer)?,
+            &el.visual_present,
+        )?;
+        let lt = cross_entropy_per_sample(&el.text, &batch.answer)?.mean_all()?;
+        let loss = ((&la + &lv)? + &lt)?;
+        for (name, t) in [
+            ("loss_audio", &la),
+            ("loss_visual", &lv),
+            ("loss_text", &lt),
+        ] {
+            win.add_part(name, t.to_scalar::<f32>()? as f64);
+        }
+        let oka = correct(&el.audio, &batch.answer)?;
+        let okv = correct(&el.visual, &batch.answer)?;
+        let okt = correct(&el.text, &batch.answer)?;
+        win.add_part("acc_audio", oka.iter().filter(|x| **x).count() as f64);
+        win.add_part("acc_visual", okv.iter().filter(|x| **x).count() as f64);
+        win.add_part("acc_text", okt.iter().filter(|x| **x).count() as f64);
+        Ok((loss, okt.iter().filter(|x| **x).count()))
+    }
+
+    /// Stage-II loss of one batch: L_task, plus lambda (L_rank+ + L_rank-) when
+    /// `use_rank` (Eq. 15). Adds the parts and the router weights to `win`; returns the
+    /// loss and the correct count.
+    fn mixing_loss(
+        &self,
+        batch: &Batch,
+        use_rank: bool,
+        win: &mut Window,
+    ) -> Result<(Tensor, usize)> {
+        let cfg = self.cfg();
+        let out = self.s.model.forward_with(
+            batch,
+            &self.s.banks,
+            ForwardOptions {
+                train: true,
+                rank_terms: use_rank,
+            },
+        )?;
+        let task = cross_entropy_per_sample(&out.logits, &batch.answer)?.mean_all()?;
+        win.add_part("task", task.to_scalar::<f32>()? as f64);
+        let mut loss = task;
+        if let (true, Some(r)) = (use_rank, out.rank.as_ref()) {
+            let ans = batch.answer.index_select(&r.rows_t, 0)?;
+            let (rp, rn) = rank_terms(
+                &cross_entropy_per_sample(&r.logits_gt, &ans)?,
+                &cross_entropy_per_sample(&r.logits_pos, &ans)?,
+                &cross_entropy_per_sample(&r.logits_neg, &ans)?,
+                cfg.margin,
+            )?;
+            win.add_part("rank_pos", rp.to_scalar::<f32>()? as f64);
+            win.add_part("rank_neg", rn.to_scalar::<f32>()? as f64);
+            loss = (loss + ((rp + rn)? * cfg.lambda_rank)?)?;
+        }
+        let w = out.router_weights.sum(0)?.to_vec1::<f32>()?;
+        for (acc, v) in win.router.iter_mut().zip(&w) {
+            *acc += *v as f64;
+        }
+        win.router_n += batch.len();
+        let ok = correct(&out.logits, &batch.answer)?;
+        Ok((loss, ok.iter().filter(|x| **x).count()))
+    }
 }
 
+/// The missing modalities of an epoch's training batches: none in stage I; in stage II
+/// the configured rate and type, drawn from the epoch's own seed.
+fn training_missing_policy(cfg: &TrainConfig, stage: Stage, epoch: usize) -> MissingPolicy {
+    match stage {
+        Stage::Experts => MissingPolicy::Complete,
+        Stage::Mixing => MissingPolicy::Simulated(MissingSim {
+            rate: cfg.missing_rate,
+            kind: cfg.missing_type,
+            seed: derive_seed(cfg.seed, Some(stage), epoch, SeedTag::Missing),
+        }),
+    }
+}
+
+/// Writes the `train` metrics line of `win` and starts a new window.
 fn flush_window(
     metrics: &mut MetricsWriter,
     start: Instant,
-    stage: u8,
+    stage: Stage,
     epoch: usize,
     opt: &AdamW,
     win: &mut Window,
 ) -> Result<()> {
-    let steps = win.n_steps.max(1) as f64;
-    let n = win.n_samples.max(1) as f64;
+    let steps = win.tally.n_steps.max(1) as f64;
+    let n = win.tally.n_samples.max(1) as f64;
     let mut rec = Record {
         kind: "train".into(),
-        stage,
+        stage: Some(stage),
         epoch,
         step: opt.step_count(),
-        loss: Some(win.loss / steps),
-        acc: Some(win.correct as f64 / n),
+        loss: Some(win.tally.loss / steps),
+        acc: Some(win.tally.correct as f64 / n),
         lr: Some(opt.lr()),
         router: (win.router_n > 0).then(|| win.router.map(|v| v / win.router_n as f64)),
         secs: Some(start.elapsed().as_secs_f64()),
-        samples_per_s: win
-            .started
-            .map(|t| win.n_samples as f64 / t.elapsed().as_secs_f64().max(1e-9)),
+        samples_per_s: win.started.map(|t| win.tally.throughput(t)),
         ..Default::default()
     };
     for (k, v) in &win.parts {
@@ -927,11 +832,11 @@ impl Trainer<'_> {
     /// Validation accuracy used for early stopping: stage I, the mean accuracy of the
     /// three experts' own heads (complete data); stage II, the mean over the three Table-1
     /// settings.
-    fn validate(&mut self, stage: u8, epoch: usize) -> Result<f64> {
+    fn validate(&mut self, stage: Stage, epoch: usize) -> Result<f64> {
         let cfg = self.cfg().clone();
         let val = &self.s.splits.val;
         let secs = Some(self.start.elapsed().as_secs_f64());
-        if stage == 1 {
+        if stage == Stage::Experts {
             let mut counts = [0usize; 3];
             let mut n = 0usize;
             for batch in batches(
@@ -952,7 +857,7 @@ impl Trainer<'_> {
             let mean = accs.iter().sum::<f64>() / 3.0;
             let mut rec = Record {
                 kind: "val".into(),
-                stage,
+                stage: Some(stage),
                 epoch,
                 step: self.state.step,
                 acc: Some(mean),
@@ -977,7 +882,7 @@ impl Trainer<'_> {
         for r in &rows {
             self.metrics.write(&Record {
                 kind: "val".into(),
-                stage,
+                stage: Some(stage),
                 epoch,
                 step: self.state.step,
                 loss: Some(r.loss),
@@ -1003,12 +908,12 @@ pub fn evaluate_checkpoint(dir: &Path, device: &Device) -> Result<(TrainState, V
         .unwrap_or_else(|| PathBuf::from("."));
     let s = Session::new(&st.config, device)?;
     s.load_weights(&ckdir.join(&st.model_file))?;
-    let predictor = if st.config.stage2_enabled && (st.stage == 2) {
+    let predictor = if st.config.stage2_enabled && (st.stage == Stage::Mixing) {
         Predictor::Full
     } else {
         Predictor::Experts
     };
-    if st.config.stage2_enabled && st.stage == 2 {
+    if st.config.stage2_enabled && st.stage == Stage::Mixing {
         s.model.set_experts_frozen(st.config.stage1_enabled);
     }
     let rows = evaluate_table(
