@@ -10,6 +10,7 @@
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <stdint.h>
 // Dynamic shared memory: `R2_DYN_SMEM(float, smem);` declares `float* smem`.
 #define R2_DYN_SMEM(T, name)                                   \
@@ -47,6 +48,46 @@ template <>
 __device__ __forceinline__ __half r2_from_f32<__half>(float x) { return __float2half(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 r2_from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+// ---- 16-byte moves -----------------------------------------------------------------------
+// One 16-byte load (LDG.128 / LDS.128): `p` must be 16-byte aligned. Under
+// the emulator a memcpy, so no memory is read through a type it does not hold.
+__device__ __forceinline__ uint4 r2_load16(const void* p) {
+#ifdef __CUDACC__
+    return *reinterpret_cast<const uint4*>(p);
+#else
+    uint4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+#endif
+}
+// The 16 / sizeof(T) elements of T in `v` (lowest address first) as f32.
+__device__ __forceinline__ void r2_unpack16(uint4 v, float* out, float) {
+    out[0] = __uint_as_float(v.x);
+    out[1] = __uint_as_float(v.y);
+    out[2] = __uint_as_float(v.z);
+    out[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void r2_unpack16(uint4 v, float* out, __nv_bfloat16) {
+    const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void r2_unpack16(uint4 v, float* out, __half) {
+    const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        out[2 * i] = __half2float(__ushort_as_half((unsigned short)(w[i] & 0xffffu)));
+        out[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(w[i] >> 16)));
+    }
+}
+template <class T>
+__device__ __forceinline__ void r2_unpack16(uint4 v, float* out) {
+    r2_unpack16(v, out, T());
+}
 
 // Full-warp sum (every lane gets the total).
 __device__ __forceinline__ float r2_warp_sum(float v) {

@@ -22,6 +22,9 @@
 // - __half / __nv_bfloat16 are 16-bit storage types with round-to-nearest-even
 //   conversions; kernels convert explicitly (r2_to_f32 / r2_from_f32 in common.cuh).
 // - Launches are serialised process-wide (static shared memory is a process global).
+// - Vector types, block votes and asynchronous copies: see "Vector types, block votes and
+//   asynchronous copies" below (float4/uint4/..., __syncthreads_or/and/count, the
+//   __pipeline_* primitives of cp.async).
 #pragma once
 
 #include <algorithm>
@@ -76,6 +79,16 @@ struct BlockCtx {
     Barrier* warp_barriers;   // one per warp
     uint64_t* warp_slots;     // 32 per warp
     unsigned char* dyn_smem;
+    std::atomic<int>* votes;  // 3 rotating counters of __syncthreads_count/or/and
+};
+
+// One asynchronous copy (__pipeline_memcpy_async) issued and not yet waited for.
+struct AsyncCopy {
+    unsigned char* dst;
+    const unsigned char* src;
+    unsigned bytes;   // copied from src
+    unsigned zeros;   // then zero-filled
+    uint64_t batch;   // commits issued before it
 };
 
 inline thread_local dim3 tl_thread_idx;
@@ -85,6 +98,9 @@ inline thread_local dim3 tl_grid_dim;
 inline thread_local BlockCtx* tl_ctx = nullptr;
 inline thread_local unsigned tl_warp = 0;
 inline thread_local unsigned tl_lane = 0;
+inline thread_local unsigned tl_vote_phase = 0;       // calls of __syncthreads_count & co.
+inline thread_local uint64_t tl_commits = 0;          // __pipeline_commit calls this block
+inline thread_local std::vector<AsyncCopy>* tl_copies = nullptr;  // pending, issue order
 
 inline std::mutex& launch_mutex() {
     static std::mutex m;
@@ -140,7 +156,8 @@ int launch(const Plan& p, F body) noexcept {
     std::vector<uint64_t> slots(32 * nwarps, 0);
     const size_t smem = p.smem_bytes ? p.smem_bytes : 16;
     std::unique_ptr<unsigned char[]> dyn(new (std::align_val_t(64)) unsigned char[smem]);
-    BlockCtx ctx{&block_barrier, warp_barriers.get(), slots.data(), dyn.get()};
+    std::atomic<int> votes[3];
+    BlockCtx ctx{&block_barrier, warp_barriers.get(), slots.data(), dyn.get(), votes};
     const dim3 bdim(p.block[0], p.block[1], p.block[2]);
     const dim3 gdim(p.grid[0], p.grid[1], p.grid[2]);
     auto worker = [&](unsigned t) {
@@ -150,15 +167,25 @@ int launch(const Plan& p, F body) noexcept {
         tl_thread_idx = dim3(t % bdim.x, (t / bdim.x) % bdim.y, t / (bdim.x * bdim.y));
         tl_warp = t / 32;
         tl_lane = t % 32;
+        std::vector<AsyncCopy> copies;
+        tl_copies = &copies;
         for (unsigned z = 0; z < gdim.z; ++z)
             for (unsigned y = 0; y < gdim.y; ++y)
                 for (unsigned x = 0; x < gdim.x; ++x) {
                     tl_block_idx = dim3(x, y, z);
-                    if (t == 0) std::memset(ctx.dyn_smem, 0xFF, smem);
+                    // Copies a block left outstanding die with it (their shared memory is gone).
+                    copies.clear();
+                    tl_commits = 0;
+                    tl_vote_phase = 0;
+                    if (t == 0) {
+                        std::memset(ctx.dyn_smem, 0xFF, smem);
+                        for (auto& v : votes) v.store(0, std::memory_order_relaxed);
+                    }
                     block_barrier.wait();
                     body();
                     block_barrier.wait();
                 }
+        tl_copies = nullptr;
         tl_ctx = nullptr;
     };
     std::vector<std::thread> threads;
@@ -415,3 +442,95 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
 inline float max(float a, float b) { return std::fmax(a, b); }
+
+// ---- Vector types, block votes and asynchronous copies -------------------------------------
+// (Added for the bandwidth-first cosine_topk and the CAP kernels.)
+//
+// - float2/float4/uint2/uint4 with CUDA's alignment (8 or 16 bytes) and make_* constructors;
+//   the bit casts __ushort_as_half, __half_as_ushort, __ushort_as_bfloat16, __bfloat16_as_ushort.
+//   Kernels load 16 bytes through r2_load16 (common.cuh), which uses memcpy here,
+//   so no pointer is read through a type it does not hold.
+// - __syncthreads_count/_or/_and: a real block barrier whose result is the count (any, all)
+//   of the threads' predicates. Three rotating counters: call k adds to counter k % 3 before
+//   the barrier and reads it after; thread 0 clears counter (k + 1) % 3 before the barrier,
+//   whose last readers (call k - 2) all passed call k - 1's barrier, and whose next writers
+//   (call k + 1) start after call k's barrier. Every thread of the block must call them in the
+//   same order (as on hardware).
+// - __pipeline_memcpy_async / __pipeline_commit / __pipeline_wait_prior (cuda_pipeline_primitives.h,
+//   cp.async on sm_80+): the copy is owned by the issuing thread. At issue the destination is
+//   filled with 0xFF bytes (NaN as f32): until the wait that covers it, a copy's destination
+//   holds no defined value on hardware either, so reading it early, or overwriting a buffer
+//   other threads still read, shows as a wrong result (and, without a barrier, as a
+//   ThreadSanitizer race). __pipeline_wait_prior(N) performs every copy of the batches older
+//   than the N most recent commits: `size - zfill` bytes from the source, then `zfill` zero
+//   bytes. As on hardware, other threads see the data only after a barrier following the wait.
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+namespace r2emu {
+inline int block_vote(int pred) {
+    BlockCtx* c = tl_ctx;
+    const unsigned k = tl_vote_phase++;
+    if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0)
+        c->votes[(k + 1) % 3].store(0, std::memory_order_relaxed);
+    if (pred) c->votes[k % 3].fetch_add(1, std::memory_order_relaxed);
+    c->block_barrier->wait();
+    return c->votes[k % 3].load(std::memory_order_relaxed);
+}
+
+inline void complete_copy(const AsyncCopy& cp) {
+    std::memcpy(cp.dst, cp.src, cp.bytes);
+    std::memset(cp.dst + cp.bytes, 0, cp.zeros);
+}
+}  // namespace r2emu
+
+// Bit casts of the 16-bit storage types (as cuda_fp16.h / cuda_bf16.h).
+inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat16{b}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+
+inline int __syncthreads_count(int pred) { return ::r2emu::block_vote(pred); }
+inline int __syncthreads_or(int pred) { return ::r2emu::block_vote(pred) != 0; }
+inline int __syncthreads_and(int pred) {
+    return ::r2emu::block_vote(pred) == (int)(blockDim.x * blockDim.y * blockDim.z);
+}
+
+inline void __pipeline_memcpy_async(void* dst_shared, const void* src_global, size_t size_and_align,
+                                    size_t zfill = 0) {
+    if (size_and_align != 4 && size_and_align != 8 && size_and_align != 16)
+        ::r2emu::fail("__pipeline_memcpy_async: size must be 4, 8 or 16 bytes");
+    if (zfill > size_and_align) ::r2emu::fail("__pipeline_memcpy_async: zfill exceeds the size");
+    const uintptr_t d = reinterpret_cast<uintptr_t>(dst_shared), s = reinterpret_cast<uintptr_t>(src_global);
+    if ((d | s) & (size_and_align - 1)) ::r2emu::fail("__pipeline_memcpy_async: misaligned address");
+    auto* dst = static_cast<unsigned char*>(dst_shared);
+    std::memset(dst, 0xFF, size_and_align);
+    ::r2emu::tl_copies->push_back({dst, static_cast<const unsigned char*>(src_global),
+                                   (unsigned)(size_and_align - zfill), (unsigned)zfill,
+                                   ::r2emu::tl_commits});
+}
+inline void __pipeline_commit() { ++::r2emu::tl_commits; }
+inline void __pipeline_wait_prior(size_t prior) {
+    auto& q = *::r2emu::tl_copies;
+    const uint64_t done_below = ::r2emu::tl_commits >= prior ? ::r2emu::tl_commits - prior : 0;
+    size_t keep = 0;
+    for (size_t i = 0; i < q.size(); ++i) {
+        if (q[i].batch < done_below) ::r2emu::complete_copy(q[i]);
+        else q[keep++] = q[i];
+    }
+    q.resize(keep);
+}
