@@ -1,132 +1,316 @@
 // cosine_topk.cu: fused cosine top-n retrieval (paper Eq. 1), one pass over the bank.
 //
-// Op: src/retrieve/cosine_topk/ (plan and launches in kernel.rs, shared by the CUDA device
-// and the emulator). Arguments: CosineTopkPartialArgs, CosineTopkMergeArgs (r2_abi.h).
+// Op: src/retrieve/cosine_topk/ (plan and launches in kernel.rs, shared by the CUDA device and
+// the emulator). Arguments: CosineTopkPartialArgs, CosineTopkMergeArgs (r2_abi.h).
 //
-// cosine_topk_partial_<dt>: grid (gx, gy), R2_CT_THREADS threads. Block (x, y) scores
-//   bank rows [x*chunk_rows, (x+1)*chunk_rows) against queries [y*qb, y*qb+qb): queries
-//   (f32) and their norms sit in shared memory; each tile of R2_CT_TILE rows is scored
-//   thread-per-row from 32 x 32 blocks that each warp loads coalesced and transposes
-//   through shared memory (every key element read from global memory once for all qb
-//   queries, converted to f32), written to a shared tile, and absorbed into a running
-//   top-kp per query (topk.cuh) only when some entry beats the running worst. Writes kp candidates per
-//   (query, block): B*gx*kp pairs in global memory, never the B x M scores.
-// cosine_topk_merge: one block per query merges its gx*kp candidates into the top n.
-// kp (up to 1024, src/retrieve/cosine_topk/kernel.rs KMAX) may exceed R2_CT_TILE: a tile
-// then has fewer hits than kp, so r2_stream_flush only ever sorts its hit buffer.
+// cosine_topk_partial_<cfg>_<dt>: grid (gx, gy), R2_CT_THREADS threads, bandwidth first.
+//   Block (x, y) scores bank rows [y*chunk_rows, (y+1)*chunk_rows) against the qb queries
+//   [x*qb, x*qb + qb) of its configuration (q1, q8, q16, q32: qb = 1, 8, 16, 32), so each key
+//   byte is read from memory once per qb queries; the grid is sized to fill the GPU once (a
+//   persistent grid, src/retrieve/cosine_topk/kernel.rs). Query groups are the fast grid axis,
+//   so the blocks that read the same chunk for different queries run side by side (L2 shares).
 //
-// Score: dot / (|q| |k| + R2_COS_EPS) with key norms precomputed ([M] f32). Excluded rows
-// and rows past the chunk get (-inf, R2_PAD_INDEX). A NaN score (the excluded row's too) sets err[0] =
-// R2_ERR_NAN_SCORE with err[1] = query, err[2] = row (first reporter), and the host turns it
-// into an error.
+//   Copy pipeline: the chunk is cut into steps of (R2_CT_TILE_ROWS rows) x (kb key bytes per
+//   row). Step s is copied into shared-memory stage s % R2_CT_STAGES with 16-byte `cp.async`
+//   (__pipeline_memcpy_async; element copies when rows are not 16-byte aligned) together with
+//   the queries' matching f32 columns and, on a tile's last step, its key norms; two steps are
+//   in flight while a third is scored. One __syncthreads per step: after the wait for step s,
+//   it also retires step s - 1's stage, which step s + 2 then overwrites.
+//
+//   Scoring: a warp's lanes form 32/QG row groups of QG lanes; lane (row group g, query group
+//   h) accumulates RT rows x QT queries (rows warp*RG*RT + t*RG + g, queries j*QG + h) from
+//   16-byte shared loads: the keys of a row group are read once for its QT queries, the queries
+//   of a query group once for its RT rows (broadcast across row groups). Each accumulator sums
+//   in index order (fmaf, d ascending), so a (query, row) score is the same in every block.
+//
+//   Running top-n: per query a sorted list of kp (score, row) in shared memory. At a tile's
+//   end every thread compares each score with its query's list worst (one compare, nearly
+//   always false after the first tiles); __syncthreads_or says whether any thread holds a hit.
+//   Hits go to a per-query buffer of hb slots; the buffer is sorted and merged into the list
+//   (topk.cuh r2_block_sort / r2_block_merge), and hits that found no slot are compared again
+//   against the raised worst and offered in the next round. Scores stay in registers.
+//
+//   Writes kp candidates per (query, block): B*gy*kp pairs, never the B x M scores.
+//
+// cosine_topk_merge: one block per query merges its gy*kp candidates into the top n (topk.cuh
+//   R2Stream, tiles of R2_CT_MERGE_TILE, the next tile loaded while the current one is
+//   absorbed). If the partial kernel set the error word, every score it writes is NaN: an
+//   unchecked caller reading the scores sees the failure (kernel.rs, "NaN contract").
+//
+// Score: dot / (|q| |k| + R2_COS_EPS) with key norms precomputed ([M] f32) and |q| computed
+// per block in a fixed order. Excluded rows and rows past the chunk are never offered. A NaN
+// score (the excluded row's too) sets err = (R2_ERR_NAN_SCORE, query, row) (first reporter).
+// Blocks of chunk 0 check `exclude`: an entry >= M that is not R2_PAD_INDEX sets
+// R2_ERR_BAD_EXCLUDE (query, entry); a valid exclusion with n = M sets R2_ERR_FEW_ROWS.
 #include "topk.cuh"
 
-// Per-warp [32][33] f32 transpose buffers at the start of the partial kernel's dynamic
-// shared memory (src/retrieve/cosine_topk/kernel.rs `TRANSPOSE_BYTES`).
-#define R2_CT_TRANSPOSE_FLOATS ((R2_CT_THREADS / 32) * 32 * 33)
+// Configuration: QG lanes per row group (they split the queries), QT queries and RT rows per
+// lane. Rows per tile = (R2_CT_THREADS / 32) * (32 / QG) * RT = R2_CT_TILE_ROWS for each.
+template <unsigned QG_, unsigned QT_, unsigned RT_>
+struct CtCfg {
+    static constexpr unsigned QG = QG_, QT = QT_, RT = RT_;
+    static constexpr unsigned QB = QG * QT;
+    static constexpr unsigned RG = 32 / QG;
+    static constexpr unsigned TR = (R2_CT_THREADS / 32) * RG * RT;
+    static_assert(TR == R2_CT_TILE_ROWS, "every configuration tiles R2_CT_TILE_ROWS rows");
+    static_assert(QB <= R2_CT_QB_MAX && QB <= 32, "query masks are 32-bit");
+    static_assert(RT * QT <= 32, "pending hits are one 32-bit mask per thread");
+};
+using CtQ1 = CtCfg<1, 1, 1>;
+using CtQ8 = CtCfg<4, 2, 4>;
+using CtQ16 = CtCfg<4, 4, 4>;
+using CtQ32 = CtCfg<4, 8, 4>;
 
-template <class T>
+template <class T, class C>
 __device__ __forceinline__ void cosine_topk_partial(const CosineTopkPartialArgs& a) {
+    constexpr unsigned NT = R2_CT_THREADS, QB = C::QB, QG = C::QG, QT = C::QT, RT = C::RT;
+    constexpr unsigned RG = C::RG, TR = C::TR, NS = R2_CT_STAGES;
+    constexpr unsigned E = 16 / sizeof(T);  // key elements per 16 bytes
     const float* __restrict__ q = a.q;
     const T* __restrict__ keys = static_cast<const T*>(a.keys);
     const float* __restrict__ kn = a.key_norms;
     const unsigned* __restrict__ excl = a.exclude;
-    const unsigned B = a.b, M = a.m, D = a.d, qb = a.qb, kp = a.kp, chunk_rows = a.chunk_rows;
-    float* __restrict__ cand_s = a.cand_s;
-    unsigned* __restrict__ cand_i = a.cand_i;
+    const unsigned B = a.b, M = a.m, D = a.d, kp = a.kp, hb = a.hb, kb = a.kb;
+    const bool vec = a.vec16 != 0;
+    const unsigned DK = kb / sizeof(T);            // key elements per row and step
+    const unsigned nchunks = (D + DK - 1) / DK;    // steps per tile
+    const unsigned KS = kb + 16, QS = DK * 4 + 16;  // padded row strides (conflict-free LDS.128)
+    const unsigned SB = TR * KS + QB * QS + TR * 4;  // stage: keys | queries | norms
     R2_DYN_SMEM(unsigned char, smem);
-    __shared__ float qn[R2_CT_QB_MAX];
-    __shared__ unsigned ex[R2_CT_QB_MAX];
-    __shared__ unsigned cnt[3 * R2_TOPK_MAXQ];
+    float* run_s = reinterpret_cast<float*>(smem + NS * SB);
+    unsigned* run_i = reinterpret_cast<unsigned*>(run_s + QB * kp);
+    float* buf_s = reinterpret_cast<float*>(run_i + QB * kp);
+    unsigned* buf_i = reinterpret_cast<unsigned*>(buf_s + QB * hb);
+    __shared__ float qn[QB];
+    __shared__ unsigned ex[QB];
+    __shared__ unsigned cnt[QB];
+    __shared__ float part[NT];
 
-    const unsigned tid = threadIdx.x;
-    const unsigned q0 = blockIdx.y * qb;
-    const unsigned nq = min(qb, B - q0);
-    const unsigned row0 = blockIdx.x * chunk_rows;
-    const unsigned row1 = min(M, row0 + chunk_rows);
+    const unsigned tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const unsigned q0 = blockIdx.x * QB, nq = min(QB, B - q0);
+    const unsigned row0 = blockIdx.y * a.chunk_rows, row1 = min(M, row0 + a.chunk_rows);
+    const unsigned total = (row1 - row0 + TR - 1) / TR * nchunks;  // pipeline steps
 
-    float* trs = reinterpret_cast<float*>(smem);  // R2_CT_TRANSPOSE_FLOATS
-    float* qs = trs + R2_CT_TRANSPOSE_FLOATS;
-    R2Stream st;
-    r2_stream_carve(st, reinterpret_cast<unsigned char*>(qs + (size_t)qb * D), nq, kp, R2_CT_TILE, cnt);
-
-    for (unsigned t = tid; t < nq * D; t += blockDim.x) qs[t] = q[(size_t)q0 * D + t];
-    if (tid < nq) ex[tid] = excl[q0 + tid];
-    r2_stream_init(st);  // ends with a barrier: qs and ex visible
-    if (tid < nq) {
-        float s = 0.f;
-        for (unsigned d = 0; d < D; ++d) s += qs[tid * D + d] * qs[tid * D + d];
-        qn[tid] = sqrtf(s);
-    }
-    __syncthreads();
-
-    // Each warp scores groups of 32 rows, 32 columns at a time: lane l reads column
-    // d0 + l of each of the 32 rows (one coalesced segment per row: 128 bytes for f32)
-    // into its warp's [32][33] transpose buffer, then lane i dots row i from it (the
-    // padding keeps both the writes and the reads free of bank conflicts). Each row is
-    // summed in index order by one thread, as the CPU reference does. `nrows` is
-    // warp-uniform, so every lane reaches every __syncwarp.
-    const unsigned lane = tid & 31u, warp = tid >> 5, nwarps = blockDim.x >> 5;
-    float* tr = trs + warp * 32 * 33;
-    unsigned tile = 0;
-    for (unsigned base = row0; base < row1; base += R2_CT_TILE, ++tile) {
-        for (unsigned g = warp * 32; g < R2_CT_TILE; g += nwarps * 32) {
-            const unsigned first = base + g;
-            const unsigned nrows = first < row1 ? min(32u, row1 - first) : 0u;
-            float acc[R2_CT_QB_MAX];
-#pragma unroll
-            for (unsigned j = 0; j < R2_CT_QB_MAX; ++j) acc[j] = 0.f;
-            for (unsigned d0 = 0; nrows > 0 && d0 < D; d0 += 32) {
-                const unsigned col = d0 + lane;
-                for (unsigned i = 0; i < nrows; ++i)
-                    tr[i * 33 + lane] = col < D ? r2_to_f32(keys[(size_t)(first + i) * D + col]) : 0.f;
-                __syncwarp();
-                if (lane < nrows) {
-                    const unsigned w = min(32u, D - d0);
-                    for (unsigned t = 0; t < w; ++t) {
-                        const float kv = tr[lane * 33 + t];
-#pragma unroll
-                        for (unsigned j = 0; j < R2_CT_QB_MAX; ++j)
-                            if ((unsigned)j < nq) acc[j] += qs[j * D + d0 + t] * kv;
-                    }
-                }
-                __syncwarp();  // the buffer is rewritten for the next columns
+    // Copies step s (tile s / nchunks, chunk s % nchunks) into its stage, as one commit group.
+    auto issue = [&](unsigned s) {
+        unsigned char* st = smem + (s % NS) * SB;
+        const unsigned c = s % nchunks, col0 = c * DK;
+        const unsigned rbase = row0 + (s / nchunks) * TR;
+        const unsigned cols = min(DK, D - col0);
+        if (vec) {
+            const unsigned kv = (cols * sizeof(T) + 15) / 16, qv = (cols + 3) / 4;
+            for (unsigned u = tid; u < TR * kv; u += NT) {
+                const unsigned r = u / kv, v = u % kv;
+                unsigned char* dst = st + r * KS + v * 16;
+                if (rbase + r < row1)
+                    __pipeline_memcpy_async(dst, keys + (size_t)(rbase + r) * D + col0 + v * E, 16);
+                else
+                    __pipeline_memcpy_async(dst, keys, 16, 16);  // zeros, nothing read
             }
-            const unsigned e = g + lane;
-            const unsigned r = base + e;
-            const bool live = lane < nrows;
-            const float knr = live ? kn[r] : 0.f;
-#pragma unroll
-            for (unsigned j = 0; j < R2_CT_QB_MAX; ++j) {
-                if ((unsigned)j >= nq) continue;
-                float s = -R2_INF;
-                unsigned idx = R2_PAD_INDEX;
-                if (live) {
-                    // A NaN score is an error even at the excluded row, as on every path.
-                    const float v = acc[j] / (qn[j] * knr + R2_COS_EPS);
-                    if (isnan(v)) {
-                        r2_report(a.err, R2_ERR_NAN_SCORE, q0 + j, r);
-                    } else if (r != ex[j]) {
-                        s = v;
-                        idx = r;
-                    }
+            for (unsigned u = tid; u < QB * qv; u += NT) {
+                const unsigned j = u / qv, v = u % qv;
+                unsigned char* dst = st + TR * KS + j * QS + v * 16;
+                if (j < nq)
+                    __pipeline_memcpy_async(dst, q + (size_t)(q0 + j) * D + col0 + v * 4, 16);
+                else
+                    __pipeline_memcpy_async(dst, q, 16, 16);
+            }
+            if (c == nchunks - 1) {
+                float* nd = reinterpret_cast<float*>(st + TR * KS + QB * QS);
+                for (unsigned r = tid; r < TR; r += NT) {
+                    if (rbase + r < row1)
+                        __pipeline_memcpy_async(nd + r, kn + rbase + r, 4);
+                    else
+                        __pipeline_memcpy_async(nd + r, kn, 4, 4);
                 }
-                r2_stream_offer(st, tile, j, e, s, idx);
+            }
+        } else {
+            // Element copies; columns past D are zero so the 16-byte reads below add nothing.
+            for (unsigned u = tid; u < TR * DK; u += NT) {
+                const unsigned r = u / DK, e = u % DK;
+                const bool ok = rbase + r < row1 && e < cols;
+                reinterpret_cast<T*>(st + r * KS)[e] =
+                    ok ? keys[(size_t)(rbase + r) * D + col0 + e] : r2_from_f32<T>(0.f);
+            }
+            for (unsigned u = tid; u < QB * DK; u += NT) {
+                const unsigned j = u / DK, e = u % DK;
+                reinterpret_cast<float*>(st + TR * KS + j * QS)[e] =
+                    j < nq && e < cols ? q[(size_t)(q0 + j) * D + col0 + e] : 0.f;
+            }
+            if (c == nchunks - 1) {
+                float* nd = reinterpret_cast<float*>(st + TR * KS + QB * QS);
+                for (unsigned r = tid; r < TR; r += NT) nd[r] = rbase + r < row1 ? kn[rbase + r] : 0.f;
             }
         }
-        r2_stream_flush(st, tile);
+        __pipeline_commit();
+    };
+
+    // The first NS - 1 steps go out before the prologue, which then overlaps their latency.
+#pragma unroll
+    for (unsigned s = 0; s < NS - 1; ++s) {
+        if (s < total) issue(s);
+        else __pipeline_commit();  // empty group: the wait below counts groups
     }
 
-    for (unsigned t = tid; t < nq * kp; t += blockDim.x) {
+    // Prologue: |q| (NT / QB threads per query, each a strided slice, summed in slice order so
+    // every block of the query group gets the same bits), exclusions, empty lists.
+    {
+        constexpr unsigned SL = NT / QB;
+        const unsigned j = tid / SL, sl = tid % SL;
+        float ss = 0.f;
+        if (j < nq)
+            for (unsigned d = sl; d < D; d += SL) {
+                const float v = q[(size_t)(q0 + j) * D + d];
+                ss = fmaf(v, v, ss);
+            }
+        part[tid] = ss;
+    }
+    if (tid < QB) {
+        unsigned e = R2_PAD_INDEX;
+        if (tid < nq && excl != nullptr) {
+            e = excl[q0 + tid];
+            if (e != R2_PAD_INDEX && e >= M) {
+                if (blockIdx.y == 0) r2_report(a.err, R2_ERR_BAD_EXCLUDE, q0 + tid, e);
+                e = R2_PAD_INDEX;
+            } else if (e != R2_PAD_INDEX && a.n >= M && blockIdx.y == 0) {
+                r2_report(a.err, R2_ERR_FEW_ROWS, q0 + tid, e);
+            }
+        }
+        ex[tid] = e;
+        cnt[tid] = 0;
+    }
+    for (unsigned t = tid; t < QB * kp; t += NT) {
+        run_s[t] = -R2_INF;
+        run_i[t] = R2_PAD_INDEX;
+    }
+    __syncthreads();
+    if (tid < QB) {
+        constexpr unsigned SL = NT / QB;
+        float ss = 0.f;
+        for (unsigned sl = 0; sl < SL; ++sl) ss += part[tid * SL + sl];
+        qn[tid] = sqrtf(ss);
+    }
+    // (qn is read after the first step's barrier.)
+
+    const unsigned qg = lane % QG, rg = lane / QG;
+    unsigned lrow[RT];
+#pragma unroll
+    for (unsigned t = 0; t < RT; ++t) lrow[t] = warp * RG * RT + t * RG + rg;
+    float acc[RT][QT];
+#pragma unroll
+    for (unsigned t = 0; t < RT; ++t)
+#pragma unroll
+        for (unsigned j = 0; j < QT; ++j) acc[t][j] = 0.f;
+
+    for (unsigned s = 0; s < total; ++s) {
+        __pipeline_wait_prior(NS - 2);  // this thread's copies of step s have landed
+        __syncthreads();                // everyone's have; everyone is done with step s - 1
+        if (s + NS - 1 < total) issue(s + NS - 1);
+        else __pipeline_commit();
+
+        const unsigned char* st = smem + (s % NS) * SB;
+        const unsigned c = s % nchunks;
+        const unsigned nv = (min(DK, D - c * DK) * sizeof(T) + 15) / 16;
+        const unsigned char* qrow = st + TR * KS + qg * QS;
+        for (unsigned v = 0; v < nv; ++v) {
+            float kf[RT][E];
+#pragma unroll
+            for (unsigned t = 0; t < RT; ++t) r2_unpack16<T>(r2_load16(st + lrow[t] * KS + v * 16), kf[t]);
+#pragma unroll
+            for (unsigned j = 0; j < QT; ++j) {
+                float qf[E];
+                const unsigned char* qp = qrow + j * QG * QS + v * E * 4;
+#pragma unroll
+                for (unsigned h = 0; h < E / 4; ++h) r2_unpack16<float>(r2_load16(qp + h * 16), qf + 4 * h);
+#pragma unroll
+                for (unsigned t = 0; t < RT; ++t)
+#pragma unroll
+                    for (unsigned e = 0; e < E; ++e) acc[t][j] = fmaf(kf[t][e], qf[e], acc[t][j]);
+            }
+        }
+        if (c != nchunks - 1) continue;
+
+        // ---- tile end: scores, then rounds of hits into the running lists ----
+        const unsigned tbase = row0 + (s / nchunks) * TR;
+        const float* nd = reinterpret_cast<const float*>(st + TR * KS + QB * QS);
+        unsigned pend = 0;  // bit t * QT + j: acc[t][j] still to offer
+#pragma unroll
+        for (unsigned t = 0; t < RT; ++t) {
+            const unsigned row = tbase + lrow[t];
+            const float knr = nd[lrow[t]];
+#pragma unroll
+            for (unsigned j = 0; j < QT; ++j) {
+                const unsigned qi = j * QG + qg;
+                if (row < row1 && qi < nq) {
+                    // A NaN score is an error even at the excluded row, as on every path.
+                    const float v = acc[t][j] / (qn[qi] * knr + R2_COS_EPS);
+                    acc[t][j] = v;
+                    if (isnan(v)) r2_report(a.err, R2_ERR_NAN_SCORE, q0 + qi, row);
+                    else if (row != ex[qi] &&
+                             r2_beats_worst(run_s + qi * kp, run_i + qi * kp, kp, v, row))
+                        pend |= 1u << (t * QT + j);
+                }
+            }
+        }
+        while (__syncthreads_or(pend != 0)) {
+#pragma unroll
+            for (unsigned t = 0; t < RT; ++t)
+#pragma unroll
+                for (unsigned j = 0; j < QT; ++j) {
+                    const unsigned bit = 1u << (t * QT + j), qi = j * QG + qg;
+                    if (!(pend & bit)) continue;
+                    const unsigned slot = atomicAdd(&cnt[qi], 1u);
+                    if (slot < hb) {
+                        buf_s[qi * hb + slot] = acc[t][j];
+                        buf_i[qi * hb + slot] = tbase + lrow[t];
+                        pend &= ~bit;
+                    }
+                }
+            __syncthreads();
+            unsigned mask = 0;
+            for (unsigned qi = 0; qi < QB; ++qi)
+                if (cnt[qi] != 0) mask |= 1u << qi;
+            for (unsigned u = tid; u < QB * hb; u += NT) {
+                const unsigned qi = u / hb, e = u % hb;
+                if (((mask >> qi) & 1u) && e >= cnt[qi]) {
+                    buf_s[u] = -R2_INF;
+                    buf_i[u] = R2_PAD_INDEX;
+                }
+            }
+            __syncthreads();  // every read of cnt above is done
+            if (tid < QB) cnt[tid] = 0;
+            r2_block_sort(buf_s, buf_i, hb, QB, hb, mask);
+            r2_block_merge(run_s, run_i, kp, buf_s, buf_i, hb, kp, QB, mask);
+            // Hits left without a slot enter only if they still beat the raised worst.
+#pragma unroll
+            for (unsigned t = 0; t < RT; ++t)
+#pragma unroll
+                for (unsigned j = 0; j < QT; ++j) {
+                    const unsigned bit = 1u << (t * QT + j), qi = j * QG + qg;
+                    if ((pend & bit) &&
+                        !r2_beats_worst(run_s + qi * kp, run_i + qi * kp, kp, acc[t][j], tbase + lrow[t]))
+                        pend &= ~bit;
+                }
+        }
+#pragma unroll
+        for (unsigned t = 0; t < RT; ++t)
+#pragma unroll
+            for (unsigned j = 0; j < QT; ++j) acc[t][j] = 0.f;
+    }
+    __pipeline_wait_prior(0);  // no copy outlives the block
+    __syncthreads();
+
+    for (unsigned t = tid; t < nq * kp; t += NT) {
         const unsigned j = t / kp, i = t % kp;
-        const size_t o = ((size_t)(q0 + j) * gridDim.x + blockIdx.x) * kp + i;
-        cand_s[o] = st.run_s[j * kp + i];
-        cand_i[o] = st.run_i[j * kp + i];
+        const size_t o = ((size_t)(q0 + j) * gridDim.y + blockIdx.y) * kp + i;
+        a.cand_s[o] = run_s[j * kp + i];
+        a.cand_i[o] = run_i[j * kp + i];
     }
 }
 
-// Candidates of query b: ncand = gx * kp pairs at b * ncand (gx sorted runs of kp).
+// Candidates of query b: ncand = gy * kp pairs at b * ncand (gy sorted runs of kp).
 __device__ __forceinline__ void cosine_topk_merge_impl(const CosineTopkMergeArgs& a) {
+    constexpr unsigned NT = R2_CT_THREADS, TILE = R2_CT_MERGE_TILE, PER = TILE / NT;
     const float* __restrict__ cs = a.cand_s;
     const unsigned* __restrict__ ci = a.cand_i;
     const unsigned ncand = a.ncand, kp = a.kp, n = a.n;
@@ -137,37 +321,66 @@ __device__ __forceinline__ void cosine_topk_merge_impl(const CosineTopkMergeArgs
     const unsigned tid = threadIdx.x;
     const size_t b = blockIdx.x;
     R2Stream st;
-    r2_stream_carve(st, smem, 1, kp, R2_CT_TILE, cnt);
+    r2_stream_carve(st, smem, 1, kp, TILE, cnt);
     r2_stream_init(st);
-    unsigned tile = 0;
-    for (unsigned base = 0; base < ncand; base += R2_CT_TILE, ++tile) {
-        for (unsigned e = tid; e < R2_CT_TILE; e += blockDim.x) {
-            const unsigned c = base + e;
-            float s = -R2_INF;
-            unsigned i = R2_PAD_INDEX;
-            if (c < ncand) {
-                s = cs[b * ncand + c];
-                i = ci[b * ncand + c];
-            }
-            r2_stream_offer(st, tile, 0, e, s, i);
+    float ns[PER];
+    unsigned ni[PER];
+    auto load = [&](unsigned base) {
+#pragma unroll
+        for (unsigned k = 0; k < PER; ++k) {
+            const unsigned c = base + tid + k * NT;
+            ns[k] = c < ncand ? cs[b * ncand + c] : -R2_INF;
+            ni[k] = c < ncand ? ci[b * ncand + c] : R2_PAD_INDEX;
         }
+    };
+    load(0);
+    unsigned tile = 0;
+    for (unsigned base = 0; base < ncand; base += TILE, ++tile) {
+        float s[PER];
+        unsigned i[PER];
+#pragma unroll
+        for (unsigned k = 0; k < PER; ++k) {
+            s[k] = ns[k];
+            i[k] = ni[k];
+        }
+        load(base + TILE);  // in flight while this tile is absorbed
+#pragma unroll
+        for (unsigned k = 0; k < PER; ++k) r2_stream_offer(st, tile, 0, tid + k * NT, s[k], i[k]);
         r2_stream_flush(st, tile);
     }
-    for (unsigned i = tid; i < n; i += blockDim.x) {
-        out_s[b * n + i] = st.run_s[i];
-        out_i[b * n + i] = st.run_i[i];
+    const bool failed = a.err[0] != 0u;
+    for (unsigned k = tid; k < n; k += NT) {
+        out_s[b * n + k] = failed ? __int_as_float(0x7fc00000) : st.run_s[k];
+        out_i[b * n + k] = st.run_i[k];
     }
 }
 
-// The min-blocks hint of 4 (at most 65536 / (128 x 4) = 128 registers a thread) is for
-// ptxas: with none it capped the f32 kernel at 56 registers on sm_80 and spilled 16 bytes.
-#define R2_CT_PARTIAL(SUFFIX, T)                                                                 \
-    R2_ENTRY(cosine_topk_partial_##SUFFIX, CosineTopkPartialArgs, R2_CT_THREADS, 4) {              \
-        cosine_topk_partial<T>(a);                                                               \
+// The min-blocks hint (R2_CT_MIN_BLOCKS) caps registers at 65536 / (128 x 4) = 128 a thread, so
+// four blocks fit a multiprocessor whatever ptxas would otherwise choose (the plan assumes it).
+#define R2_CT_PARTIAL_Q1(SUFFIX, T)                                                                    \
+    R2_ENTRY(cosine_topk_partial_q1_##SUFFIX, CosineTopkPartialArgs, R2_CT_THREADS, R2_CT_MIN_BLOCKS) { \
+        cosine_topk_partial<T, CtQ1>(a);                                                               \
     }
+#define R2_CT_PARTIAL_Q8(SUFFIX, T)                                                                    \
+    R2_ENTRY(cosine_topk_partial_q8_##SUFFIX, CosineTopkPartialArgs, R2_CT_THREADS, R2_CT_MIN_BLOCKS) { \
+        cosine_topk_partial<T, CtQ8>(a);                                                               \
+    }
+#define R2_CT_PARTIAL_Q16(SUFFIX, T)                                                                    \
+    R2_ENTRY(cosine_topk_partial_q16_##SUFFIX, CosineTopkPartialArgs, R2_CT_THREADS, R2_CT_MIN_BLOCKS) { \
+        cosine_topk_partial<T, CtQ16>(a);                                                               \
+    }
+#define R2_CT_PARTIAL_Q32(SUFFIX, T)                                                                    \
+    R2_ENTRY(cosine_topk_partial_q32_##SUFFIX, CosineTopkPartialArgs, R2_CT_THREADS, R2_CT_MIN_BLOCKS) { \
+        cosine_topk_partial<T, CtQ32>(a);                                                               \
+    }
+#define R2_CT_PARTIALS(SUFFIX, T) \
+    R2_CT_PARTIAL_Q1(SUFFIX, T)   \
+    R2_CT_PARTIAL_Q8(SUFFIX, T)   \
+    R2_CT_PARTIAL_Q16(SUFFIX, T)  \
+    R2_CT_PARTIAL_Q32(SUFFIX, T)
 
-R2_CT_PARTIAL(f32, float)
-R2_CT_PARTIAL(f16, __half)
-R2_CT_PARTIAL(bf16, __nv_bfloat16)
+R2_CT_PARTIALS(f32, float)
+R2_CT_PARTIALS(f16, __half)
+R2_CT_PARTIALS(bf16, __nv_bfloat16)
 
 R2_ENTRY(cosine_topk_merge, CosineTopkMergeArgs, R2_CT_THREADS) { cosine_topk_merge_impl(a); }

@@ -24,15 +24,28 @@ r2_abi! {
         TOPK_MAXQ: u32 = 8;
         /// Device error code: a NaN score (error word 1 = query, word 2 = bank row).
         ERR_NAN_SCORE: u32 = 1;
+        /// Device error code: an `exclude` entry that is neither a bank row nor `PAD_INDEX`
+        /// (word 1 = query, word 2 = the entry).
+        ERR_BAD_EXCLUDE: u32 = 2;
+        /// Device error code: a query excludes a row and `n` = M, one more than the rows left
+        /// (word 1 = query, word 2 = the excluded row).
+        ERR_FEW_ROWS: u32 = 3;
 
         /// Threads per block of both cosine_topk kernels (4 warps).
         CT_THREADS: u32 = 128;
-        /// Bank rows scored per tile of `cosine_topk_partial` (two groups of 32 rows per warp); also
-        /// the candidate tile of `cosine_topk_merge`.
-        CT_TILE: u32 = 256;
-        /// Most queries one `cosine_topk_partial` block scores together (each key row read once
-        /// for all of them).
-        CT_QB_MAX: u32 = 8;
+        /// Bank rows per tile of `cosine_topk_partial_*` (every configuration): the rows whose
+        /// scores are offered to the running lists together.
+        CT_TILE_ROWS: u32 = 128;
+        /// Depth of the partial kernel's copy pipeline (shared-memory stages; two in flight
+        /// while the third is scored).
+        CT_STAGES: u32 = 3;
+        /// Most queries one `cosine_topk_partial_*` block scores together (configuration q32).
+        CT_QB_MAX: u32 = 32;
+        /// Candidates per tile of `cosine_topk_merge`.
+        CT_MERGE_TILE: u32 = 1024;
+        /// Blocks per multiprocessor the partial kernels' `__launch_bounds__` guarantee
+        /// registers for (at most 65536 / (128 * 4) = 128 registers a thread).
+        CT_MIN_BLOCKS: u32 = 4;
 
         /// Threads per block of `dissonance_topk` and `topk_rows` (2 warps: the rows are short).
         CAP_TOPK_THREADS: u32 = 64;
@@ -41,9 +54,10 @@ r2_abi! {
     }
 
     structs {
-        /// `cosine_topk_partial_{f32,f16,bf16}`: block (x, y) scores bank rows
-        /// `[x * chunk_rows, (x + 1) * chunk_rows)` against queries `[y * qb, (y + 1) * qb)` and
-        /// writes its best `kp` (score, row) pairs per query to `cand_*[(query * gx + x) * kp ..]`.
+        /// `cosine_topk_partial_q{1,8,16,32}_{f32,f16,bf16}`: block (x, y) scores bank rows
+        /// `[y * chunk_rows, (y + 1) * chunk_rows)` against queries `[x * qb, (x + 1) * qb)` (qb =
+        /// 1, 8, 16 or 32, the entry's configuration) and writes its best `kp` (score, row) pairs
+        /// per query, sorted, to `cand_*[(query * gy + y) * kp ..]`.
         CosineTopkPartialArgs("cosine_topk_partial") {
             /// [B, D] f32 queries.
             q: ptr f32,
@@ -51,27 +65,35 @@ r2_abi! {
             keys: ptr elem,
             /// \[M\] f32 key norms.
             key_norms: ptr f32,
-            /// \[B\] bank row each query skips (`PAD_INDEX` = none).
+            /// \[B\] bank row each query skips (`PAD_INDEX` = none); null = no exclusion.
+            /// Checked on the device (`ERR_BAD_EXCLUDE`, `ERR_FEW_ROWS`).
             exclude: ptr u32,
             b: u32,
             m: u32,
             d: u32,
-            /// Queries per block.
-            qb: u32,
+            /// Results wanted per query (for the `ERR_FEW_ROWS` check).
+            n: u32,
             /// Running-list length (a power of two >= n).
             kp: u32,
-            /// Bank rows per block (a multiple of `CT_TILE`).
+            /// Hit-buffer length per query (a power of two >= kp).
+            hb: u32,
+            /// Key bytes per row and pipeline stage (a multiple of 16, at most 128).
+            kb: u32,
+            /// 1: keys, queries rows 16-byte aligned, copied with 16-byte `cp.async`; 0: element
+            /// copies.
+            vec16: u32,
+            /// Bank rows per block (a multiple of `CT_TILE_ROWS`).
             chunk_rows: u32,
-            /// [B, gx, kp] candidate scores.
+            /// [B, gy, kp] candidate scores.
             cand_s: mut_ptr f32,
-            /// [B, gx, kp] candidate rows.
+            /// [B, gy, kp] candidate rows.
             cand_i: mut_ptr u32,
-            /// \[3\] error word (code, query, row), zeroed before the launch.
+            /// \[3\] error word (code, detail, detail), zeroed before the launch.
             err: mut_ptr u32,
         }
 
         /// `cosine_topk_merge`: one block per query merges its `ncand` candidates (sorted runs of
-        /// `kp`) into the top `n`.
+        /// `kp`) into the top `n`; every score of the call is NaN when the error word is set.
         CosineTopkMergeArgs("cosine_topk_merge") {
             /// [B, ncand] candidate scores.
             cand_s: ptr f32,
@@ -80,6 +102,8 @@ r2_abi! {
             ncand: u32,
             kp: u32,
             n: u32,
+            /// \[3\] error word the partial kernel wrote.
+            err: ptr u32,
             /// [B, n] scores, descending.
             out_s: mut_ptr f32,
             /// [B, n] rows.

@@ -169,6 +169,20 @@ impl Launcher for CudaLauncher<'_> {
         sm_count(self.dev)
     }
 
+    fn smem_per_sm(&self) -> Result<u32> {
+        let n = self
+            .dev
+            .cuda_stream()
+            .context()
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            )
+            .map_err(|e| {
+                candle_core::Error::Msg(format!("r2scp cuda: shared memory per SM: {e}"))
+            })?;
+        Ok(n.max(0) as u32)
+    }
+
     fn zeros<T: DevElem>(&self, n: usize) -> Result<CudaSlice<T>> {
         // Never zero-sized: a null device pointer is not a valid argument.
         self.dev.alloc_zeros::<T>(n.max(1))

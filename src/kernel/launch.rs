@@ -111,6 +111,10 @@ impl LaunchPlan {
 /// most 160 bytes of them).
 pub const MAX_DYN_SMEM_BYTES: u32 = 47 * 1024;
 
+/// Shared memory per multiprocessor a plan assumes when the launcher does not say (100 KiB:
+/// sm_86 and sm_89; sm_80 has 164 KiB, sm_90 228 KiB).
+pub const SMEM_PER_SM_DEFAULT: u32 = 100 * 1024;
+
 /// Streaming multiprocessor count the emulated launches plan for. Small on purpose: the
 /// emulator runs blocks one after another, and a small grid still exercises the multi-block
 /// candidate merge.
@@ -154,6 +158,13 @@ pub trait Launcher {
 
     /// Multiprocessors the plans are sized for.
     fn sm_count(&self) -> Result<u32>;
+
+    /// Shared memory of one multiprocessor in bytes, for plans that size a grid from the
+    /// occupancy. The default, [`SMEM_PER_SM_DEFAULT`], is the smallest of the GPUs the fatbin
+    /// targets (sm_86/89); the CUDA launcher reads the device's own.
+    fn smem_per_sm(&self) -> Result<u32> {
+        Ok(SMEM_PER_SM_DEFAULT)
+    }
 
     /// A zeroed buffer of `n` elements.
     fn zeros<T: DevElem>(&self, n: usize) -> Result<Self::Buf<T>>;

@@ -19,7 +19,9 @@
 
 pub mod cosine_topk;
 
+pub use cosine_topk::{
+    cosine_topk, cosine_topk_deferred, cosine_topk_reference, key_norms, PendingTopN,
+};
 #[cfg(feature = "emulate")]
 #[doc(hidden)]
-pub use cosine_topk::cosine_topk_emulated;
-pub use cosine_topk::{cosine_topk, cosine_topk_reference, key_norms};
+pub use cosine_topk::{cosine_topk_deferred_emulated, cosine_topk_emulated};

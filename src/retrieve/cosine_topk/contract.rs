@@ -15,15 +15,48 @@ pub(crate) struct Checked {
     pub exclude: Vec<u32>,
 }
 
-/// Checks the whole contract except NaN; `op` names the caller in the errors.
-pub(crate) fn check(
+/// Validated sizes of one `cosine_topk` call on a device: everything checked on the host
+/// except what needs the data (NaN scores; the `exclude` entries, which the kernels check, see
+/// `kernel.rs` "NaN contract"), so that building it reads nothing back from the device.
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceCall {
+    pub b: usize,
+    pub m: usize,
+    pub d: usize,
+    pub n: usize,
+    /// [B] u32 excluded rows (`u32::MAX` = none), shape and dtype checked, values not read.
+    pub exclude: Option<Tensor>,
+}
+
+/// The error of an `exclude` entry that is neither a bank row nor `u32::MAX`.
+pub(crate) fn bad_exclude(op: &str, q: usize, r: u32, m: usize) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: exclude[{q}] = {r} is not a bank row (M = {m}) nor u32::MAX (none)"
+    ))
+}
+
+/// The error of `n` above the `left` rows query `q` may return.
+pub(crate) fn too_few_rows(
+    op: &str,
+    n: usize,
+    left: usize,
+    q: usize,
+    m: usize,
+) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: n = {n} exceeds the {left} bank rows left after exclusion (query {q}, M = {m})"
+    ))
+}
+
+/// Shapes, dtypes and devices of the inputs, the key norms and the shape and dtype of
+/// `exclude`: `(B, M, D)`.
+fn check_inputs(
     op: &str,
     queries: &Tensor,
     keys: &Tensor,
     key_norms: Option<&Tensor>,
-    n: usize,
     exclude: Option<&Tensor>,
-) -> Result<Checked> {
+) -> Result<(usize, usize, usize)> {
     let (b, d) = rank2((queries, "queries"), "[B, D]", op)?;
     let (m, dk) = rank2((keys, "keys"), "[M, D]", op)?;
     if d != dk {
@@ -53,24 +86,38 @@ pub(crate) fn check(
         }
         check_device((kn, "key_norms"), (keys, "keys"), op)?;
     }
+    if let Some(ex) = exclude {
+        if ex.dims() != [b] {
+            bail!(
+                "{op}: exclude must be [B] = [{b}], got shape {:?}",
+                ex.dims()
+            );
+        }
+        if ex.dtype() != DType::U32 {
+            bail!("{op}: exclude must be u32, got {:?}", ex.dtype());
+        }
+    }
+    Ok((b, m, d))
+}
+
+/// Checks the whole contract except NaN (the exclusions read to the host); `op` names the
+/// caller in the errors.
+pub(crate) fn check(
+    op: &str,
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+) -> Result<Checked> {
+    let (b, m, d) = check_inputs(op, queries, keys, key_norms, exclude)?;
     let exclude = match exclude {
         None => vec![u32::MAX; b],
         Some(ex) => {
-            if ex.dims() != [b] {
-                bail!(
-                    "{op}: exclude must be [B] = [{b}], got shape {:?}",
-                    ex.dims()
-                );
-            }
-            if ex.dtype() != DType::U32 {
-                bail!("{op}: exclude must be u32, got {:?}", ex.dtype());
-            }
             let v = ex.to_vec1::<u32>()?;
             for (q, &r) in v.iter().enumerate() {
                 if r != u32::MAX && r as usize >= m {
-                    bail!(
-                        "{op}: exclude[{q}] = {r} is not a bank row (M = {m}) nor u32::MAX (none)"
-                    );
+                    return Err(bad_exclude(op, q, r, m));
                 }
             }
             v
@@ -82,9 +129,7 @@ pub(crate) fn check(
     for (q, &r) in exclude.iter().enumerate() {
         let left = if r == u32::MAX { m } else { m - 1 };
         if n > left {
-            bail!(
-                "{op}: n = {n} exceeds the {left} bank rows left after exclusion (query {q}, M = {m})"
-            );
+            return Err(too_few_rows(op, n, left, q, m));
         }
     }
     if b == 0 && n > m {
@@ -96,5 +141,35 @@ pub(crate) fn check(
         d,
         n,
         exclude,
+    })
+}
+
+/// Checks what a device call can check without reading data back (see [`DeviceCall`]):
+/// everything [`check`] does except the `exclude` values. `n` above M is refused here (as
+/// [`check`] words it for query 0); `n = M` with an exclusion is the kernels' `ERR_FEW_ROWS`.
+pub(crate) fn check_device_call(
+    op: &str,
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+) -> Result<DeviceCall> {
+    let (b, m, d) = check_inputs(op, queries, keys, key_norms, exclude)?;
+    if n == 0 {
+        bail!("{op}: n must be >= 1, got n = 0");
+    }
+    if n > m {
+        if b == 0 {
+            bail!("{op}: n = {n} exceeds the M = {m} bank rows");
+        }
+        return Err(too_few_rows(op, n, m, 0, m));
+    }
+    Ok(DeviceCall {
+        b,
+        m,
+        d,
+        n,
+        exclude: exclude.cloned(),
     })
 }

@@ -1,196 +1,340 @@
 //! Launch plan and device path of `kernels/cosine_topk.cu`, one code for the CUDA device and
 //! the emulator (both through [`Launcher`]).
 //!
-//! Two kernels:
-//! 1. `cosine_topk_partial_<dt>`: grid `(gx, gy)`. Block `(x, y)` scores bank rows
-//!    `[x * chunk_rows, (x + 1) * chunk_rows)` for queries `[y * qb, (y + 1) * qb)`, tile
-//!    by tile ([`TILE`] rows, [`THREADS`] threads), keeping a running top-`kp` per query
-//!    in shared memory. It writes `kp` candidates per (query, block) to a scratch buffer
-//!    of `B * gx * kp` (score, index) pairs: independent of M, never a B x M matrix.
-//! 2. `cosine_topk_merge`: one block per query merges its `gx * kp` candidates into
-//!    the final top-n with the same block top-k machinery (skipped when gx = 1, see
-//!    [`CosinePlan::needs_merge`]).
+//! Two kernels, queued back to back with no host round trip between or inside them:
+//! 1. `cosine_topk_partial_<cfg>_<dt>`: grid `(gx, gy)`. Block `(x, y)` scores bank rows
+//!    `[y * chunk_rows, (y + 1) * chunk_rows)` for the `qb` queries `[x * qb, (x + 1) * qb)` of
+//!    its configuration ([`CONFIGS`]), streaming the keys through a 3-stage `cp.async`
+//!    pipeline into shared memory and keeping a running top-`kp` per query there. It writes
+//!    `kp` candidates per (query, block): `B * gy * kp` pairs, never a B x M matrix. The grid
+//!    fills the GPU once (a persistent grid sized from the shared-memory occupancy).
+//! 2. `cosine_topk_merge`: one block per query merges its `gy * kp` candidates into the top n,
+//!    and writes NaN scores if the partial kernel set the error word.
+//!
+//! **NaN contract (no synchronisation inside the op).** Input errors that need the data (a NaN
+//! score, an `exclude` entry out of range, an exclusion with n = M) are found on the device and
+//! written to a 3-word error word of the call, `[code, detail, detail]`; the exclusion vector is
+//! read by the kernels where it lies (never uploaded, never read back). The call queues both
+//! kernels and returns [`DeviceTopN`] at once. Checked callers read the word once, after both
+//! kernels (`cosine_topk`: one synchronisation per call, where the old path synchronised between
+//! the kernels and uploaded the exclusions); unchecked callers (`cosine_topk_deferred`) read it
+//! when they choose, and meanwhile every score of a failed call is NaN, so a consumer of the
+//! scores sees the failure.
 // The device path runs with feature `cuda` (a GPU) or `emulate` (the tests); the plan is
 // always public.
 #![cfg_attr(not(any(feature = "cuda", feature = "emulate")), allow(dead_code))]
 
-use super::contract::Checked;
+use super::contract::DeviceCall;
 use crate::kernel::abi::{
-    CosineTopkMergeArgs, CosineTopkPartialArgs, CT_QB_MAX, CT_THREADS, CT_TILE, ERR_NAN_SCORE,
-    TOPK_MAXQ,
+    CosineTopkMergeArgs, CosineTopkPartialArgs, CT_MERGE_TILE, CT_MIN_BLOCKS, CT_QB_MAX, CT_STAGES,
+    CT_THREADS, CT_TILE_ROWS, ERR_BAD_EXCLUDE, ERR_FEW_ROWS, ERR_NAN_SCORE,
 };
-use crate::kernel::{
-    entry, to_u32, AnyElem, KernelArgs, LaunchPlan, Launcher, Ptr, MAX_DYN_SMEM_BYTES,
-};
+use crate::kernel::{entry, to_u32, KernelArgs, LaunchPlan, Launcher, Ptr, MAX_DYN_SMEM_BYTES};
 use candle_core::{bail, DType, Result, Tensor};
 
 /// Threads per block of both kernels (4 warps).
 pub const THREADS: u32 = CT_THREADS;
-/// Bank rows scored per tile (two groups of 32 rows per warp); also the candidate tile of
-/// the merge.
-pub const TILE: u32 = CT_TILE;
+/// Bank rows per tile of the partial kernel (scores offered to the lists together).
+pub const TILE_ROWS: u32 = CT_TILE_ROWS;
 /// Largest n the kernels handle (the running list is `kp = next_pow2(n) <= KMAX`); the
-/// CUDA op runs larger n on the fused CPU path. A running list longer than the tile is
-/// fine: a tile then holds fewer hits than `kp`, so `r2_stream_flush` always takes its
-/// sorted-hits path. At `kp = 1024` one query's lists take 18 KiB of shared memory.
+/// CUDA op runs larger n on the fused CPU path.
 pub const KMAX: usize = 1024;
-/// Most queries one block scores together (each key row read once for all of them).
+/// Most queries one partial block scores together.
 pub const QB_MAX: u32 = CT_QB_MAX;
-// A block keeps one streaming top-k list per query (kernels/topk.cuh holds TOPK_MAXQ).
-const _: () = assert!(QB_MAX <= TOPK_MAXQ);
+/// Most candidates per query the merge reads (`gy * kp`): caps `gy` for large n, so one
+/// merge block never streams more than 128 Ki candidates.
+pub const MERGE_CANDIDATES_MAX: u64 = 1 << 17;
+
+/// One compiled configuration of the partial kernel (`cosine_topk_partial_<tag>_<dtype>`; the
+/// lane layout is `CtCfg` in kernels/cosine_topk.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartialConfig {
+    /// Entry-name tag.
+    pub tag: &'static str,
+    /// Queries per block.
+    pub qb: u32,
+    /// Smallest hit buffer per query: a tile needs at most `ceil(TILE_ROWS / hb)` rounds.
+    pub hb_min: u32,
+}
+
+/// The configurations, fewest queries first: q1 (one row per lane), q8 / q16 / q32 (4 lanes
+/// per row group, 2 / 4 / 8 queries and 4 rows per lane).
+pub const CONFIGS: [PartialConfig; 4] = [
+    PartialConfig {
+        tag: "q1",
+        qb: 1,
+        hb_min: TILE_ROWS,
+    },
+    PartialConfig {
+        tag: "q8",
+        qb: 8,
+        hb_min: 64,
+    },
+    PartialConfig {
+        tag: "q16",
+        qb: 16,
+        hb_min: 32,
+    },
+    PartialConfig {
+        tag: "q32",
+        qb: QB_MAX,
+        hb_min: 16,
+    },
+];
+
+/// What one call asks of the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Queries.
+    pub b: usize,
+    /// Bank rows.
+    pub m: usize,
+    /// Dimension.
+    pub d: usize,
+    /// Results per query.
+    pub n: usize,
+    /// Bytes of one key element (4 for f32, 2 for f16 / bf16).
+    pub key_bytes: usize,
+    /// Key and query rows are 16-byte aligned (`D * key_bytes % 16 == 0` and both base
+    /// addresses 16-byte aligned): the partial kernel copies with 16-byte `cp.async`.
+    pub vec16: bool,
+}
+
+/// The device a plan is sized for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gpu {
+    /// Multiprocessors.
+    pub sm_count: u32,
+    /// Shared memory per multiprocessor, bytes.
+    pub smem_per_sm: u32,
+}
 
 /// Everything both launches of one `cosine_topk` call need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CosinePlan {
-    /// Launch of the partial (scoring) kernel.
+    /// Launch of the partial (scoring) kernel: grid (query groups, bank chunks).
     pub partial: LaunchPlan,
-    /// Launch of the merge kernel.
+    /// Launch of the merge kernel (one block per query).
     pub merge: LaunchPlan,
-    /// Queries per block of the partial kernel.
-    pub qb: u32,
+    /// The partial kernel's configuration.
+    pub config: PartialConfig,
     /// Running-list length: the next power of two >= n (>= 2).
     pub kp: u32,
-    /// Bank rows per block of the partial kernel (a multiple of [`TILE`]).
+    /// Hit-buffer length per query (a power of two >= kp).
+    pub hb: u32,
+    /// Key bytes per row and pipeline step (a multiple of 16, at most 128).
+    pub kb: u32,
+    /// 16-byte copies (see [`Problem::vec16`]).
+    pub vec16: bool,
+    /// Bank rows per block (a multiple of [`TILE_ROWS`]).
     pub chunk_rows: u32,
 }
 
-impl CosinePlan {
-    /// False when one block covers the whole bank (gx = 1): its sorted candidates are
-    /// already the answer and the merge launch is skipped (the first n are taken).
-    pub fn needs_merge(&self) -> bool {
-        self.partial.grid.0 > 1
-    }
+/// Dynamic shared memory of the partial kernel: [`CT_STAGES`] stages of (keys `TILE_ROWS x
+/// (kb + 16)`, queries `qb x (kb / key_bytes * 4 + 16)` in f32, norms `TILE_ROWS x 4`), then the
+/// running lists (`qb x kp`) and hit buffers (`qb x hb`) of (score, row) pairs. Must match the
+/// carving in kernels/cosine_topk.cu.
+pub fn partial_smem(qb: u32, kb: u32, key_bytes: u32, kp: u32, hb: u32) -> u64 {
+    let tr = TILE_ROWS as u64;
+    let dk = (kb / key_bytes) as u64;
+    let stage = tr * (kb as u64 + 16) + qb as u64 * (dk * 4 + 16) + tr * 4;
+    CT_STAGES as u64 * stage + qb as u64 * (kp as u64 + hb as u64) * 8
 }
 
-/// Shared bytes of the per-warp \[32\]\[33\] f32 transpose buffers that make the partial
-/// kernel's key loads coalesced (`R2_CT_TRANSPOSE_FLOATS` in kernels/cosine_topk.cu).
-pub const TRANSPOSE_BYTES: u64 = (THREADS as u64 / 32) * 32 * 33 * 4;
-
-/// Dynamic shared memory of the partial kernel for `qb` queries of dimension `d`:
-/// the transpose buffers, the queries in f32, then per query the running list, tile and
-/// hit buffer of (score, index) pairs (must match `r2_stream_bytes` in kernels/topk.cuh).
-pub fn partial_smem(qb: u32, d: u32, kp: u32) -> u64 {
-    TRANSPOSE_BYTES + qb as u64 * (d as u64 * 4 + stream_bytes(kp))
+/// Dynamic shared memory of the merge: the running list, tile and hit buffer of
+/// kernels/topk.cuh's streaming top-kp (`r2_stream_bytes`).
+pub fn merge_smem(kp: u32) -> u64 {
+    crate::kernel::topk::stream_bytes(1, kp, CT_MERGE_TILE)
 }
 
-/// Shared bytes of one streaming top-kp list over tiles of [`TILE`].
-fn stream_bytes(kp: u32) -> u64 {
-    crate::kernel::topk::stream_bytes(1, kp, TILE)
-}
-
-/// Plans both launches for B queries, M bank rows, dimension D, top-n, on a device with
-/// `sm_count` multiprocessors. Errors when n > [`KMAX`] or one query of dimension D
-/// does not fit the shared-memory budget.
-pub fn plan(b: usize, m: usize, d: usize, n: usize, sm_count: u32) -> Result<CosinePlan> {
+/// Plans both launches. The configuration is the one with the fewest queries per block that
+/// covers B (q32 above 32, with more query groups), or a smaller one when its running lists
+/// do not fit next to the pipeline; the key bytes per step are the most (<= 128) that fit.
+/// Errors when n > [`KMAX`] or a shape is empty.
+pub fn plan(p: &Problem, gpu: Gpu) -> Result<CosinePlan> {
     const OP: &str = "cosine_topk";
+    let Problem {
+        b, m, d, n, vec16, ..
+    } = *p;
     if n == 0 || n > KMAX {
         bail!("{OP} kernel: n = {n} outside 1..={KMAX}");
     }
     if b == 0 || m == 0 || d == 0 {
         bail!("{OP} kernel: empty shape B = {b}, M = {m}, D = {d}");
     }
+    if p.key_bytes != 2 && p.key_bytes != 4 {
+        bail!(
+            "{OP} kernel: key elements of {} bytes (2 or 4)",
+            p.key_bytes
+        );
+    }
+    let key_bytes = p.key_bytes as u32;
     let kp = (n.next_power_of_two() as u32).max(2);
-    let d32 = to_u32(d, "D", OP)?;
-    let mut qb = QB_MAX.min(b as u32);
-    while qb > 1 && partial_smem(qb, d32, kp) > MAX_DYN_SMEM_BYTES as u64 {
-        qb -= 1;
+    let row_bytes = (d as u64 * key_bytes as u64).div_ceil(16) * 16;
+    let kb_max = row_bytes.min(128) as u32;
+    let wanted = CONFIGS
+        .iter()
+        .position(|c| c.qb as usize >= b)
+        .unwrap_or(CONFIGS.len() - 1);
+    let mut chosen = None;
+    'search: for config in CONFIGS[..=wanted].iter().rev() {
+        let hb = kp.max(config.hb_min);
+        let mut kb = kb_max;
+        loop {
+            let smem = partial_smem(config.qb, kb, key_bytes, kp, hb);
+            if smem <= MAX_DYN_SMEM_BYTES as u64 {
+                chosen = Some((*config, hb, kb, smem));
+                break 'search;
+            }
+            if kb <= 16 {
+                break;
+            }
+            kb = (kb / 2).div_ceil(16).max(1) * 16;
+        }
     }
-    if partial_smem(qb, d32, kp) > MAX_DYN_SMEM_BYTES as u64 {
-        let max_d =
-            (MAX_DYN_SMEM_BYTES as u64).saturating_sub(TRANSPOSE_BYTES + stream_bytes(kp)) / 4;
-        bail!("{OP} kernel: D = {d} too large for shared memory (max {max_d} with n = {n})");
-    }
-    let gy = to_u32(b, "B", OP)?.div_ceil(qb);
-    let tiles = (m as u64).div_ceil(TILE as u64);
-    let want = (4 * sm_count.max(1) as u64).div_ceil(gy as u64).max(1);
-    let gx0 = want.min(tiles).max(1);
-    let chunk_tiles = tiles.div_ceil(gx0);
-    let chunk_rows = chunk_tiles * TILE as u64;
-    let gx = (m as u64).div_ceil(chunk_rows);
+    let Some((config, hb, kb, smem)) = chosen else {
+        bail!("{OP} kernel: no configuration fits shared memory (n = {n})");
+    };
+    let gx = to_u32(b, "B", OP)?.div_ceil(config.qb);
+    // One wave: blocks resident per multiprocessor by shared memory (1 KiB per block is the
+    // system's), at most CT_MIN_BLOCKS (what the launch bounds guarantee registers for).
+    let resident = (gpu.smem_per_sm as u64 / (smem + 1024)).clamp(1, CT_MIN_BLOCKS as u64);
+    let slots = gpu.sm_count.max(1) as u64 * resident;
+    let tiles = (m as u64).div_ceil(TILE_ROWS as u64);
+    let want = slots.div_ceil(gx as u64).max(1);
+    let cap = (MERGE_CANDIDATES_MAX / kp as u64).max(1);
+    let gy0 = want.min(tiles).min(cap).max(1);
+    let chunk_rows = tiles.div_ceil(gy0) * TILE_ROWS as u64;
+    let gy = (m as u64).div_ceil(chunk_rows);
     let chunk_rows = u32::try_from(chunk_rows)
         .map_err(|_| candle_core::Error::Msg(format!("{OP} kernel: M = {m} too large")))?;
     Ok(CosinePlan {
         partial: LaunchPlan {
-            grid: (gx as u32, gy, 1),
+            grid: (gx, gy as u32, 1),
             block: (THREADS, 1, 1),
-            smem_bytes: partial_smem(qb, d32, kp) as u32,
+            smem_bytes: smem as u32,
         },
         merge: LaunchPlan {
             grid: (to_u32(b, "B", OP)?, 1, 1),
             block: (THREADS, 1, 1),
-            smem_bytes: stream_bytes(kp) as u32,
+            smem_bytes: merge_smem(kp) as u32,
         },
-        qb,
+        config,
         kp,
+        hb,
+        kb,
+        vec16,
         chunk_rows,
     })
 }
 
-/// The device addresses of one call's inputs (all contiguous, on the launcher's device).
-struct Inputs {
-    /// [B, D] f32.
-    q: Ptr<f32>,
-    /// [M, D] in `key_dtype`.
-    keys: Ptr<AnyElem>,
-    key_dtype: DType,
-    /// [M] f32.
-    key_norms: Ptr<f32>,
+/// The outputs of one device call and its error word, not yet read (see the NaN contract
+/// above): scores [B, n] f32 (all NaN when the call failed), indices [B, n] u32, status \[3\]
+/// u32 on the device, `(0, 0, 0)` when the call succeeded.
+pub(crate) struct DeviceTopN {
+    pub scores: Tensor,
+    pub indices: Tensor,
+    pub status: Tensor,
 }
 
-/// The top-n of one call: `[B, row_len]` buffers whose first `n` columns are the answer.
-struct TopN<L: Launcher> {
-    scores: L::Buf<f32>,
-    indices: L::Buf<u32>,
-    row_len: usize,
+/// The error a call's error word `w` reports, if any (messages as the CPU path's).
+pub(crate) fn status_error(op: &str, w: &[u32], m: usize, n: usize) -> Option<candle_core::Error> {
+    let (code, a, b) = (*w.first()?, *w.get(1)? as usize, *w.get(2)? as usize);
+    match code {
+        0 => None,
+        ERR_NAN_SCORE => Some(crate::check::nan_score(op, a, b)),
+        ERR_BAD_EXCLUDE => Some(super::contract::bad_exclude(op, a, b as u32, m)),
+        ERR_FEW_ROWS => Some(super::contract::too_few_rows(op, n, m - 1, a, m)),
+        other => Some(candle_core::Error::Msg(format!(
+            "{op}: the kernel reported unknown error code {other} ({a}, {b})"
+        ))),
+    }
 }
 
-/// Runs the partial and (when needed) the merge kernel of one call on `x`. The NaN flag is
-/// read back (a device synchronisation) so that a NaN input is an error of this call.
-fn launch_all<L: Launcher>(x: &L, c: &Checked, inp: &Inputs) -> Result<TopN<L>> {
+/// Runs one call on `x` with inputs on its device (n <= [`KMAX`]): queues the partial and
+/// the merge kernel and returns without waiting for them. The CUDA path and, with the
+/// emulator, `cosine_topk_emulated` / `cosine_topk_deferred_emulated`.
+pub(crate) fn run_on<L: Launcher>(
+    x: &L,
+    c: &DeviceCall,
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: &Tensor,
+) -> Result<DeviceTopN> {
     const OP: &str = "cosine_topk";
-    let p = plan(c.b, c.m, c.d, c.n, x.sm_count()?)?;
-    let gx = p.partial.grid.0 as usize;
-    let kp = p.kp as usize;
-    let ncand = gx * kp;
-    let exclude = x.upload(&c.exclude)?;
+    let dev = keys.device();
+    if c.b == 0 {
+        return Ok(DeviceTopN {
+            scores: Tensor::zeros((0, c.n), DType::F32, dev)?,
+            indices: Tensor::zeros((0, c.n), DType::U32, dev)?,
+            status: Tensor::zeros(3, DType::U32, dev)?,
+        });
+    }
+    let q = queries.to_dtype(DType::F32)?.contiguous()?;
+    let keys = keys.contiguous()?;
+    let kn = key_norms.contiguous()?;
+    let ex = match &c.exclude {
+        Some(e) => Some(e.to_device(dev)?.contiguous()?),
+        None => None,
+    };
+    let (q_ptr, _q) = crate::kernel::tensor_ptr(&q, OP)?;
+    let (k_ptr, _k) = crate::kernel::tensor_ptr(&keys, OP)?;
+    let (norm_ptr, _n) = crate::kernel::tensor_ptr(&kn, OP)?;
+    let ex_ptr = match &ex {
+        Some(t) => Some(crate::kernel::tensor_ptr(t, OP)?),
+        None => None,
+    };
+    let key_bytes = keys.dtype().size_in_bytes();
+    let vec16 = (c.d * key_bytes).is_multiple_of(16)
+        && q_ptr.addr().is_multiple_of(16)
+        && k_ptr.addr().is_multiple_of(16);
+    let p = plan(
+        &Problem {
+            b: c.b,
+            m: c.m,
+            d: c.d,
+            n: c.n,
+            key_bytes,
+            vec16,
+        },
+        Gpu {
+            sm_count: x.sm_count()?,
+            smem_per_sm: x.smem_per_sm()?,
+        },
+    )?;
+    let gy = p.partial.grid.1 as usize;
+    let ncand = gy * p.kp as usize;
     let cand_s = x.zeros::<f32>(c.b * ncand)?;
     let cand_i = x.zeros::<u32>(c.b * ncand)?;
     let err = x.zeros::<u32>(3)?;
     let args = CosineTopkPartialArgs {
-        q: inp.q,
-        keys: inp.keys,
-        key_norms: inp.key_norms,
-        exclude: x.ptr(&exclude),
+        q: Ptr::new(q_ptr.addr()),
+        keys: k_ptr,
+        key_norms: Ptr::new(norm_ptr.addr()),
+        exclude: ex_ptr
+            .as_ref()
+            .map_or_else(Ptr::null, |(p, _)| Ptr::new(p.addr())),
         b: to_u32(c.b, "B", OP)?,
         m: to_u32(c.m, "M", OP)?,
         d: to_u32(c.d, "D", OP)?,
-        qb: p.qb,
+        n: to_u32(c.n, "n", OP)?,
         kp: p.kp,
+        hb: p.hb,
+        kb: p.kb,
+        vec16: p.vec16 as u32,
         chunk_rows: p.chunk_rows,
         cand_s: x.ptr(&cand_s),
         cand_i: x.ptr(&cand_i),
         err: x.ptr(&err),
     };
-    // SAFETY: queries B*D, keys M*D, norms M, exclusions B, candidates B*gx*kp, 3 error
-    // words: the extents the partial kernel indexes for this plan.
-    unsafe {
-        x.launch(
-            &entry::<CosineTopkPartialArgs>(inp.key_dtype)?,
-            &p.partial,
-            &args,
-        )?
-    };
-    let e = x.download(&err)?;
-    if e[0] == ERR_NAN_SCORE {
-        return Err(crate::check::nan_score(OP, e[1] as usize, e[2] as usize));
-    }
-    if !p.needs_merge() {
-        return Ok(TopN {
-            scores: cand_s,
-            indices: cand_i,
-            row_len: kp,
-        });
-    }
+    let name = entry::<CosineTopkPartialArgs>(keys.dtype())?.replacen(
+        CosineTopkPartialArgs::ENTRY,
+        &format!("{}_{}", CosineTopkPartialArgs::ENTRY, p.config.tag),
+        1,
+    );
+    // SAFETY: queries B*D, keys M*D, norms M, exclusions B (or null), candidates B*gy*kp, 3
+    // error words: the extents the partial kernel indexes for this plan.
+    unsafe { x.launch(&name, &p.partial, &args)? };
     let out_s = x.zeros::<f32>(c.b * c.n)?;
     let out_i = x.zeros::<u32>(c.b * c.n)?;
     let args = CosineTopkMergeArgs {
@@ -199,67 +343,28 @@ fn launch_all<L: Launcher>(x: &L, c: &Checked, inp: &Inputs) -> Result<TopN<L>> 
         ncand: to_u32(ncand, "candidates", OP)?,
         kp: p.kp,
         n: to_u32(c.n, "n", OP)?,
+        err: x.ptr(&err),
         out_s: x.ptr(&out_s),
         out_i: x.ptr(&out_i),
     };
-    // SAFETY: candidates B*ncand, outputs B*n.
+    // SAFETY: candidates B*ncand, 3 error words, outputs B*n.
     unsafe { x.launch(CosineTopkMergeArgs::ENTRY, &p.merge, &args)? };
-    Ok(TopN {
-        scores: out_s,
-        indices: out_i,
-        row_len: c.n,
+    Ok(DeviceTopN {
+        scores: x.tensor_of(out_s, (c.b, c.n))?,
+        indices: x.tensor_of(out_i, (c.b, c.n))?,
+        status: x.tensor_of(err, 3)?,
     })
 }
 
-/// Runs one call on `x` with inputs on its device (n <= [`KMAX`]): the CUDA path and,
-/// with the emulator, `cosine_topk_emulated`.
-pub(crate) fn run_on<L: Launcher>(
-    x: &L,
-    c: &Checked,
-    queries: &Tensor,
-    keys: &Tensor,
-    key_norms: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    const OP: &str = "cosine_topk";
-    if c.b == 0 {
-        return Ok((
-            Tensor::zeros((0, c.n), DType::F32, keys.device())?,
-            Tensor::zeros((0, c.n), DType::U32, keys.device())?,
-        ));
-    }
-    let q = queries.to_dtype(DType::F32)?.contiguous()?;
-    let keys = keys.contiguous()?;
-    let kn = key_norms.contiguous()?;
-    let (qp, _q) = crate::kernel::tensor_ptr(&q, OP)?;
-    let (kp, _k) = crate::kernel::tensor_ptr(&keys, OP)?;
-    let (np, _n) = crate::kernel::tensor_ptr(&kn, OP)?;
-    let inputs = Inputs {
-        q: Ptr::new(qp.addr()),
-        keys: kp,
-        key_dtype: keys.dtype(),
-        key_norms: Ptr::new(np.addr()),
-    };
-    let top = launch_all(x, c, &inputs)?;
-    let s = x.tensor_of(top.scores, (c.b, top.row_len))?;
-    let i = x.tensor_of(top.indices, (c.b, top.row_len))?;
-    if top.row_len == c.n {
-        return Ok((s, i));
-    }
-    Ok((
-        s.narrow(1, 0, c.n)?.contiguous()?,
-        i.narrow(1, 0, c.n)?.contiguous()?,
-    ))
-}
-
-/// The CUDA path: n <= [`KMAX`] on the GPU; larger n on the fused CPU path (the bank is
-/// copied to the host).
+/// The CUDA path: n <= [`KMAX`] on the GPU (no synchronisation); larger n on the fused CPU
+/// path (the bank is copied to the host, the exclusions read; errors are immediate).
 #[cfg(feature = "cuda")]
 pub(crate) fn cosine_topk_cuda(
     queries: &Tensor,
     keys: &Tensor,
     key_norms: &Tensor,
-    c: &Checked,
-) -> Result<(Tensor, Tensor)> {
+    c: &DeviceCall,
+) -> Result<DeviceTopN> {
     use candle_core::Device;
     let Device::Cuda(dev) = keys.device() else {
         bail!("cosine_topk: expected CUDA tensors");
@@ -267,13 +372,20 @@ pub(crate) fn cosine_topk_cuda(
     if c.n > KMAX {
         // Lists longer than the kernel's shared-memory running list: the fused CPU path.
         let cpu = Device::Cpu;
-        let (s, i) = super::cpu::cosine_topk_cpu(
-            &queries.to_device(&cpu)?,
-            &keys.to_device(&cpu)?,
-            Some(&key_norms.to_device(&cpu)?),
-            c,
-        )?;
-        return Ok((s.to_device(keys.device())?, i.to_device(keys.device())?));
+        let ex = match &c.exclude {
+            Some(e) => Some(e.to_device(&cpu)?),
+            None => None,
+        };
+        let qc = queries.to_device(&cpu)?;
+        let kc = keys.to_device(&cpu)?;
+        let nc = key_norms.to_device(&cpu)?;
+        let checked = super::contract::check("cosine_topk", &qc, &kc, Some(&nc), c.n, ex.as_ref())?;
+        let (s, i) = super::cpu::cosine_topk_cpu(&qc, &kc, Some(&nc), &checked)?;
+        return Ok(DeviceTopN {
+            scores: s.to_device(keys.device())?,
+            indices: i.to_device(keys.device())?,
+            status: Tensor::zeros(3, DType::U32, keys.device())?,
+        });
     }
     run_on(
         &crate::kernel::cuda::CudaLauncher::new(dev),

@@ -21,7 +21,8 @@ use contract::check;
 /// \[M\] f32 (`None` = computed), `exclude` \[B\] u32 (`u32::MAX` = none). Returns
 /// `(scores [B, n] f32 descending, indices [B, n] u32)`; ties go to the lower index.
 /// CPU tensors run the fused CPU path (tiled, vectorised, threaded, no B x M matrix);
-/// CUDA tensors (feature `cuda`) run `kernels/cosine_topk.cu`.
+/// CUDA tensors (feature `cuda`) run `kernels/cosine_topk.cu` and wait once, after both
+/// kernels, to read the call's error word ([`cosine_topk_deferred`] does not wait).
 pub fn cosine_topk(
     queries: &Tensor,
     keys: &Tensor,
@@ -29,16 +30,94 @@ pub fn cosine_topk(
     n: usize,
     exclude: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
-    let c = check("cosine_topk", queries, keys, key_norms, n, exclude)?;
+    cosine_topk_deferred(queries, keys, key_norms, n, exclude)?.check()
+}
+
+/// The top-n of a [`cosine_topk_deferred`] call, and the call's device error word, not yet
+/// read. Input errors found on the device (a NaN score, an `exclude` entry out of range, an
+/// exclusion with n = M) are reported by [`PendingTopN::check`]; until then every score of a
+/// failed call is NaN, so code that consumes the scores without checking sees the failure.
+#[derive(Debug)]
+pub struct PendingTopN {
+    scores: Tensor,
+    indices: Tensor,
+    /// \[3\] u32 (code, detail, detail) on the keys' device; `None` on the CPU path, whose
+    /// errors are immediate.
+    status: Option<Tensor>,
+    op: &'static str,
+    m: usize,
+    n: usize,
+}
+
+impl PendingTopN {
+    /// Reads the error word (one device synchronisation on CUDA) and returns `(scores [B, n]
+    /// f32, indices [B, n] u32)`, or the call's error: the first NaN score met (query and bank
+    /// row) or the offending `exclude` entry, worded as the CPU path words it.
+    pub fn check(self) -> Result<(Tensor, Tensor)> {
+        if let Some(st) = &self.status {
+            let w = st.to_vec1::<u32>()?;
+            if let Some(e) = kernel::status_error(self.op, &w, self.m, self.n) {
+                return Err(e);
+            }
+        }
+        Ok((self.scores, self.indices))
+    }
+
+    /// `(scores, indices)` without reading the error word: valid only if the call succeeded;
+    /// after a failed call every score is NaN.
+    pub fn unchecked(&self) -> (&Tensor, &Tensor) {
+        (&self.scores, &self.indices)
+    }
+
+    /// The call's error word on the device, \[3\] u32, `[0, 0, 0]` after success (`None` on
+    /// the CPU path). Callers that batch their checks can keep these and read them together.
+    pub fn status(&self) -> Option<&Tensor> {
+        self.status.as_ref()
+    }
+}
+
+/// [`cosine_topk`] without the wait: on CUDA both kernels are queued and the call returns at
+/// once, with nothing read back or uploaded (the `exclude` tensor is read by the kernels where
+/// it lies; pass it on the keys' device to avoid a copy), so calls queue back to back on the
+/// stream. Shape, dtype and device errors are immediate; errors that need the data come from
+/// [`PendingTopN::check`]. CPU tensors run the fused CPU path, whose errors are immediate.
+pub fn cosine_topk_deferred(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+) -> Result<PendingTopN> {
+    const OP: &str = "cosine_topk";
     match keys.device() {
-        Device::Cpu => cpu::cosine_topk_cpu(queries, keys, key_norms, &c),
+        Device::Cpu => {
+            let c = check(OP, queries, keys, key_norms, n, exclude)?;
+            let (scores, indices) = cpu::cosine_topk_cpu(queries, keys, key_norms, &c)?;
+            Ok(PendingTopN {
+                scores,
+                indices,
+                status: None,
+                op: OP,
+                m: c.m,
+                n,
+            })
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
+            let c = contract::check_device_call(OP, queries, keys, key_norms, n, exclude)?;
             let kn = match key_norms {
                 Some(t) => t.clone(),
                 None => self::key_norms(keys)?,
             };
-            kernel::cosine_topk_cuda(queries, keys, &kn, &c)
+            let r = kernel::cosine_topk_cuda(queries, keys, &kn, &c)?;
+            Ok(PendingTopN {
+                scores: r.scores,
+                indices: r.indices,
+                status: Some(r.status),
+                op: OP,
+                m: c.m,
+                n,
+            })
         }
         dev => bail!(
             "cosine_topk: device {:?} is not supported (CPU, or CUDA with feature `cuda`)",
@@ -48,9 +127,9 @@ pub fn cosine_topk(
 }
 
 /// `cosine_topk` run through the emulated CUDA kernels (`kernels/cosine_topk.cu` on CPU
-/// threads) on CPU tensors: same contract and checks as [`cosine_topk`], n <=
-/// [`kernel::KMAX`]; the plan is [`kernel::plan`] for [`crate::kernel::EMU_SM_COUNT`]
-/// multiprocessors. Test infrastructure (feature `emulate`).
+/// threads) on CPU tensors: same contract and checks as [`cosine_topk`] on CUDA (the
+/// exclusions checked by the kernels), n <= [`kernel::KMAX`]; the plan is [`kernel::plan`] for
+/// [`crate::kernel::EMU_SM_COUNT`] multiprocessors. Test infrastructure (feature `emulate`).
 #[cfg(feature = "emulate")]
 #[doc(hidden)]
 pub fn cosine_topk_emulated(
@@ -60,8 +139,21 @@ pub fn cosine_topk_emulated(
     n: usize,
     exclude: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
+    cosine_topk_deferred_emulated(queries, keys, key_norms, n, exclude)?.check()
+}
+
+/// [`cosine_topk_deferred`] through the emulated kernels (see [`cosine_topk_emulated`]).
+#[cfg(feature = "emulate")]
+#[doc(hidden)]
+pub fn cosine_topk_deferred_emulated(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+) -> Result<PendingTopN> {
     let op = "cosine_topk (emulated kernel)";
-    let c = check(op, queries, keys, key_norms, n, exclude)?;
+    let c = contract::check_device_call(op, queries, keys, key_norms, n, exclude)?;
     if !keys.device().is_cpu() {
         bail!("{op}: expects CPU tensors");
     }
@@ -69,7 +161,15 @@ pub fn cosine_topk_emulated(
         Some(t) => t.clone(),
         None => self::key_norms(keys)?,
     };
-    kernel::run_on(&crate::kernel::emu::EmuLauncher, &c, queries, keys, &kn)
+    let r = kernel::run_on(&crate::kernel::emu::EmuLauncher, &c, queries, keys, &kn)?;
+    Ok(PendingTopN {
+        scores: r.scores,
+        indices: r.indices,
+        status: Some(r.status),
+        op,
+        m: c.m,
+        n,
+    })
 }
 
 /// `|k_i|` for each bank row, as f32 \[M\] on the keys' device (keys \[M, D\] f32|f16|bf16).
