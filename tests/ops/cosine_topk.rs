@@ -7,7 +7,10 @@ use super::common::emu_cases;
 use candle_core::{DType, Device, Tensor};
 use r2scp::kernel::abi::COS_EPS;
 use r2scp::retrieve::cosine_topk::kernel::KMAX;
-use r2scp::retrieve::{cosine_topk, cosine_topk_emulated, cosine_topk_reference, key_norms};
+use r2scp::retrieve::{
+    cosine_topk, cosine_topk_deferred_emulated, cosine_topk_emulated, cosine_topk_reference,
+    key_norms,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -555,4 +558,50 @@ fn emu_nan_is_error() {
 #[test]
 fn emu_error_paths() {
     error_paths(cosine_topk_emulated, "emulated kernel");
+}
+
+/// The no-sync contract (src/retrieve/cosine_topk/kernel.rs "NaN contract"): deferred calls
+/// queue without reading anything back, each keeps its own error word, a failed call's scores
+/// are all NaN until `check` turns the word into the CPU path's error, and a clean call's
+/// unchecked results equal its checked ones.
+#[test]
+fn emu_deferred_calls_keep_errors_loud() {
+    let mut kv: Vec<f32> = (0..40 * 6).map(|i| ((i * 7 % 11) as f32) - 5.0).collect();
+    let good = cpu(kv.clone(), (40, 6));
+    kv[23 * 6 + 1] = f32::NAN;
+    let bad = cpu(kv, (40, 6));
+    let q = cpu((0..3 * 6).map(|i| (i % 5) as f32 - 2.0).collect(), (3, 6));
+    let ex_bad = Tensor::from_vec(vec![1u32, 40, u32::MAX], 3, &Device::Cpu).unwrap();
+    let ex_ok = Tensor::from_vec(vec![1u32, 39, u32::MAX], 3, &Device::Cpu).unwrap();
+
+    // Queued back to back, checked afterwards in another order.
+    let nan = cosine_topk_deferred_emulated(&q, &bad, None, 4, None).unwrap();
+    let bad_ex = cosine_topk_deferred_emulated(&q, &good, None, 4, Some(&ex_bad)).unwrap();
+    let ok = cosine_topk_deferred_emulated(&q, &good, None, 4, Some(&ex_ok)).unwrap();
+
+    for (p, what) in [(&nan, "NaN key"), (&bad_ex, "bad exclusion")] {
+        let (s, _) = p.unchecked();
+        let s = s.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            s.iter().all(|x| x.is_nan()),
+            "{what}: unchecked scores {s:?}"
+        );
+        let w = p.status().expect("device word").to_vec1::<u32>().unwrap();
+        assert_ne!(w[0], 0, "{what}: error word {w:?}");
+    }
+    let w = ok.status().expect("device word").to_vec1::<u32>().unwrap();
+    assert_eq!(w, [0, 0, 0]);
+    let (us, ui) = ok.unchecked();
+    let (us, ui) = (us.clone(), ui.clone());
+    let (cs, ci) = ok.check().unwrap();
+    close(&us, &cs, "deferred unchecked vs checked");
+    assert_eq!(ui.to_vec2::<u32>().unwrap(), ci.to_vec2::<u32>().unwrap());
+    let (rs, ri) = cosine_topk_reference(&q, &good, None, 4, Some(&ex_ok)).unwrap();
+    close(&cs, &rs, "deferred vs reference");
+    assert_eq!(ci.to_vec2::<u32>().unwrap(), ri.to_vec2::<u32>().unwrap());
+
+    let e = bad_ex.check().unwrap_err().to_string();
+    assert!(e.contains("exclude[1] = 40"), "{e}");
+    let e = nan.check().unwrap_err().to_string();
+    assert!(e.contains("NaN") && e.contains("row 23"), "{e}");
 }
