@@ -287,7 +287,15 @@ fn ablation_shares_stage_one_and_reports() {
     };
     let report = ablate::run(&cfg, &o).expect("ablate");
     let md = std::fs::read_to_string(&report).unwrap();
-    for w in ["Table 2", "Table 3", "w/o ranking loss", "missing avg"] {
+    for w in [
+        "Table 2",
+        "Table 3",
+        "w/o ranking loss",
+        "missing avg",
+        "Retrieval quality",
+        "| full | same_features |",
+        "| full-paper | cross_key |",
+    ] {
         assert!(md.contains(w), "{w} missing from report:\n{md}");
     }
     assert!(out.join("plots/table2.png").is_file());
@@ -300,6 +308,8 @@ fn ablation_shares_stage_one_and_reports() {
         "wo-stage1",
         "wo-stage2",
         "wo-rank",
+        "cmr1-cap0-paper",
+        "full-paper",
     ] {
         let st = read_state(&checkpoint_dir(&sdir.join(v)).join("state.json")).unwrap();
         assert!(st.finished, "{v} not finished");

@@ -10,6 +10,7 @@
 //! - [`checkpoint`]: atomic file writes; [`metrics`]: `metrics.jsonl`.
 //! - [`report`], [`plot`]: `report.md` and PNG plots; [`ablate`]: the ablation study.
 //! - [`config`]: [`TrainConfig`] (TOML + CLI).
+//! - [`retrieval_quality`]: how often the top-1 retrieved clip shares the answer.
 
 pub mod ablate;
 pub mod checkpoint;
@@ -22,6 +23,7 @@ pub mod optim;
 pub mod plot;
 pub mod progress;
 pub mod report;
+pub mod retrieval_quality;
 pub mod run;
 
 pub use config::{StageConfig, TrainConfig};
