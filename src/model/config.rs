@@ -16,6 +16,9 @@ pub enum RetrievalQuery {
     /// bank's statistics) against the same of the bank clips; the missing modality of
     /// the clips found is borrowed.
     SameFeatures,
+    /// Both of the above at once: the similarity is the mean of the unified-key cosine
+    /// and the standardised-feature cosine (each part unit-normalised, then concatenated).
+    SameKeyAndFeatures,
 }
 
 /// How the n retrieved candidates become one token sequence H_miss.
@@ -42,8 +45,7 @@ pub struct RecoveryConfig {
     /// from the retrieval statistics (`recover.{m}.gate.*`); g -> 0 is the no-retrieval model.
     pub gate: bool,
     /// The router also sees, per modality, whether it was recovered and the retrieval
-    /// statistics, so it can down-weight a doubtful recovery per sample; a linear map of
-    /// the same statistics (`decoder.stats`, zero at init) is added to Z_joint.
+    /// statistics, so it can down-weight a doubtful recovery per sample.
     pub router_stats: bool,
 }
 
@@ -67,7 +69,7 @@ impl RecoveryConfig {
 impl Default for RecoveryConfig {
     fn default() -> Self {
         Self {
-            query: RetrievalQuery::SameFeatures,
+            query: RetrievalQuery::SameKeyAndFeatures,
             aggregate: Aggregate::Softmax,
             gate: true,
             router_stats: true,

@@ -222,8 +222,6 @@ pub struct R2scp {
     pool_audio: Mha,
     pool_visual: Mha,
     dec_ln: LayerNorm,
-    /// Retrieval statistics [2 ROUTER_STATS] -> D added to Z_joint (with router stats).
-    dec_stats: Option<Linear>,
     dec_fc1: Linear,
     dec_fc2: Linear,
     drop: DropoutRng,
@@ -357,13 +355,6 @@ impl R2scp {
             pool_audio: Mha::new(d, cfg.heads, vd.pp("pool_audio"))?,
             pool_visual: Mha::new(d, cfg.heads, vd.pp("pool_visual"))?,
             dec_ln: LayerNorm::new(d, vd.pp("ln"))?,
-            dec_stats: (Self::router_stats_dim(cfg) > 0)
-                .then(|| {
-                    vd.pp("stats")
-                        .get_with_hints((d, 2 * ROUTER_STATS), "weight", Init::Const(0.0))
-                        .map(|w| Linear::new(w, None))
-                })
-                .transpose()?,
             dec_fc1: candle_nn::linear(d, 2 * d, vd.pp("fc1"))?,
             dec_fc2: candle_nn::linear(2 * d, dims.n_answers, vd.pp("fc2"))?,
             drop: DropoutRng::new(cfg.seed),
@@ -807,12 +798,6 @@ impl R2scp {
         let z = (s_a.broadcast_mul(&alpha.narrow(1, 0, 1)?)?
             + s_v.broadcast_mul(&alpha.narrow(1, 1, 1)?)?
             + s_t.broadcast_mul(&alpha.narrow(1, 2, 1)?)?)?;
-        // A recovered sample's statistics shift Z_joint (zero for complete samples and at
-        // initialisation), so the decoder can treat doubtful recoveries differently.
-        let z = match &self.dec_stats {
-            Some(l) => (z + l.forward(stats)?)?,
-            None => z,
-        };
         let h = self.dec_fc1.forward(&self.dec_ln.forward(&z)?)?.gelu()?;
         let h = self.drop.apply(&h, self.cfg.dropout, train)?;
         Ok((self.dec_fc2.forward(&h)?, alpha))

@@ -30,6 +30,7 @@ pub const ROUTER_STATS: usize = GATE_STATS + 2;
 pub struct SameViewBanks {
     by_key: [MemoryBank; 2],
     by_features: [MemoryBank; 2],
+    by_both: [MemoryBank; 2],
     /// Per available modality (0 audio, 1 visual): (mean [F], 1 / std [F]) of the
     /// flattened raw tokens over the bank rows (F = L * D_raw).
     stats: [(Tensor, Tensor); 2],
@@ -40,6 +41,19 @@ fn mod_index(m: Modality) -> usize {
         Modality::Audio => 0,
         Modality::Visual => 1,
     }
+}
+
+/// Rows of x [C, F] scaled to unit norm (a zero row stays zero).
+fn unit_rows(x: &Tensor) -> Result<Tensor> {
+    x.broadcast_div(&(x.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-8)?)
+}
+
+/// [unit(key); unit(features)]: its cosine is the mean of the two cosines.
+fn both(key: &Tensor, feats: &Tensor) -> Result<Tensor> {
+    Tensor::cat(
+        &[unit_rows(&key.to_dtype(DType::F32)?)?, unit_rows(feats)?],
+        1,
+    )
 }
 
 /// [C, L, D] -> [C, L * D] f32 standardised with (mean, inv_std) [L * D].
@@ -86,7 +100,11 @@ impl SameViewBanks {
         ];
         let by_features = [
             MemoryBank::new(feats[1].clone(), values[0].clone(), ids.clone())?,
-            MemoryBank::new(feats[0].clone(), values[1].clone(), ids)?,
+            MemoryBank::new(feats[0].clone(), values[1].clone(), ids.clone())?,
+        ];
+        let by_both = [
+            MemoryBank::new(both(&keys[1], &feats[1])?, values[0].clone(), ids.clone())?,
+            MemoryBank::new(both(&keys[0], &feats[0])?, values[1].clone(), ids)?,
         ];
         let [sa, sv]: [(Tensor, Tensor); 2] = stats
             .try_into()
@@ -94,6 +112,7 @@ impl SameViewBanks {
         Ok(Self {
             by_key,
             by_features,
+            by_both,
             stats: [sa, sv],
         })
     }
@@ -109,6 +128,7 @@ impl SameViewBanks {
         Ok(Self {
             by_key: mv(&self.by_key)?,
             by_features: mv(&self.by_features)?,
+            by_both: mv(&self.by_both)?,
             stats: [st(&self.stats[0])?, st(&self.stats[1])?],
         })
     }
@@ -150,22 +170,27 @@ fn query_and_bank<'a>(
             key.index_select(&idx, 0)?,
             &banks.same_view.by_key[mod_index(m)],
         ),
-        RetrievalQuery::SameFeatures => {
+        RetrievalQuery::SameFeatures | RetrievalQuery::SameKeyAndFeatures => {
             let raw = match avl {
                 Modality::Audio => &batch.audio,
                 Modality::Visual => &batch.visual,
             };
-            let bank = &banks.same_view.by_features[mod_index(m)];
             let st = &banks.same_view.stats[mod_index(avl)];
-            let dk = bank.keys().dim(1)?;
-            let raw = raw.index_select(&idx, 0)?.to_device(bank.keys().device())?;
-            if raw.elem_count() != rows.len() * dk {
+            let raw = raw.index_select(&idx, 0)?.to_device(st.0.device())?;
+            let f = st.0.dim(0)?;
+            if raw.elem_count() != rows.len() * f {
                 candle_core::bail!(
-                    "recovery: the batch's {avl} tokens {:?} do not match the bank's {dk} features per clip",
+                    "recovery: the batch's {avl} tokens {:?} do not match the bank's {f} features per clip",
                     raw.dims()
                 );
             }
-            (standardise(&raw, st)?, bank)
+            let feats = standardise(&raw, st)?;
+            if query == RetrievalQuery::SameFeatures {
+                (feats, &banks.same_view.by_features[mod_index(m)])
+            } else {
+                let k = key.index_select(&idx, 0)?.to_device(st.0.device())?;
+                (both(&k, &feats)?, &banks.same_view.by_both[mod_index(m)])
+            }
         }
     };
     Ok((q.to_device(bank.keys().device())?, bank))

@@ -168,5 +168,6 @@ pub fn query_name(q: RetrievalQuery) -> &'static str {
         RetrievalQuery::CrossKey => "cross_key",
         RetrievalQuery::SameKey => "same_key",
         RetrievalQuery::SameFeatures => "same_features",
+        RetrievalQuery::SameKeyAndFeatures => "same_key_and_features",
     }
 }
