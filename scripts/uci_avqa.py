@@ -118,6 +118,13 @@ def p_at_1(q: np.ndarray, keys: np.ndarray, q_lab: np.ndarray, k_lab: np.ndarray
     return float(np.mean(k_lab[np.argmax(qn @ kn.T, axis=1)] == q_lab))
 
 
+def both(key: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    """[unit(key); unit(features)]: cosine = mean of the two cosines (r2scp's same_key_and_features)."""
+    def unit(x):
+        return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
+    return np.hstack([unit(key), unit(feats)])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (created; must be empty or absent)")
@@ -220,7 +227,9 @@ def main() -> None:
           f"audio key vs audio keys {p_at_1(key_a[te], key_a[tr], lt, ltr):.3f}, "
           f"visual key vs visual keys {p_at_1(key_v[te], key_v[tr], lt, ltr):.3f}, "
           f"audio features vs audio {p_at_1(za[te], za[tr], lt, ltr):.3f}, "
-          f"visual features vs visual {p_at_1(zv[te], zv[tr], lt, ltr):.3f}")
+          f"visual features vs visual {p_at_1(zv[te], zv[tr], lt, ltr):.3f}, "
+          f"audio key+features vs audio {p_at_1(both(key_a, za)[te], both(key_a, za)[tr], lt, ltr):.3f}, "
+          f"visual key+features vs visual {p_at_1(both(key_v, zv)[te], both(key_v, zv)[tr], lt, ltr):.3f}")
     print(f"wrote {a.out}")
 
 

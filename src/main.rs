@@ -380,6 +380,10 @@ fn default_name(c: &TrainConfig) -> String {
         (!c.rank_loss, "norank"),
         (!c.stage1_enabled, "nos1"),
         (!c.stage2_enabled, "nos2"),
+        (
+            c.model.use_retrieval && c.model.recovery.is_paper(),
+            "paper",
+        ),
     ] {
         if off {
             s.push('-');
