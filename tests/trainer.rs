@@ -293,7 +293,7 @@ fn ablation_shares_stage_one_and_reports() {
         "w/o ranking loss",
         "missing avg",
         "Retrieval quality",
-        "| full | same_features |",
+        "| full | same_key_and_features |",
         "| full-paper | cross_key |",
     ] {
         assert!(md.contains(w), "{w} missing from report:\n{md}");
