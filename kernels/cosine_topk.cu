@@ -38,7 +38,8 @@
 //   unchecked caller reading the scores sees the failure (kernel.rs, "NaN contract").
 //
 // Score: dot / (|q| |k| + R2_COS_EPS) with key norms precomputed ([M] f32) and |q| computed
-// per block in a fixed order. Excluded rows and rows past the chunk are never offered. A NaN
+// per block in the canonical order of cosine_topk_qnorm (the same bits in every configuration,
+// whatever the batch size). Excluded rows and rows past the chunk are never offered. A NaN
 // score (the excluded row's too) sets err = (R2_ERR_NAN_SCORE, query, row) (first reporter).
 // Blocks of chunk 0 check `exclude`: an entry >= M that is not R2_PAD_INDEX sets
 // R2_ERR_BAD_EXCLUDE (query, entry); a valid exclusion with n = M sets R2_ERR_FEW_ROWS.
@@ -60,6 +61,21 @@ using CtQ1 = CtCfg<1, 1, 1>;
 using CtQ8 = CtCfg<4, 2, 4>;
 using CtQ16 = CtCfg<4, 4, 4>;
 using CtQ32 = CtCfg<4, 8, 4>;
+
+// |q| in one canonical order, shared by every configuration and by the tensor-core path's
+// exact rescoring (cosine_topk_tc.cuh), so that a (query, row) pair scores the same bits
+// whatever the batch size, configuration or path: R2_CT_QN_SLICES strided slices, slice s an
+// fmaf chain over d = s, s + R2_CT_QN_SLICES, ... ascending, then the slices summed in order.
+__device__ __forceinline__ float cosine_topk_qnorm_slice(const float* __restrict__ q, unsigned D, unsigned s) {
+    float ss = 0.f;
+    for (unsigned d = s; d < D; d += R2_CT_QN_SLICES) ss = fmaf(q[d], q[d], ss);
+    return ss;
+}
+__device__ __forceinline__ float cosine_topk_qnorm(const float* slices) {
+    float ss = 0.f;
+    for (unsigned s = 0; s < R2_CT_QN_SLICES; ++s) ss += slices[s];
+    return sqrtf(ss);
+}
 
 template <class T, class C>
 __device__ __forceinline__ void cosine_topk_partial(const CosineTopkPartialArgs& a) {
@@ -84,7 +100,6 @@ __device__ __forceinline__ void cosine_topk_partial(const CosineTopkPartialArgs&
     __shared__ float qn[QB];
     __shared__ unsigned ex[QB];
     __shared__ unsigned cnt[QB];
-    __shared__ float part[NT];
 
     const unsigned tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
     const unsigned q0 = blockIdx.x * QB, nq = min(QB, B - q0);
@@ -152,18 +167,15 @@ __device__ __forceinline__ void cosine_topk_partial(const CosineTopkPartialArgs&
         else __pipeline_commit();  // empty group: the wait below counts groups
     }
 
-    // Prologue: |q| (NT / QB threads per query, each a strided slice, summed in slice order so
-    // every block of the query group gets the same bits), exclusions, empty lists.
+    // Prologue: |q| slices (cosine_topk_qnorm_slice; NT / QB threads per query, each some of
+    // its slices) into the hit buffers, unused until the first tile's end (QB x hb x 8 bytes,
+    // hb >= 16: room for QB x R2_CT_QN_SLICES floats), exclusions, empty lists.
     {
         constexpr unsigned SL = NT / QB;
-        const unsigned j = tid / SL, sl = tid % SL;
-        float ss = 0.f;
+        const unsigned j = tid / SL;
         if (j < nq)
-            for (unsigned d = sl; d < D; d += SL) {
-                const float v = q[(size_t)(q0 + j) * D + d];
-                ss = fmaf(v, v, ss);
-            }
-        part[tid] = ss;
+            for (unsigned sl = tid % SL; sl < R2_CT_QN_SLICES; sl += SL)
+                buf_s[j * R2_CT_QN_SLICES + sl] = cosine_topk_qnorm_slice(q + (size_t)(q0 + j) * D, D, sl);
     }
     if (tid < QB) {
         unsigned e = R2_PAD_INDEX;
@@ -184,12 +196,7 @@ __device__ __forceinline__ void cosine_topk_partial(const CosineTopkPartialArgs&
         run_i[t] = R2_PAD_INDEX;
     }
     __syncthreads();
-    if (tid < QB) {
-        constexpr unsigned SL = NT / QB;
-        float ss = 0.f;
-        for (unsigned sl = 0; sl < SL; ++sl) ss += part[tid * SL + sl];
-        qn[tid] = sqrtf(ss);
-    }
+    if (tid < QB) qn[tid] = tid < nq ? cosine_topk_qnorm(buf_s + tid * R2_CT_QN_SLICES) : 0.f;
     // (qn is read after the first step's barrier.)
 
     const unsigned qg = lane % QG, rg = lane / QG;

@@ -41,6 +41,11 @@ r2_abi! {
         CT_STAGES: u32 = 3;
         /// Most queries one `cosine_topk_partial_*` block scores together (configuration q32).
         CT_QB_MAX: u32 = 32;
+        /// Slices of the canonical |q| (`cosine_topk_qnorm` in kernels/cosine_topk.cu): every
+        /// cosine_topk kernel sums a query's squares in this order, so scores do not depend on
+        /// the batch size or the path. The partial kernels keep them in their hit buffers,
+        /// which hold `2 * hb >= CT_QN_SLICES` floats per query.
+        CT_QN_SLICES: u32 = 32;
         /// Candidates per tile of `cosine_topk_merge`.
         CT_MERGE_TILE: u32 = 1024;
         /// Blocks per multiprocessor the partial kernels' `__launch_bounds__` guarantee

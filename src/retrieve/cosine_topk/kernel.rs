@@ -26,8 +26,9 @@
 
 use super::contract::DeviceCall;
 use crate::kernel::abi::{
-    CosineTopkMergeArgs, CosineTopkPartialArgs, CT_MERGE_TILE, CT_MIN_BLOCKS, CT_QB_MAX, CT_STAGES,
-    CT_THREADS, CT_TILE_ROWS, ERR_BAD_EXCLUDE, ERR_FEW_ROWS, ERR_NAN_SCORE,
+    CosineTopkMergeArgs, CosineTopkPartialArgs, CT_MERGE_TILE, CT_MIN_BLOCKS, CT_QB_MAX,
+    CT_QN_SLICES, CT_STAGES, CT_THREADS, CT_TILE_ROWS, ERR_BAD_EXCLUDE, ERR_FEW_ROWS,
+    ERR_NAN_SCORE,
 };
 use crate::kernel::{entry, to_u32, KernelArgs, LaunchPlan, Launcher, Ptr, MAX_DYN_SMEM_BYTES};
 use candle_core::{bail, DType, Result, Tensor};
@@ -81,6 +82,16 @@ pub const CONFIGS: [PartialConfig; 4] = [
         hb_min: 16,
     },
 ];
+
+// The partial kernels keep each query's |q| slices in its hit buffer (hb >= hb_min floats of
+// score and as many of row, 2 * hb floats) before the first tile's hits arrive.
+const _: () = {
+    let mut i = 0;
+    while i < CONFIGS.len() {
+        assert!(2 * CONFIGS[i].hb_min >= CT_QN_SLICES);
+        i += 1;
+    }
+};
 
 /// What one call asks of the kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
