@@ -10,11 +10,15 @@
 //! 2. `cosine_topk_merge`: one block per query merges its `gx * kp` candidates into
 //!    the final top-n with the same block top-k machinery (skipped when gx = 1, see
 //!    [`CosinePlan::needs_merge`]).
+//!
+//! These are the bandwidth kernels ([`Kernel::Bandwidth`]); large batches take the
+//! tensor-core path of `tensor_core.rs` ([`Kernel::TensorCore`]) by the rule [`choose`].
 // The device path runs with feature `cuda` (a GPU) or `emulate` (the tests); the plan is
 // always public.
 #![cfg_attr(not(any(feature = "cuda", feature = "emulate")), allow(dead_code))]
 
 use super::contract::Checked;
+use super::tensor_core::{self, TcOverrides};
 use crate::kernel::abi::{
     CosineTopkMergeArgs, CosineTopkPartialArgs, CT_QB_MAX, CT_THREADS, CT_TILE, ERR_NAN_SCORE,
     TOPK_MAXQ,
@@ -211,14 +215,65 @@ fn launch_all<L: Launcher>(x: &L, c: &Checked, inp: &Inputs) -> Result<TopN<L>> 
     })
 }
 
+/// The kernel that runs one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// `cosine_topk_partial` + `cosine_topk_merge` (this file): CUDA cores, each key read once
+    /// per block of up to [`QB_MAX`] queries; bound by memory bandwidth for small batches.
+    Bandwidth,
+    /// `cosine_topk_tc_*` (`tensor_core.rs`): the dot products on the tensor cores, exact
+    /// rescoring of the candidates; for large batches.
+    TensorCore,
+}
+
+/// Smallest batch given to the tensor-core path: 16 queries with f16/bf16 keys, 32 with f32
+/// keys (the tf32 pass does half the f16 rate and its rescoring reads f32 rows).
+pub fn tc_min_batch(dtype: DType) -> usize {
+    if dtype == DType::F32 {
+        32
+    } else {
+        16
+    }
+}
+
+/// Smallest D given to the tensor-core path (below it the per-score filter costs more than
+/// the dot product it saves).
+pub const TC_MIN_D: usize = 32;
+
+/// The dispatch rule: [`Kernel::TensorCore`] from [`tc_min_batch`] queries and [`TC_MIN_D`]
+/// dimensions on, else [`Kernel::Bandwidth`]. Where the tensor-core path cannot take a call
+/// (n above its limit, rows not 16-byte aligned, shared or candidate memory over budget) the
+/// bandwidth kernel runs. The crossover behind the numbers is a prediction (docs/DESIGN.md,
+/// "Tensor-core path"), unmeasured.
+pub fn choose(b: usize, d: usize, dtype: DType) -> Kernel {
+    if b >= tc_min_batch(dtype) && d >= TC_MIN_D {
+        Kernel::TensorCore
+    } else {
+        Kernel::Bandwidth
+    }
+}
+
 /// Runs one call on `x` with inputs on its device (n <= [`KMAX`]): the CUDA path and,
-/// with the emulator, `cosine_topk_emulated`.
+/// with the emulator, `cosine_topk_emulated`. The kernel is [`choose`]'s.
 pub(crate) fn run_on<L: Launcher>(
     x: &L,
     c: &Checked,
     queries: &Tensor,
     keys: &Tensor,
     key_norms: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    run_with(x, c, queries, keys, key_norms, None)
+}
+
+/// [`run_on`] with the kernel forced (`Some`, with the tensor-core test knobs): a forced
+/// tensor-core call that the path cannot take is an error instead of a bandwidth run.
+pub(crate) fn run_with<L: Launcher>(
+    x: &L,
+    c: &Checked,
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: &Tensor,
+    force: Option<(Kernel, TcOverrides)>,
 ) -> Result<(Tensor, Tensor)> {
     const OP: &str = "cosine_topk";
     if c.b == 0 {
@@ -230,9 +285,34 @@ pub(crate) fn run_on<L: Launcher>(
     let q = queries.to_dtype(DType::F32)?.contiguous()?;
     let keys = keys.contiguous()?;
     let kn = key_norms.contiguous()?;
-    let (qp, _q) = crate::kernel::tensor_ptr(&q, OP)?;
-    let (kp, _k) = crate::kernel::tensor_ptr(&keys, OP)?;
-    let (np, _n) = crate::kernel::tensor_ptr(&kn, OP)?;
+    let kernel = force.map_or_else(|| choose(c.b, c.d, keys.dtype()), |f| f.0);
+    if kernel == Kernel::TensorCore {
+        let addr = crate::kernel::tensor_ptr(&keys, OP)?.0.addr();
+        match tensor_core::eligible(x, c, addr, keys.dtype()) {
+            Ok(()) => {
+                let ovr = force.map(|f| f.1).unwrap_or_default();
+                let exact = |sub: &Checked, qs: &Tensor| run_bandwidth(x, sub, qs, &keys, &kn);
+                return tensor_core::run_on(x, c, &q, &keys, &kn, &ovr, &exact);
+            }
+            Err(e) if force.is_some() => return Err(e),
+            Err(_) => {}
+        }
+    }
+    run_bandwidth(x, c, &q, &keys, &kn)
+}
+
+/// The bandwidth kernels on `q` [B, D] f32 contiguous and contiguous `keys`, `kn`.
+fn run_bandwidth<L: Launcher>(
+    x: &L,
+    c: &Checked,
+    q: &Tensor,
+    keys: &Tensor,
+    kn: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "cosine_topk";
+    let (qp, _q) = crate::kernel::tensor_ptr(q, OP)?;
+    let (kp, _k) = crate::kernel::tensor_ptr(keys, OP)?;
+    let (np, _n) = crate::kernel::tensor_ptr(kn, OP)?;
     let inputs = Inputs {
         q: Ptr::new(qp.addr()),
         keys: kp,
@@ -282,4 +362,27 @@ pub(crate) fn cosine_topk_cuda(
         keys,
         key_norms,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispatch_rule() {
+        // Large batches and dimensions go to the tensor cores...
+        assert_eq!(choose(1024, 1024, DType::BF16), Kernel::TensorCore);
+        assert_eq!(choose(64, 256, DType::F16), Kernel::TensorCore);
+        assert_eq!(choose(16, 32, DType::BF16), Kernel::TensorCore);
+        assert_eq!(choose(32, 1024, DType::F32), Kernel::TensorCore);
+        // ...small ones stay on the bandwidth kernel: fewer queries than the threshold of the
+        // dtype (f32's is higher), or too few dimensions.
+        assert_eq!(choose(15, 1024, DType::BF16), Kernel::Bandwidth);
+        assert_eq!(choose(31, 1024, DType::F32), Kernel::Bandwidth);
+        assert_eq!(choose(16, 1024, DType::F32), Kernel::Bandwidth);
+        assert_eq!(choose(1, 256, DType::F16), Kernel::Bandwidth);
+        assert_eq!(choose(4096, 31, DType::BF16), Kernel::Bandwidth);
+        assert_eq!(tc_min_batch(DType::F32), 32);
+        assert_eq!(tc_min_batch(DType::F16), 16);
+    }
 }

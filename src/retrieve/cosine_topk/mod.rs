@@ -10,6 +10,7 @@ mod contract;
 mod cpu;
 pub mod kernel;
 mod qlanes;
+pub mod tensor_core;
 
 use crate::kernel::abi::COS_EPS;
 use candle_core::{bail, DType, Device, Result, Tensor, D};
@@ -70,6 +71,34 @@ pub fn cosine_topk_emulated(
         None => self::key_norms(keys)?,
     };
     kernel::run_on(&crate::kernel::emu::EmuLauncher, &c, queries, keys, &kn)
+}
+
+/// [`cosine_topk_emulated`] with the kernel forced (the tensor-core path even for small
+/// batches, where [`kernel::choose`] would pick the bandwidth kernel) and the tensor-core test
+/// knobs. A forced tensor-core call the path cannot take (D, n, alignment) is an error. Test
+/// infrastructure (feature `emulate`).
+#[cfg(feature = "emulate")]
+#[doc(hidden)]
+pub fn cosine_topk_emulated_with(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+    kernel: kernel::Kernel,
+    knobs: tensor_core::TcOverrides,
+) -> Result<(Tensor, Tensor)> {
+    let op = "cosine_topk (emulated kernel)";
+    let c = check(op, queries, keys, key_norms, n, exclude)?;
+    if !keys.device().is_cpu() {
+        bail!("{op}: expects CPU tensors");
+    }
+    let kn = match key_norms {
+        Some(t) => t.clone(),
+        None => self::key_norms(keys)?,
+    };
+    let emu = crate::kernel::emu::EmuLauncher;
+    kernel::run_with(&emu, &c, queries, keys, &kn, Some((kernel, knobs)))
 }
 
 /// `|k_i|` for each bank row, as f32 \[M\] on the keys' device (keys \[M, D\] f32|f16|bf16).
