@@ -140,7 +140,7 @@ pub fn plan(
         bail!("{OP}: n = {n} above its largest n = {NMAX}");
     }
     let e = elt(dtype)?;
-    if d % (16 / e) as usize != 0 {
+    if !d.is_multiple_of((16 / e) as usize) {
         bail!(
             "{OP}: D = {d} is not a multiple of {} ({dtype:?} rows are copied in 16-byte chunks)",
             16 / e
@@ -238,11 +238,15 @@ pub(crate) fn eligible<L: Launcher>(
     dtype: DType,
 ) -> Result<()> {
     plan(c.b, c.m, c.d, c.n, dtype, x.sm_count()?, x.max_dyn_smem()?)?;
-    if keys_addr % 16 != 0 {
+    if !keys_addr.is_multiple_of(16) {
         bail!("cosine_topk tensor-core path: keys at {keys_addr:#x} are not 16-byte aligned");
     }
     Ok(())
 }
+
+/// Reruns a subset of queries (`Checked` for them, their `[b, D]` f32 rows) exactly, on the
+/// bandwidth kernel: the fallback of queries whose candidate lists overflowed.
+pub(crate) type ExactRerun<'a> = dyn Fn(&Checked, &Tensor) -> Result<(Tensor, Tensor)> + 'a;
 
 /// The top n of one call on the tensor-core path: `[B, n]` buffers, and the queries whose
 /// rows are padding because their candidates overflowed (to be rerun exactly).
@@ -395,7 +399,7 @@ pub(crate) fn run_on<L: Launcher>(
     keys: &Tensor,
     key_norms: &Tensor,
     ovr: &TcOverrides,
-    exact: &dyn Fn(&Checked, &Tensor) -> Result<(Tensor, Tensor)>,
+    exact: &ExactRerun,
 ) -> Result<(Tensor, Tensor)> {
     const OP: &str = "cosine_topk";
     let (qp, _q) = crate::kernel::tensor_ptr(q, OP)?;
