@@ -391,3 +391,7 @@ R2_CT_PARTIALS(f16, __half)
 R2_CT_PARTIALS(bf16, __nv_bfloat16)
 
 R2_ENTRY(cosine_topk_merge, CosineTopkMergeArgs, R2_CT_THREADS) { cosine_topk_merge_impl(a); }
+
+// The tensor-core path for large batches (build.rs inlines quoted includes for NVRTC and
+// reads the whole rest of the line as the file name: no comment after it).
+#include "cosine_topk_tc.cuh"

@@ -25,6 +25,8 @@
 // - Vector types, block votes and asynchronous copies: see "Vector types, block votes and
 //   asynchronous copies" below (float4/uint4/..., __syncthreads_or/and/count, the
 //   __pipeline_* primitives of cp.async).
+// - Warp matrix functions (nvcuda::wmma) are emulated in their own section at the end of
+//   this file (see its header); cp.async is the one implementation above.
 #pragma once
 
 #include <algorithm>
@@ -80,7 +82,11 @@ struct BlockCtx {
     uint64_t* warp_slots;     // 32 per warp
     unsigned char* dyn_smem;
     std::atomic<int>* votes;  // 3 rotating counters of __syncthreads_count/or/and
+    float* wmma_slots;        // kWmmaSlotFloats per warp (the WMMA section)
 };
+
+// Operands of one emulated mma_sync per warp: A, B and C of a 16 x 16 x 16 product.
+inline constexpr unsigned kWmmaSlotFloats = 3 * 256;
 
 // One asynchronous copy (__pipeline_memcpy_async) issued and not yet waited for.
 struct AsyncCopy {
@@ -154,10 +160,11 @@ int launch(const Plan& p, F body) noexcept {
     std::unique_ptr<Barrier[]> warp_barriers(new Barrier[nwarps]);
     for (unsigned w = 0; w < nwarps; ++w) new (&warp_barriers[w]) Barrier(32);
     std::vector<uint64_t> slots(32 * nwarps, 0);
+    std::vector<float> wmma(kWmmaSlotFloats * nwarps, 0.f);
     const size_t smem = p.smem_bytes ? p.smem_bytes : 16;
     std::unique_ptr<unsigned char[]> dyn(new (std::align_val_t(64)) unsigned char[smem]);
     std::atomic<int> votes[3];
-    BlockCtx ctx{&block_barrier, warp_barriers.get(), slots.data(), dyn.get(), votes};
+    BlockCtx ctx{&block_barrier, warp_barriers.get(), slots.data(), dyn.get(), votes, wmma.data()};
     const dim3 bdim(p.block[0], p.block[1], p.block[2]);
     const dim3 gdim(p.grid[0], p.grid[1], p.grid[2]);
     auto worker = [&](unsigned t) {
@@ -173,8 +180,6 @@ int launch(const Plan& p, F body) noexcept {
             for (unsigned y = 0; y < gdim.y; ++y)
                 for (unsigned x = 0; x < gdim.x; ++x) {
                     tl_block_idx = dim3(x, y, z);
-                    // Copies a block left outstanding die with it (their shared memory is gone).
-                    copies.clear();
                     tl_commits = 0;
                     tl_vote_phase = 0;
                     if (t == 0) {
@@ -183,6 +188,10 @@ int launch(const Plan& p, F body) noexcept {
                     }
                     block_barrier.wait();
                     body();
+                    // On hardware a copy still in flight at exit would land in the next
+                    // block's shared memory: every kernel waits for its copies before it ends.
+                    if (!copies.empty())
+                        fail("a thread ended its block with cp.async copies it never waited for");
                     block_barrier.wait();
                 }
         tl_copies = nullptr;
@@ -324,36 +333,35 @@ inline unsigned __activemask() { return 0xffffffffu; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
+// Every shuffle: lane `src(lane)` of the warp's value (a lane outside the width group reads
+// its own value, as on the device).
+template <class T, class Src>
+inline T r2emu_shfl(unsigned mask, T v, Src src) {
+    ::r2emu::check_full_mask(mask);
+    return ::r2emu::warp_exchange(v, src(::r2emu::tl_lane));
+}
 template <class T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-    ::r2emu::check_full_mask(mask);
-    const unsigned lane = ::r2emu::tl_lane;
-    const unsigned base = lane & ~(unsigned)(width - 1);
-    return ::r2emu::warp_exchange(v, base + ((unsigned)src & (unsigned)(width - 1)));
+    const unsigned w = (unsigned)width;
+    return r2emu_shfl(mask, v, [=](unsigned l) { return (l & ~(w - 1)) + ((unsigned)src & (w - 1)); });
 }
 template <class T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-    ::r2emu::check_full_mask(mask);
-    const unsigned lane = ::r2emu::tl_lane;
-    unsigned src = lane ^ (unsigned)lane_mask;
-    if (src / (unsigned)width != lane / (unsigned)width || src >= 32) src = lane;
-    return ::r2emu::warp_exchange(v, src);
+    const unsigned w = (unsigned)width;
+    return r2emu_shfl(mask, v, [=](unsigned l) {
+        const unsigned s = l ^ (unsigned)lane_mask;
+        return s / w != l / w || s >= 32 ? l : s;
+    });
 }
 template <class T>
 inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-    ::r2emu::check_full_mask(mask);
-    const unsigned lane = ::r2emu::tl_lane;
-    const unsigned in_group = lane & (unsigned)(width - 1);
-    const unsigned src = in_group + delta < (unsigned)width ? lane + delta : lane;
-    return ::r2emu::warp_exchange(v, src);
+    const unsigned w = (unsigned)width;
+    return r2emu_shfl(mask, v, [=](unsigned l) { return (l & (w - 1)) + delta < w ? l + delta : l; });
 }
 template <class T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-    ::r2emu::check_full_mask(mask);
-    const unsigned lane = ::r2emu::tl_lane;
-    const unsigned in_group = lane & (unsigned)(width - 1);
-    const unsigned src = in_group >= delta ? lane - delta : lane;
-    return ::r2emu::warp_exchange(v, src);
+    const unsigned w = (unsigned)width;
+    return r2emu_shfl(mask, v, [=](unsigned l) { return (l & (w - 1)) >= delta ? l - delta : l; });
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
     ::r2emu::check_full_mask(mask);
@@ -384,22 +392,19 @@ inline T atomicCAS(T* a, T expected, T desired) {
     std::atomic_ref<T>(*a).compare_exchange_strong(expected, desired);
     return expected;  // the old value either way
 }
-template <class T>
-inline T atomicMax(T* a, T v) {
+// Stores v while better(v, current) holds; returns the old value, as CUDA's atomicMax/Min.
+template <class T, class Better>
+inline T r2emu_atomic_improve(T* a, T v, Better better) {
     std::atomic_ref<T> r(*a);
     T old = r.load();
-    while (old < v && !r.compare_exchange_weak(old, v)) {
+    while (better(v, old) && !r.compare_exchange_weak(old, v)) {
     }
     return old;
 }
 template <class T>
-inline T atomicMin(T* a, T v) {
-    std::atomic_ref<T> r(*a);
-    T old = r.load();
-    while (v < old && !r.compare_exchange_weak(old, v)) {
-    }
-    return old;
-}
+inline T atomicMax(T* a, T v) { return r2emu_atomic_improve(a, v, [](T x, T y) { return y < x; }); }
+template <class T>
+inline T atomicMin(T* a, T v) { return r2emu_atomic_improve(a, v, [](T x, T y) { return x < y; }); }
 
 template <class T>
 inline T __ldg(const T* p) { return *p; }
@@ -464,6 +469,10 @@ inline float max(float a, float b) { return std::fmax(a, b); }
 //   ThreadSanitizer race). __pipeline_wait_prior(N) performs every copy of the batches older
 //   than the N most recent commits: `size - zfill` bytes from the source, then `zfill` zero
 //   bytes. As on hardware, other threads see the data only after a barrier following the wait.
+//   A thread that ends its block with copies never waited for (committed or not) aborts the
+//   launch. One implementation serves both cp.async users (cosine_topk.cu and
+//   cosine_topk_tc.cuh): zero fill, and the 0xFF fill at every issue (not only the first use
+//   of a buffer), catch more than performing the copies at the wait alone.
 struct alignas(8) float2 {
     float x, y;
 };
@@ -534,3 +543,216 @@ inline void __pipeline_wait_prior(size_t prior) {
     }
     q.resize(keep);
 }
+
+// ==== Warp matrix functions (nvcuda::wmma) =============================================
+// Used by kernels/cosine_topk_tc.cuh. Only what that file uses is provided, and it fails
+// loudly (abort with a message) on anything else.
+//
+// WMMA: shapes m16n16k16 (__half, __nv_bfloat16 operands) and m16n16k8 (precision::tf32
+// operands), float accumulators. Every function is warp-collective: all 32 lanes must call
+// it (as on hardware, where divergent calls hang), and each passes a real warp barrier.
+// - Fragment layout (opaque to kernels, so the emulator picks one): element e of lane l is
+//   element i = e * 32 + l of the fragment's matrix in row-major order (matrix_a: m x k,
+//   matrix_b: k x n, accumulator: m x n). num_elements matches CUDA's (8, or 4 for tf32).
+// - load_matrix_sync / store_matrix_sync: a warp barrier (the "wait until every lane has
+//   arrived" of the CUDA API), then each lane reads or writes its own elements. They check
+//   what CUDA requires: a 256-bit aligned pointer and ldm a multiple of 16 bytes. Memory
+//   written by OTHER warps still needs __syncthreads (ThreadSanitizer reports it otherwise).
+// - mma_sync: every lane publishes its A, B and C elements to the warp's slots
+//   (BlockCtx::wmma_slots), warp barrier, each lane computes its D elements from all of
+//   them, warp barrier (the slots are free again). Products are exact; each output element
+//   is c + sum_k a * b evaluated in double and rounded to f32 TOWARD ZERO, modelling the
+//   tensor cores' truncating adder (a pessimistic but faithful f32-accumulation model).
+// - tf32: fragments hold floats. __float_to_tf32 rounds to nearest, ties away from zero, to
+//   10 mantissa bits (cvt.rna.tf32.f32); mma_sync uses only the top 19 bits of each tf32
+//   operand (truncation), as the hardware does with unconverted floats.
+// cp.async (__pipeline_*), which the tensor-core path also uses, is the implementation of the
+// section "Vector types, block votes and asynchronous copies" above.
+
+namespace r2emu {
+
+inline uint32_t f32_bits(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    return x;
+}
+
+inline float bits_f32(uint32_t x) {
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+
+// cvt.rna.tf32.f32: nearest, ties away from zero, 10 mantissa bits kept.
+inline float tf32_round(float f) {
+    const uint32_t x = f32_bits(f);
+    if ((x & 0x7f800000u) == 0x7f800000u) return f;  // inf, NaN
+    return bits_f32((x + 0x1000u) & 0xffffe000u);
+}
+
+// What the tensor cores read of a tf32 operand: its top 19 bits.
+inline float tf32_truncate(float f) {
+    if (std::isnan(f)) return f;
+    return bits_f32(f32_bits(f) & 0xffffe000u);
+}
+
+// x rounded to f32 toward zero.
+inline float f32_toward_zero(double x) {
+    float f = static_cast<float>(x);
+    if (std::isfinite(f) && std::fabs(static_cast<double>(f)) > std::fabs(x))
+        f = std::nextafter(f, 0.0f);
+    return f;
+}
+
+inline float* wmma_warp_slots() { return tl_ctx->wmma_slots + kWmmaSlotFloats * tl_warp; }
+
+}  // namespace r2emu
+
+namespace nvcuda {
+namespace wmma {
+
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+inline float __float_to_tf32(float in) { return ::r2emu::tf32_round(in); }
+
+namespace emu_detail {
+template <class T>
+struct storage {
+    using type = T;
+};
+template <>
+struct storage<precision::tf32> {
+    using type = float;
+};
+template <class Use, int M, int N, int K>
+struct shape;
+template <int M, int N, int K>
+struct shape<matrix_a, M, N, K> {
+    static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K>
+struct shape<matrix_b, M, N, K> {
+    static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K>
+struct shape<accumulator, M, N, K> {
+    static constexpr int rows = M, cols = N;
+};
+inline float value(float x) { return x; }
+inline float value(__half x) { return __half2float(x); }
+inline float value(__nv_bfloat16 x) { return __bfloat162float(x); }
+}  // namespace emu_detail
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+class fragment {
+    static_assert(M == 16 && N == 16 && (K == 16 || K == 8), "emulated WMMA shapes: m16n16k16, m16n16k8");
+    static_assert(std::is_same_v<Use, accumulator> ? std::is_same_v<T, float>
+                  : K == 16 ? (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>)
+                            : std::is_same_v<T, precision::tf32>,
+                  "emulated WMMA types: __half/__nv_bfloat16 (k16) or tf32 (k8) operands, float accumulators");
+
+public:
+    using element_type = T;
+    using storage_element_type = typename emu_detail::storage<T>::type;
+    static constexpr int rows = emu_detail::shape<Use, M, N, K>::rows;
+    static constexpr int cols = emu_detail::shape<Use, M, N, K>::cols;
+    enum { num_elements = rows * cols / 32, num_storage_elements = rows * cols / 32 };
+    storage_element_type x[num_elements];
+};
+
+template <class Use, int M, int N, int K, class T, class Layout>
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f,
+                          const typename fragment<Use, M, N, K, T, Layout>::storage_element_type& v) {
+    ::r2emu::warp_sync();
+    for (int e = 0; e < f.num_elements; ++e) f.x[e] = v;
+}
+
+namespace emu_detail {
+inline void check_matrix_ptr(const void* p, unsigned ldm, size_t elt, const char* what) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 != 0) {
+        std::fprintf(stderr, "cuda_emu: %s: pointer %p is not 256-bit aligned\n", what, p);
+        std::abort();
+    }
+    if ((ldm * elt) % 16 != 0) {
+        std::fprintf(stderr, "cuda_emu: %s: ldm = %u elements is not a multiple of 16 bytes\n", what, ldm);
+        std::abort();
+    }
+}
+}  // namespace emu_detail
+
+// matrix_a / matrix_b from memory laid out as the fragment's Layout (row_major: element
+// (r, c) at p[r * ldm + c]; col_major: at p[c * ldm + r]).
+template <class Use, int M, int N, int K, class T, class Layout, class P>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned ldm) {
+    static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>,
+                  "emulated load_matrix_sync: operand fragments only");
+    using F = fragment<Use, M, N, K, T, Layout>;
+    static_assert(std::is_same_v<P, typename F::storage_element_type>, "pointer type != fragment storage type");
+    emu_detail::check_matrix_ptr(p, ldm, sizeof(P), "load_matrix_sync");
+    ::r2emu::warp_sync();
+    for (int e = 0; e < F::num_elements; ++e) {
+        const unsigned i = e * 32 + ::r2emu::tl_lane;
+        const unsigned r = i / F::cols, c = i % F::cols;
+        f.x[e] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+    }
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
+                              layout_t layout) {
+    using F = fragment<accumulator, M, N, K, float>;
+    emu_detail::check_matrix_ptr(p, ldm, sizeof(float), "store_matrix_sync");
+    ::r2emu::warp_sync();
+    for (int e = 0; e < F::num_elements; ++e) {
+        const unsigned i = e * 32 + ::r2emu::tl_lane;
+        const unsigned r = i / F::cols, c = i % F::cols;
+        p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[e];
+    }
+}
+
+template <int M, int N, int K, class T, class LA, class LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+                     const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+    using FA = fragment<matrix_a, M, N, K, T, LA>;
+    using FB = fragment<matrix_b, M, N, K, T, LB>;
+    using FC = fragment<accumulator, M, N, K, float>;
+    constexpr bool tf32 = std::is_same_v<T, precision::tf32>;
+    float* sa = ::r2emu::wmma_warp_slots();
+    float* sb = sa + 256;
+    float* sc = sb + 256;
+    const unsigned lane = ::r2emu::tl_lane;
+    for (int e = 0; e < FA::num_elements; ++e) {
+        const float v = emu_detail::value(a.x[e]);
+        sa[e * 32 + lane] = tf32 ? ::r2emu::tf32_truncate(v) : v;
+    }
+    for (int e = 0; e < FB::num_elements; ++e) {
+        const float v = emu_detail::value(b.x[e]);
+        sb[e * 32 + lane] = tf32 ? ::r2emu::tf32_truncate(v) : v;
+    }
+    for (int e = 0; e < FC::num_elements; ++e) sc[e * 32 + lane] = c.x[e];
+    ::r2emu::warp_sync();
+    float out[FC::num_elements];
+    for (int e = 0; e < FC::num_elements; ++e) {
+        const unsigned i = e * 32 + lane;
+        const unsigned r = i / N, col = i % N;
+        double acc = sc[i];
+        for (int k = 0; k < K; ++k) acc += static_cast<double>(sa[r * K + k]) * static_cast<double>(sb[k * N + col]);
+        out[e] = ::r2emu::f32_toward_zero(acc);
+    }
+    ::r2emu::warp_sync();  // every lane has read the slots
+    for (int e = 0; e < FC::num_elements; ++e) d.x[e] = out[e];
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
+
+// Correctly rounded reciprocal.
+inline float __frcp_rn(float x) { return 1.0f / x; }

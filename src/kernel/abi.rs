@@ -52,6 +52,26 @@ r2_abi! {
         /// registers for (at most 65536 / (128 * 4) = 128 registers a thread).
         CT_MIN_BLOCKS: u32 = 4;
 
+        /// Threads per block of the tensor-core kernels `cosine_topk_tc_*` (4 warps, each owning a
+        /// 32 x 32 quarter of the score tile).
+        TC_THREADS: u32 = 128;
+        /// Queries per block of `cosine_topk_tc_{f32,f16,bf16}` (the block's query tile).
+        TC_BQ: u32 = 64;
+        /// Bank rows per tile of `cosine_topk_tc_{f32,f16,bf16}`.
+        TC_BK: u32 = 64;
+        /// Bytes of one operand row per pipeline stage (a k-slice: 64 16-bit or 32 f32 elements).
+        TC_SLICE_BYTES: u32 = 128;
+        /// Shared-memory stride of a stage row: the slice plus 16 bytes, so that the 8 rows one
+        /// fragment load touches fall in different banks.
+        TC_ROW_BYTES: u32 = 144;
+        /// Leading dimension (floats) of the block's score tile [TC_BQ][TC_SCORE_LD].
+        TC_SCORE_LD: u32 = 68;
+        /// Longest per-query threshold list of the tensor-core pass (the largest n it serves).
+        TC_NL_MAX: u32 = 256;
+        /// Candidates per tile of `cosine_topk_tc_rescore_*`'s approximate selection (small, so
+        /// that the rescoring's shared memory stays under the 48 KiB default for every n).
+        TC_RESCORE_TILE: u32 = 256;
+
         /// Threads per block of `dissonance_topk` and `topk_rows` (2 warps: the rows are short).
         CAP_TOPK_THREADS: u32 = 64;
         /// Output rows per block of the `gather_inject` kernels (one warp each).
@@ -113,6 +133,109 @@ r2_abi! {
             out_s: mut_ptr f32,
             /// [B, n] rows.
             out_i: mut_ptr u32,
+        }
+
+        /// `cosine_topk_tc_prep_{f32,f16,bf16}`: one block per query tile of `TC_BQ` queries: the
+        /// unit queries `q / |q|` rounded to the entry's operand type (tf32 for `_f32`, stored as
+        /// f32), zero-padded to `[rows, d_pad]`, and `COS_EPS / |q|` per query; checks each
+        /// query's `exclude` entry (`ERR_BAD_EXCLUDE`, `ERR_FEW_ROWS`, as the bandwidth kernel).
+        CosineTopkTcPrepArgs("cosine_topk_tc_prep") {
+            /// [B, D] f32 queries.
+            q: ptr f32,
+            /// \[B\] bank row each query skips (`PAD_INDEX` = none); null = no exclusion.
+            exclude: ptr u32,
+            b: u32,
+            m: u32,
+            d: u32,
+            /// Results wanted per query (for the `ERR_FEW_ROWS` check).
+            n: u32,
+            /// Row length of `qhat` (D rounded up to a k-slice).
+            d_pad: u32,
+            /// [rows, d_pad] unit queries in the operand type; rows = query tiles x `TC_BQ`.
+            qhat: mut_ptr elem,
+            /// \[B\] f32 `COS_EPS / |q|` (inf for a zero query).
+            qeps: mut_ptr f32,
+            /// \[3\] error word of the call (code, query, detail), zeroed before the launch.
+            err: mut_ptr u32,
+        }
+
+        /// `cosine_topk_tc_{f32,f16,bf16}`: block (x, y) multiplies query tile x (`TC_BQ` rows of
+        /// `qhat`) with bank rows `[y * chunk_rows, (y + 1) * chunk_rows)` on the tensor cores, tile
+        /// by tile (`TC_BK` rows), and appends every (approximate score, row) that reaches its
+        /// query's threshold less `margin` to the query's candidate list (`count` entries, the
+        /// first `capq` stored). Never writes the B x M scores.
+        CosineTopkTcArgs("cosine_topk_tc") {
+            /// [rows, d_pad] unit queries (from `cosine_topk_tc_prep`).
+            qhat: ptr elem,
+            /// \[B\] f32 `COS_EPS / |q|`.
+            qeps: ptr f32,
+            /// [M, D] bank keys in the entry's dtype (rows 16-byte aligned).
+            keys: ptr elem,
+            /// \[M\] f32 key norms.
+            key_norms: ptr f32,
+            /// \[B\] bank row each query skips (`PAD_INDEX` = none); null = no exclusion. Entries
+            /// are checked by `cosine_topk_tc_prep`.
+            exclude: ptr u32,
+            b: u32,
+            m: u32,
+            d: u32,
+            d_pad: u32,
+            n: u32,
+            /// Threshold-list length (n rounded up to 32, at most `TC_NL_MAX`).
+            nl: u32,
+            /// Bank rows per block (a multiple of `TC_BK`).
+            chunk_rows: u32,
+            /// Candidate capacity per query.
+            capq: u32,
+            /// Twice the bound on |approximate - exact score| (docs/DESIGN.md).
+            margin: f32,
+            /// \[B\] order-preserving u32 keys of the best threshold any block has published
+            /// (0 = none yet), zeroed before the launch.
+            theta: mut_ptr u32,
+            /// \[B\] candidates appended per query (may exceed `capq`: overflow), zeroed before.
+            count: mut_ptr u32,
+            /// [B, capq] candidate approximate scores.
+            cand_s: mut_ptr f32,
+            /// [B, capq] candidate rows.
+            cand_i: mut_ptr u32,
+            /// \[3\] error word (code, query, row), shared with `cosine_topk_tc_prep`.
+            err: mut_ptr u32,
+        }
+
+        /// `cosine_topk_tc_rescore_{f32,f16,bf16}`: one block per query: the n-th best
+        /// approximate score among its candidates, then the exact f32 score (the bandwidth kernel's
+        /// arithmetic) of every candidate within `margin` of it, and the top n of those.
+        CosineTopkTcRescoreArgs("cosine_topk_tc_rescore") {
+            /// [B, D] f32 queries.
+            q: ptr f32,
+            /// [M, D] bank keys in the entry's dtype.
+            keys: ptr elem,
+            /// \[M\] f32 key norms.
+            key_norms: ptr f32,
+            /// \[B\] candidates per query (from `cosine_topk_tc`).
+            count: ptr u32,
+            /// [B, capq] candidate approximate scores.
+            cand_s: ptr f32,
+            /// [B, capq] candidate rows.
+            cand_i: ptr u32,
+            b: u32,
+            d: u32,
+            n: u32,
+            /// Running-list length of the approximate selection (a power of two >= n).
+            kp: u32,
+            capq: u32,
+            /// Most candidates rescored per query (a power of two).
+            cap: u32,
+            margin: f32,
+            /// [B, n] exact scores, descending.
+            out_s: mut_ptr f32,
+            /// [B, n] rows.
+            out_i: mut_ptr u32,
+            /// \[B\] 1 where the query's candidates overflowed `capq` or `cap` (its row of the
+            /// output is padding and the host reruns it exactly), zeroed before the launch.
+            fallback: mut_ptr u32,
+            /// \[3\] error word (code, query, row), shared with `cosine_topk_tc`.
+            err: mut_ptr u32,
         }
 
         /// `dissonance_topk_{f32,f16,bf16}`: one block per batch row b: the anchor g (masked mean of

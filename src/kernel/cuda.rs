@@ -183,6 +183,20 @@ impl Launcher for CudaLauncher<'_> {
         Ok(n.max(0) as u32)
     }
 
+    fn max_dyn_smem(&self) -> Result<u32> {
+        let n = self
+            .dev
+            .cuda_stream()
+            .context()
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| {
+                candle_core::Error::Msg(format!("r2scp cuda: shared memory limit: {e}"))
+            })?;
+        Ok((n.max(0) as u32).saturating_sub(1024))
+    }
+
     fn zeros<T: DevElem>(&self, n: usize) -> Result<CudaSlice<T>> {
         // Never zero-sized: a null device pointer is not a valid argument.
         self.dev.alloc_zeros::<T>(n.max(1))
@@ -205,6 +219,19 @@ impl Launcher for CudaLauncher<'_> {
 
     unsafe fn launch<A: KernelArgs>(&self, entry: &str, plan: &LaunchPlan, args: &A) -> Result<()> {
         let func = function(self.dev, entry)?;
+        if plan.smem_bytes > 48 * 1024 {
+            // Above 48 KiB a block's dynamic shared memory needs the entry's opt-in.
+            func.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                plan.smem_bytes as i32,
+            )
+            .map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "r2scp cuda: {entry}: {} bytes of shared memory refused: {e}",
+                    plan.smem_bytes
+                ))
+            })?;
+        }
         let stream = self.dev.cuda_stream();
         let mut lb = stream.launch_builder(&func);
         lb.arg(args);

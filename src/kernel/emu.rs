@@ -6,7 +6,9 @@
 //! plan's blocks one after another, one OS thread per CUDA thread, on host buffers; the op's
 //! device path is the same code that drives the GPU (see [`super::Launcher`]).
 
-use super::launch::{DevElem, KernelArgs, LaunchPlan, Launcher, Ptr, EMU_SM_COUNT};
+use super::launch::{
+    DevElem, KernelArgs, LaunchPlan, Launcher, Ptr, EMU_MAX_DYN_SMEM_BYTES, EMU_SM_COUNT,
+};
 use candle_core::{bail, Device, Result, Shape, Tensor};
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_void, CString};
@@ -71,6 +73,10 @@ impl Launcher for EmuLauncher {
 
     fn sm_count(&self) -> Result<u32> {
         Ok(EMU_SM_COUNT)
+    }
+
+    fn max_dyn_smem(&self) -> Result<u32> {
+        Ok(EMU_MAX_DYN_SMEM_BYTES)
     }
 
     fn zeros<T: DevElem>(&self, n: usize) -> Result<HostBuf<T>> {

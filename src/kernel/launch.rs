@@ -115,6 +115,12 @@ pub const MAX_DYN_SMEM_BYTES: u32 = 47 * 1024;
 /// sm_86 and sm_89; sm_80 has 164 KiB, sm_90 228 KiB).
 pub const SMEM_PER_SM_DEFAULT: u32 = 100 * 1024;
 
+/// Dynamic shared memory per block the emulator offers to plans that opt in to more than
+/// [`MAX_DYN_SMEM_BYTES`] ([`Launcher::max_dyn_smem`]): 99 KiB, the opt-in limit of sm_86 and
+/// sm_89 (the smallest of the supported GPUs; sm_80 has 163 KiB, sm_90 227 KiB), less 1 KiB
+/// for static `__shared__` arrays, so the emulated plans are ones every supported GPU runs.
+pub const EMU_MAX_DYN_SMEM_BYTES: u32 = 98 * 1024;
+
 /// Streaming multiprocessor count the emulated launches plan for. Small on purpose: the
 /// emulator runs blocks one after another, and a small grid still exercises the multi-block
 /// candidate merge.
@@ -165,6 +171,11 @@ pub trait Launcher {
     fn smem_per_sm(&self) -> Result<u32> {
         Ok(SMEM_PER_SM_DEFAULT)
     }
+
+    /// Most dynamic shared memory one block may use when its plan opts in beyond
+    /// [`MAX_DYN_SMEM_BYTES`] (the device's per-block opt-in limit less 1 KiB for static
+    /// arrays). A launch whose plan asks for more than 48 KiB raises the entry's limit first.
+    fn max_dyn_smem(&self) -> Result<u32>;
 
     /// A zeroed buffer of `n` elements.
     fn zeros<T: DevElem>(&self, n: usize) -> Result<Self::Buf<T>>;

@@ -6,7 +6,11 @@
 use super::common::emu_cases;
 use candle_core::{DType, Device, Tensor};
 use r2scp::kernel::abi::COS_EPS;
-use r2scp::retrieve::cosine_topk::kernel::KMAX;
+use r2scp::retrieve::cosine_topk::kernel::{Kernel, KMAX};
+use r2scp::retrieve::cosine_topk::tensor_core::TcOverrides;
+use r2scp::retrieve::cosine_topk::{
+    cosine_topk_deferred_emulated_with, cosine_topk_emulated_with, tensor_core,
+};
 use r2scp::retrieve::{
     cosine_topk, cosine_topk_deferred_emulated, cosine_topk_emulated, cosine_topk_reference,
     key_norms,
@@ -604,6 +608,367 @@ fn emu_deferred_calls_keep_errors_loud() {
     assert!(e.contains("exclude[1] = 40"), "{e}");
     let e = nan.check().unwrap_err().to_string();
     assert!(e.contains("NaN") && e.contains("row 23"), "{e}");
+}
+
+// ---- The tensor-core path (kernels/cosine_topk_tc.cuh), forced whatever the batch ----------
+
+fn tc(
+    q: &Tensor,
+    k: &Tensor,
+    kn: Option<&Tensor>,
+    n: usize,
+    ex: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    cosine_topk_emulated_with(q, k, kn, n, ex, Kernel::TensorCore, TcOverrides::default())
+}
+
+fn bandwidth(
+    q: &Tensor,
+    k: &Tensor,
+    kn: Option<&Tensor>,
+    n: usize,
+    ex: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    cosine_topk_emulated_with(q, k, kn, n, ex, Kernel::Bandwidth, TcOverrides::default())
+}
+
+/// The tensor-core path rescores with the bandwidth kernel's f32 arithmetic, so on the same
+/// executor both give the same rows and bit-identical scores, near-ties included.
+fn assert_same(got: &(Tensor, Tensor), want: &(Tensor, Tensor), what: &str) {
+    let (gs, gi) = (
+        got.0.to_vec2::<f32>().unwrap(),
+        got.1.to_vec2::<u32>().unwrap(),
+    );
+    let (ws, wi) = (
+        want.0.to_vec2::<f32>().unwrap(),
+        want.1.to_vec2::<u32>().unwrap(),
+    );
+    assert_eq!(gi, wi, "{what}: indices");
+    for (a, b) in gs.iter().flatten().zip(ws.iter().flatten()) {
+        assert_eq!(a.to_bits(), b.to_bits(), "{what}: scores {a} vs {b}");
+    }
+}
+
+/// A random case the tensor-core path takes: D a whole number of 16-byte chunks, n at most
+/// 160. Banks up to 400 rows (several 64-row tiles, and more than one
+/// chunk per query tile) keep the emulated launches short.
+fn random_tc_case(seed: u64) -> Case {
+    let mut c = random_case(seed, 400);
+    let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0x7c);
+    let chunk = if c.kdt == DType::F32 { 4 } else { 8 };
+    c.d = chunk * r.random_range(1..12usize);
+    // 160: the largest n whose threshold lists fit the emulator's 98 KiB of shared memory.
+    c.n = c.n.min(160);
+    c
+}
+
+/// The bandwidth kernel is checked against the CPU reference above; the tensor-core path is
+/// checked against the bandwidth kernel, bit for bit (rows and scores).
+#[test]
+fn emu_tc_matches_bandwidth_random_cases() {
+    // Emulated tensor-core launches are slow (warp barriers in every WMMA call, several
+    // seconds per case): a 42nd of the random-case count, 5 in the plain run, 2 under TSAN.
+    let cases = (emu_cases() / 42).max(2);
+    for seed in 5000..5000 + cases {
+        let c = random_tc_case(seed);
+        let d = make_data(&c);
+        let got = tc(&d.q, &d.k, d.kn.as_ref(), c.n, d.ex.as_ref())
+            .unwrap_or_else(|e| panic!("tensor-core path failed on {c:?}: {e}"));
+        let want = bandwidth(&d.q, &d.k, d.kn.as_ref(), c.n, d.ex.as_ref()).unwrap();
+        assert_eq!(got.0.dims(), [c.b, c.n], "{c:?}");
+        assert_same(&got, &want, &format!("{c:?}"));
+    }
+}
+
+/// Many rows whose exact scores lie closer together than the tensor-core pass can tell apart
+/// (its operands are rounded to bf16, f16 or tf32), with n cutting through them: the margin
+/// makes the rescoring see every row that can be in the exact top n. Without it (margin 0)
+/// the answer is the approximate top n, which differs: the test shows the rounding is there.
+#[test]
+fn emu_tc_near_ties_at_the_boundary() {
+    for (seed, kdt, spread) in [
+        (1u64, DType::BF16, 0.03f32),
+        (2, DType::F16, 0.004),
+        (3, DType::F32, 0.004),
+    ] {
+        let (b, m, d, n) = (5usize, 320usize, 64usize, 12usize);
+        let mut r = ChaCha8Rng::seed_from_u64(seed);
+        let u: Vec<f32> = (0..d)
+            .map(|_| r.random_range(0.5..1.0f32) * if r.random_bool(0.5) { 1.0 } else { -1.0 })
+            .collect();
+        let mut kv = Vec::with_capacity(m * d);
+        for row in 0..m {
+            // Rows 40..260 are the near-ties; the others are far below.
+            let s = if (40..260).contains(&row) {
+                spread
+            } else {
+                1.0
+            };
+            kv.extend(u.iter().map(|&x| x + s * r.random_range(-1.0..1.0f32)));
+        }
+        let qv: Vec<f32> = (0..b * d)
+            .map(|i| u[i % d] + 0.01 * r.random_range(-1.0..1.0f32))
+            .collect();
+        let k = cpu(kv, (m, d)).to_dtype(kdt).unwrap();
+        let q = cpu(qv, (b, d));
+        let ex = Tensor::from_vec(vec![150u32, u32::MAX, 7, 259, 40], b, &Device::Cpu).unwrap();
+        let want = bandwidth(&q, &k, None, n, Some(&ex)).unwrap();
+        let got = tc(&q, &k, None, n, Some(&ex)).unwrap();
+        assert_same(&got, &want, &format!("{kdt:?} near-ties"));
+        let top = want.1.to_vec2::<u32>().unwrap();
+        assert!(
+            top.iter().flatten().all(|&i| (40..260).contains(&i)),
+            "{kdt:?}: {top:?}"
+        );
+        let no_margin = TcOverrides {
+            margin: Some(0.0),
+            ..TcOverrides::default()
+        };
+        let approx =
+            cosine_topk_emulated_with(&q, &k, None, n, Some(&ex), Kernel::TensorCore, no_margin)
+                .unwrap();
+        assert_ne!(
+            approx.1.to_vec2::<u32>().unwrap(),
+            top,
+            "{kdt:?}: with margin 0 the approximate top n should differ from the exact one"
+        );
+    }
+}
+
+/// Candidate lists that overflow (capacity in the pass or in the rescoring) send their
+/// queries to the bandwidth kernel: the answer is still exact. Each knob overflows for sure:
+/// a chunk's first 64-row tile passes whole (its list is not full yet), more than capacity 1
+/// or 40; margin 2 admits every row (scores lie in [-1, 1]) to a rescoring of capacity 16.
+#[test]
+fn emu_tc_overflow_falls_back_exactly() {
+    for (seed, kdt, knobs) in [
+        (
+            21u64,
+            DType::BF16,
+            TcOverrides {
+                capq: Some(1),
+                ..TcOverrides::default()
+            },
+        ),
+        (
+            22,
+            DType::F32,
+            TcOverrides {
+                capq: Some(40),
+                ..TcOverrides::default()
+            },
+        ),
+        (
+            23,
+            DType::F16,
+            TcOverrides {
+                cap: Some(16),
+                margin: Some(2.0),
+                ..TcOverrides::default()
+            },
+        ),
+    ] {
+        let c = Case {
+            seed,
+            b: 19,
+            m: 300,
+            d: 32,
+            n: 9,
+            kdt,
+            qdt: DType::F32,
+            exclude: Some((0..19u32).map(|x| x * 15).collect()),
+            norms: true,
+            dup: true,
+        };
+        let d = make_data(&c);
+        let got = cosine_topk_emulated_with(
+            &d.q,
+            &d.k,
+            d.kn.as_ref(),
+            c.n,
+            d.ex.as_ref(),
+            Kernel::TensorCore,
+            knobs,
+        )
+        .unwrap();
+        let want = bandwidth(&d.q, &d.k, d.kn.as_ref(), c.n, d.ex.as_ref()).unwrap();
+        assert_same(&got, &want, &format!("{knobs:?}"));
+    }
+}
+
+#[test]
+fn emu_tc_semantics() {
+    for kdt in [DType::F32, DType::F16, DType::BF16] {
+        // all rows identical: ties go to the lower index, exclusion skips its row
+        let k = cpu(vec![0.5; 70 * 8], (70, 8)).to_dtype(kdt).unwrap();
+        let q = cpu((0..3 * 8).map(|i| 1.0 + i as f32).collect(), (3, 8));
+        let ex = Tensor::from_vec(vec![1u32, u32::MAX, 0], 3, &Device::Cpu).unwrap();
+        let (_, i) = tc(&q, &k, None, 4, Some(&ex)).unwrap();
+        assert_eq!(
+            i.to_vec2::<u32>().unwrap(),
+            vec![vec![0, 2, 3, 4], vec![0, 1, 2, 3], vec![1, 2, 3, 4]],
+            "{kdt:?}"
+        );
+        // zero query and zero key score exactly 0, never NaN
+        let mut kv = vec![0.0f32; 3 * 8];
+        kv[8] = 1.0;
+        kv[16] = -1.0;
+        let k = cpu(kv, (3, 8)).to_dtype(kdt).unwrap();
+        let mut qv = vec![0.0f32; 2 * 8];
+        qv[8] = 1.0;
+        let (s, i) = tc(&cpu(qv, (2, 8)), &k, None, 3, None).unwrap();
+        let (s, i) = (s.to_vec2::<f32>().unwrap(), i.to_vec2::<u32>().unwrap());
+        assert_eq!(
+            (s[0].clone(), i[0].clone()),
+            (vec![0.0; 3], vec![0, 1, 2]),
+            "{kdt:?}"
+        );
+        assert_eq!(i[1], vec![1, 0, 2], "{kdt:?}");
+        assert!((s[1][0] - 1.0).abs() < 1e-6 && s[1][1] == 0.0 && (s[1][2] + 1.0).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn emu_tc_nan_is_error() {
+    let mut k = vec![0.25f32; 70 * 8];
+    k[44 * 8 + 2] = f32::NAN;
+    let k = cpu(k, (70, 8));
+    let e = tc(&cpu(vec![1.0; 8], (1, 8)), &k, None, 2, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NaN") && e.contains("row 44"), "{e}");
+    let mut qv = vec![1.0f32; 3 * 8];
+    qv[8 + 5] = f32::INFINITY;
+    let k = k.narrow(0, 0, 40).unwrap();
+    let e = tc(&cpu(qv, (3, 8)), &k, None, 2, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NaN") && e.contains("query 1"), "{e}");
+}
+
+#[test]
+fn emu_tc_refuses_what_it_cannot_take() {
+    let k = cpu(vec![0.5; 20 * 12], (20, 12))
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let q = cpu(vec![1.0; 2 * 12], (2, 12));
+    let e = tc(&q, &k, None, 2, None).unwrap_err().to_string();
+    assert!(e.contains("D = 12") && e.contains("multiple of 8"), "{e}");
+    let k = cpu(vec![0.5; 300 * 8], (300, 8));
+    let q = cpu(vec![1.0; 8], (1, 8));
+    let e = tc(&q, &k, None, tensor_core::NMAX + 1, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("n = 257"), "{e}");
+    // Keys starting 4, 8 or 12 bytes past a 16-byte boundary (three of four consecutive f32
+    // offsets): refused when forced, and the automatic choice (B = 40 >= 32, D = 32) runs the
+    // bandwidth kernel instead, with the same answer.
+    let mut r = ChaCha8Rng::seed_from_u64(77);
+    let all = cpu(
+        (0..101 * 32)
+            .map(|_| r.random_range(-1.0..1.0f32))
+            .collect(),
+        (101 * 32, 1),
+    );
+    let qb = cpu(
+        (0..40 * 32).map(|_| r.random_range(-1.0..1.0f32)).collect(),
+        (40, 32),
+    );
+    let mut refused = 0;
+    for off in 0..4 {
+        let keys = all
+            .narrow(0, off, 100 * 32)
+            .unwrap()
+            .reshape((100, 32))
+            .unwrap();
+        assert!(keys.is_contiguous());
+        match tc(&qb, &keys, None, 3, None) {
+            Err(e) => {
+                assert!(e.to_string().contains("16-byte aligned"), "{e}");
+                refused += 1;
+                let auto = cosine_topk_emulated(&qb, &keys, None, 3, None).unwrap();
+                assert_same(
+                    &auto,
+                    &bandwidth(&qb, &keys, None, 3, None).unwrap(),
+                    "misaligned",
+                );
+            }
+            Ok(got) => assert_same(
+                &got,
+                &bandwidth(&qb, &keys, None, 3, None).unwrap(),
+                "aligned",
+            ),
+        }
+    }
+    assert_eq!(refused, 3);
+}
+
+/// The tensor-core path keeps the bandwidth kernel's no-sync contract: its errors (a NaN score,
+/// an `exclude` entry out of range, an exclusion with n = M, checked on the device) go to the
+/// call's error word, a failed call's unchecked scores are all NaN (with and without an
+/// overflow rerun), and `check` words the errors as the CPU path does.
+#[test]
+fn emu_tc_deferred_calls_keep_errors_loud() {
+    let (m, d) = (70usize, 32usize);
+    let mut kv: Vec<f32> = (0..m * d).map(|i| ((i * 7 % 11) as f32) - 5.0).collect();
+    let good = cpu(kv.clone(), (m, d));
+    kv[23 * d + 1] = f32::NAN;
+    let bad = cpu(kv, (m, d));
+    let q = cpu((0..3 * d).map(|i| (i % 5) as f32 - 2.0).collect(), (3, d));
+    let ex = |v: Vec<u32>| Tensor::from_vec(v, 3, &Device::Cpu).unwrap();
+    let (ex_bad, ex_ok, ex_few) = (
+        ex(vec![1, 70, u32::MAX]),
+        ex(vec![1, 69, u32::MAX]),
+        ex(vec![u32::MAX, u32::MAX, 5]),
+    );
+    let run = |k: &Tensor, n: usize, e: Option<&Tensor>, knobs: TcOverrides| {
+        cosine_topk_deferred_emulated_with(&q, k, None, n, e, Kernel::TensorCore, knobs).unwrap()
+    };
+    let plain = TcOverrides::default();
+    let overflow = TcOverrides {
+        capq: Some(1),
+        ..TcOverrides::default()
+    };
+    // Queued back to back, checked afterwards.
+    let nan = run(&bad, 4, None, plain);
+    let nan_rerun = run(&bad, 4, None, overflow);
+    let bad_ex = run(&good, 4, Some(&ex_bad), plain);
+    let few = run(&good, m, Some(&ex_few), plain);
+    let ok = run(&good, 4, Some(&ex_ok), plain);
+    for (p, what) in [
+        (&nan, "NaN key"),
+        (&nan_rerun, "NaN key, overflow rerun"),
+        (&bad_ex, "bad exclusion"),
+        (&few, "n = M with an exclusion"),
+    ] {
+        let s = p
+            .unchecked()
+            .0
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            s.iter().all(|x| x.is_nan()),
+            "{what}: unchecked scores {s:?}"
+        );
+        let w = p.status().expect("device word").to_vec1::<u32>().unwrap();
+        assert_ne!(w[0], 0, "{what}: error word {w:?}");
+    }
+    let w = ok.status().expect("device word").to_vec1::<u32>().unwrap();
+    assert_eq!(w, [0, 0, 0]);
+    let (cs, ci) = ok.check().unwrap();
+    let want = bandwidth(&q, &good, None, 4, Some(&ex_ok)).unwrap();
+    assert_same(&(cs, ci), &want, "tensor-core deferred vs bandwidth");
+
+    let e = bad_ex.check().unwrap_err().to_string();
+    assert!(e.contains("exclude[1] = 70"), "{e}");
+    let e = few.check().unwrap_err().to_string();
+    assert!(e.contains("n = 70") && e.contains("query 2"), "{e}");
+    for p in [nan, nan_rerun] {
+        let e = p.check().unwrap_err().to_string();
+        assert!(e.contains("NaN") && e.contains("row 23"), "{e}");
+    }
 }
 
 /// An empty batch seen through a narrowed view (candle keeps an offset past the empty storage).

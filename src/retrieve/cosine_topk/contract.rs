@@ -2,6 +2,7 @@
 //! (which needs the scores).
 
 use crate::check::{check_device, check_dtype, rank2, KEY_FLOATS};
+use crate::kernel::abi::{ERR_BAD_EXCLUDE, ERR_FEW_ROWS, ERR_NAN_SCORE};
 use candle_core::{bail, DType, Result, Tensor};
 
 /// Validated sizes of one `cosine_topk` call.
@@ -26,6 +27,30 @@ pub(crate) struct DeviceCall {
     pub n: usize,
     /// [B] u32 excluded rows (`u32::MAX` = none), shape and dtype checked, values not read.
     pub exclude: Option<Tensor>,
+}
+
+/// The outputs of one device call and its error word, not yet read (see the NaN contract in
+/// `kernel.rs`): scores [B, n] f32 (all NaN when the call failed), indices [B, n] u32, status
+/// \[3\] u32 on the device, `(0, 0, 0)` when the call succeeded. Both device paths (bandwidth
+/// and tensor-core) return it.
+pub(crate) struct DeviceTopN {
+    pub scores: Tensor,
+    pub indices: Tensor,
+    pub status: Tensor,
+}
+
+/// The error a call's error word `w` reports, if any (messages as the CPU path's).
+pub(crate) fn status_error(op: &str, w: &[u32], m: usize, n: usize) -> Option<candle_core::Error> {
+    let (code, a, b) = (*w.first()?, *w.get(1)? as usize, *w.get(2)? as usize);
+    match code {
+        0 => None,
+        ERR_NAN_SCORE => Some(crate::check::nan_score(op, a, b)),
+        ERR_BAD_EXCLUDE => Some(bad_exclude(op, a, b as u32, m)),
+        ERR_FEW_ROWS => Some(too_few_rows(op, n, m - 1, a, m)),
+        other => Some(candle_core::Error::Msg(format!(
+            "{op}: the kernel reported unknown error code {other} ({a}, {b})"
+        ))),
+    }
 }
 
 /// The error of an `exclude` entry that is neither a bank row nor `u32::MAX`.

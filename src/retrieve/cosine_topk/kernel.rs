@@ -20,15 +20,20 @@
 //! the kernels and uploaded the exclusions); unchecked callers (`cosine_topk_deferred`) read it
 //! when they choose, and meanwhile every score of a failed call is NaN, so a consumer of the
 //! scores sees the failure.
+//!
+//! These are the bandwidth kernels ([`Kernel::Bandwidth`]); large batches take the
+//! tensor-core path of `tensor_core.rs` ([`Kernel::TensorCore`]) by the rule [`choose`], under
+//! the same contract (one error word per call, exclusions checked on the device, NaN scores
+//! after a failure) with one documented synchronisation: it reads its overflow flags.
 // The device path runs with feature `cuda` (a GPU) or `emulate` (the tests); the plan is
 // always public.
 #![cfg_attr(not(any(feature = "cuda", feature = "emulate")), allow(dead_code))]
 
-use super::contract::DeviceCall;
+use super::contract::{DeviceCall, DeviceTopN};
+use super::tensor_core::{self, TcOverrides};
 use crate::kernel::abi::{
     CosineTopkMergeArgs, CosineTopkPartialArgs, CT_MERGE_TILE, CT_MIN_BLOCKS, CT_QB_MAX,
-    CT_QN_SLICES, CT_STAGES, CT_THREADS, CT_TILE_ROWS, ERR_BAD_EXCLUDE, ERR_FEW_ROWS,
-    ERR_NAN_SCORE,
+    CT_QN_SLICES, CT_STAGES, CT_THREADS, CT_TILE_ROWS,
 };
 use crate::kernel::{entry, to_u32, KernelArgs, LaunchPlan, Launcher, Ptr, MAX_DYN_SMEM_BYTES};
 use candle_core::{bail, DType, Result, Tensor};
@@ -239,38 +244,66 @@ pub fn plan(p: &Problem, gpu: Gpu) -> Result<CosinePlan> {
     })
 }
 
-/// The outputs of one device call and its error word, not yet read (see the NaN contract
-/// above): scores [B, n] f32 (all NaN when the call failed), indices [B, n] u32, status \[3\]
-/// u32 on the device, `(0, 0, 0)` when the call succeeded.
-pub(crate) struct DeviceTopN {
-    pub scores: Tensor,
-    pub indices: Tensor,
-    pub status: Tensor,
+/// The kernel that runs one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// `cosine_topk_partial` + `cosine_topk_merge` (this file): CUDA cores, each key read once
+    /// per block of up to [`QB_MAX`] queries; bound by memory bandwidth for small batches.
+    Bandwidth,
+    /// `cosine_topk_tc_*` (`tensor_core.rs`): the dot products on the tensor cores, exact
+    /// rescoring of the candidates; for large batches.
+    TensorCore,
 }
 
-/// The error a call's error word `w` reports, if any (messages as the CPU path's).
-pub(crate) fn status_error(op: &str, w: &[u32], m: usize, n: usize) -> Option<candle_core::Error> {
-    let (code, a, b) = (*w.first()?, *w.get(1)? as usize, *w.get(2)? as usize);
-    match code {
-        0 => None,
-        ERR_NAN_SCORE => Some(crate::check::nan_score(op, a, b)),
-        ERR_BAD_EXCLUDE => Some(super::contract::bad_exclude(op, a, b as u32, m)),
-        ERR_FEW_ROWS => Some(super::contract::too_few_rows(op, n, m - 1, a, m)),
-        other => Some(candle_core::Error::Msg(format!(
-            "{op}: the kernel reported unknown error code {other} ({a}, {b})"
-        ))),
+/// Smallest batch given to the tensor-core path: 16 queries with f16/bf16 keys, 32 with f32
+/// keys (the tf32 pass does half the f16 rate and its rescoring reads f32 rows).
+pub fn tc_min_batch(dtype: DType) -> usize {
+    if dtype == DType::F32 {
+        32
+    } else {
+        16
     }
 }
 
-/// Runs one call on `x` with inputs on its device (n <= [`KMAX`]): queues the partial and
-/// the merge kernel and returns without waiting for them. The CUDA path and, with the
-/// emulator, `cosine_topk_emulated` / `cosine_topk_deferred_emulated`.
+/// Smallest D given to the tensor-core path (below it the per-score filter costs more than
+/// the dot product it saves).
+pub const TC_MIN_D: usize = 32;
+
+/// The dispatch rule: [`Kernel::TensorCore`] from [`tc_min_batch`] queries and [`TC_MIN_D`]
+/// dimensions on, else [`Kernel::Bandwidth`]. Where the tensor-core path cannot take a call
+/// (n above its limit, rows not 16-byte aligned, shared or candidate memory over budget) the
+/// bandwidth kernel runs. The crossover behind the numbers is a prediction (docs/DESIGN.md,
+/// "Tensor-core path"), unmeasured.
+pub fn choose(b: usize, d: usize, dtype: DType) -> Kernel {
+    if b >= tc_min_batch(dtype) && d >= TC_MIN_D {
+        Kernel::TensorCore
+    } else {
+        Kernel::Bandwidth
+    }
+}
+
+/// Runs one call on `x` with inputs on its device (n <= [`KMAX`]) on [`choose`]'s kernel:
+/// queues the kernels and returns without reading the error word. The CUDA path and, with
+/// the emulator, `cosine_topk_emulated` / `cosine_topk_deferred_emulated`.
 pub(crate) fn run_on<L: Launcher>(
     x: &L,
     c: &DeviceCall,
     queries: &Tensor,
     keys: &Tensor,
     key_norms: &Tensor,
+) -> Result<DeviceTopN> {
+    run_with(x, c, queries, keys, key_norms, None)
+}
+
+/// [`run_on`] with the kernel forced (`Some`, with the tensor-core test knobs): a forced
+/// tensor-core call that the path cannot take is an error instead of a bandwidth run.
+pub(crate) fn run_with<L: Launcher>(
+    x: &L,
+    c: &DeviceCall,
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: &Tensor,
+    force: Option<(Kernel, TcOverrides)>,
 ) -> Result<DeviceTopN> {
     const OP: &str = "cosine_topk";
     let dev = keys.device();
@@ -284,13 +317,45 @@ pub(crate) fn run_on<L: Launcher>(
     let q = queries.to_dtype(DType::F32)?.contiguous()?;
     let keys = keys.contiguous()?;
     let kn = key_norms.contiguous()?;
-    let ex = match &c.exclude {
-        Some(e) => Some(e.to_device(dev)?.contiguous()?),
-        None => None,
-    };
-    let (q_ptr, _q) = crate::kernel::tensor_ptr(&q, OP)?;
-    let (k_ptr, _k) = crate::kernel::tensor_ptr(&keys, OP)?;
-    let (norm_ptr, _n) = crate::kernel::tensor_ptr(&kn, OP)?;
+    let kernel = force.map_or_else(|| choose(c.b, c.d, keys.dtype()), |f| f.0);
+    if kernel == Kernel::TensorCore {
+        let addr = crate::kernel::tensor_ptr(&keys, OP)?.0.addr();
+        match tensor_core::eligible(x, c, addr, keys.dtype()) {
+            Ok(()) => {
+                let ovr = force.map(|f| f.1).unwrap_or_default();
+                let exact = |sub: &DeviceCall, qs: &Tensor| run_bandwidth(x, sub, qs, &keys, &kn);
+                return tensor_core::run_on(x, c, &q, &keys, &kn, &ovr, &exact);
+            }
+            Err(e) if force.is_some() => return Err(e),
+            Err(_) => {}
+        }
+    }
+    run_bandwidth(x, c, &q, &keys, &kn)
+}
+
+/// The exclusions of a call on `dev`, contiguous (a copy only when the caller passed them
+/// on another device).
+pub(crate) fn device_exclude(c: &DeviceCall, dev: &candle_core::Device) -> Result<Option<Tensor>> {
+    match &c.exclude {
+        Some(e) => Ok(Some(e.to_device(dev)?.contiguous()?)),
+        None => Ok(None),
+    }
+}
+
+/// The bandwidth kernels on `q` [B, D] f32 contiguous (B >= 1) and contiguous `keys`, `kn`:
+/// queues the partial and the merge kernel.
+fn run_bandwidth<L: Launcher>(
+    x: &L,
+    c: &DeviceCall,
+    q: &Tensor,
+    keys: &Tensor,
+    kn: &Tensor,
+) -> Result<DeviceTopN> {
+    const OP: &str = "cosine_topk";
+    let ex = device_exclude(c, keys.device())?;
+    let (q_ptr, _q) = crate::kernel::tensor_ptr(q, OP)?;
+    let (k_ptr, _k) = crate::kernel::tensor_ptr(keys, OP)?;
+    let (norm_ptr, _n) = crate::kernel::tensor_ptr(kn, OP)?;
     let ex_ptr = match &ex {
         Some(t) => Some(crate::kernel::tensor_ptr(t, OP)?),
         None => None,
@@ -405,4 +470,27 @@ pub(crate) fn cosine_topk_cuda(
         keys,
         key_norms,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispatch_rule() {
+        // Large batches and dimensions go to the tensor cores...
+        assert_eq!(choose(1024, 1024, DType::BF16), Kernel::TensorCore);
+        assert_eq!(choose(64, 256, DType::F16), Kernel::TensorCore);
+        assert_eq!(choose(16, 32, DType::BF16), Kernel::TensorCore);
+        assert_eq!(choose(32, 1024, DType::F32), Kernel::TensorCore);
+        // ...small ones stay on the bandwidth kernel: fewer queries than the threshold of the
+        // dtype (f32's is higher), or too few dimensions.
+        assert_eq!(choose(15, 1024, DType::BF16), Kernel::Bandwidth);
+        assert_eq!(choose(31, 1024, DType::F32), Kernel::Bandwidth);
+        assert_eq!(choose(16, 1024, DType::F32), Kernel::Bandwidth);
+        assert_eq!(choose(1, 256, DType::F16), Kernel::Bandwidth);
+        assert_eq!(choose(4096, 31, DType::BF16), Kernel::Bandwidth);
+        assert_eq!(tc_min_batch(DType::F32), 32);
+        assert_eq!(tc_min_batch(DType::F16), 16);
+    }
 }

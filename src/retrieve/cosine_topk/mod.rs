@@ -10,6 +10,7 @@ mod contract;
 mod cpu;
 pub mod kernel;
 mod qlanes;
+pub mod tensor_core;
 
 use crate::kernel::abi::COS_EPS;
 use candle_core::{bail, DType, Device, Result, Tensor, D};
@@ -56,7 +57,7 @@ impl PendingTopN {
     pub fn check(self) -> Result<(Tensor, Tensor)> {
         if let Some(st) = &self.status {
             let w = st.to_vec1::<u32>()?;
-            if let Some(e) = kernel::status_error(self.op, &w, self.m, self.n) {
+            if let Some(e) = contract::status_error(self.op, &w, self.m, self.n) {
                 return Err(e);
             }
         }
@@ -152,6 +153,51 @@ pub fn cosine_topk_deferred_emulated(
     n: usize,
     exclude: Option<&Tensor>,
 ) -> Result<PendingTopN> {
+    deferred_emulated(queries, keys, key_norms, n, exclude, None)
+}
+
+/// [`cosine_topk_emulated`] with the kernel forced (the tensor-core path even for small
+/// batches, where [`kernel::choose`] would pick the bandwidth kernel) and the tensor-core test
+/// knobs. A forced tensor-core call the path cannot take (D, n, alignment) is an error. Test
+/// infrastructure (feature `emulate`).
+#[cfg(feature = "emulate")]
+#[doc(hidden)]
+pub fn cosine_topk_emulated_with(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+    kernel: kernel::Kernel,
+    knobs: tensor_core::TcOverrides,
+) -> Result<(Tensor, Tensor)> {
+    cosine_topk_deferred_emulated_with(queries, keys, key_norms, n, exclude, kernel, knobs)?.check()
+}
+
+/// [`cosine_topk_deferred_emulated`] with the kernel forced (see [`cosine_topk_emulated_with`]).
+#[cfg(feature = "emulate")]
+#[doc(hidden)]
+pub fn cosine_topk_deferred_emulated_with(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+    kernel: kernel::Kernel,
+    knobs: tensor_core::TcOverrides,
+) -> Result<PendingTopN> {
+    deferred_emulated(queries, keys, key_norms, n, exclude, Some((kernel, knobs)))
+}
+
+#[cfg(feature = "emulate")]
+fn deferred_emulated(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+    force: Option<(kernel::Kernel, tensor_core::TcOverrides)>,
+) -> Result<PendingTopN> {
     let op = "cosine_topk (emulated kernel)";
     let c = contract::check_device_call(op, queries, keys, key_norms, n, exclude)?;
     if !keys.device().is_cpu() {
@@ -161,7 +207,11 @@ pub fn cosine_topk_deferred_emulated(
         Some(t) => t.clone(),
         None => self::key_norms(keys)?,
     };
-    let r = kernel::run_on(&crate::kernel::emu::EmuLauncher, &c, queries, keys, &kn)?;
+    let emu = crate::kernel::emu::EmuLauncher;
+    let r = match force {
+        None => kernel::run_on(&emu, &c, queries, keys, &kn)?,
+        Some(f) => kernel::run_with(&emu, &c, queries, keys, &kn, Some(f))?,
+    };
     Ok(PendingTopN {
         scores: r.scores,
         indices: r.indices,
