@@ -432,7 +432,8 @@ fn run_bandwidth<L: Launcher>(
     })
 }
 
-/// The CUDA path: n <= [`KMAX`] on the GPU (no synchronisation); larger n on the fused CPU
+/// The CUDA path: n <= [`KMAX`] on the GPU (no synchronisation on the bandwidth kernels; the
+/// tensor-core path reads its overflow flags, see `tensor_core.rs`); larger n on the fused CPU
 /// path (the bank is copied to the host, the exclusions read; errors are immediate).
 #[cfg(feature = "cuda")]
 pub(crate) fn cosine_topk_cuda(

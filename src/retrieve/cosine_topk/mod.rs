@@ -22,8 +22,9 @@ use contract::check;
 /// \[M\] f32 (`None` = computed), `exclude` \[B\] u32 (`u32::MAX` = none). Returns
 /// `(scores [B, n] f32 descending, indices [B, n] u32)`; ties go to the lower index.
 /// CPU tensors run the fused CPU path (tiled, vectorised, threaded, no B x M matrix);
-/// CUDA tensors (feature `cuda`) run `kernels/cosine_topk.cu` and wait once, after both
-/// kernels, to read the call's error word ([`cosine_topk_deferred`] does not wait).
+/// CUDA tensors (feature `cuda`) run `kernels/cosine_topk.cu` (the bandwidth kernels, or the
+/// tensor-core path for large batches, [`kernel::choose`]) and wait once, after the kernels,
+/// to read the call's error word ([`cosine_topk_deferred`] does not wait for it).
 pub fn cosine_topk(
     queries: &Tensor,
     keys: &Tensor,
@@ -77,10 +78,12 @@ impl PendingTopN {
     }
 }
 
-/// [`cosine_topk`] without the wait: on CUDA both kernels are queued and the call returns at
+/// [`cosine_topk`] without the wait: on CUDA the kernels are queued and the call returns at
 /// once, with nothing read back or uploaded (the `exclude` tensor is read by the kernels where
 /// it lies; pass it on the keys' device to avoid a copy), so calls queue back to back on the
-/// stream. Shape, dtype and device errors are immediate; errors that need the data come from
+/// stream. The tensor-core path (large batches) is the exception: it waits for its kernels to
+/// read which queries overflowed their candidate lists (B flags; the error word stays unread),
+/// and after an overflow for the bandwidth rerun of those queries. Shape, dtype and device errors are immediate; errors that need the data come from
 /// [`PendingTopN::check`]. CPU tensors run the fused CPU path, whose errors are immediate.
 pub fn cosine_topk_deferred(
     queries: &Tensor,
