@@ -242,7 +242,7 @@ impl RecoveryHead {
     /// hundredths, so tau must be of that order for the weights to differ at all.
     pub const TAU_INIT: f64 = 0.1;
 
-    /// Vars `log_tau` [1] (softmax) and `gate.fc1` (GATE_STATS -> 16), `gate.fc2` (16 -> 1)
+    /// Vars `log_tau` (`[1]`, softmax) and `gate.fc1` (GATE_STATS -> 16), `gate.fc2` (16 -> 1)
     /// under `vb`; fc2 starts at zero, so the gate starts at 0.5 for every sample.
     pub fn new(cfg: &RecoveryConfig, vb: VarBuilder) -> Result<Self> {
         let log_tau = (cfg.aggregate == Aggregate::Softmax)
