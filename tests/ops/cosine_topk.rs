@@ -1,11 +1,15 @@
-//! cosine_topk: fused CPU path and emulated CUDA kernel against the candle reference.
+//! cosine_topk: fused CPU path, emulated CUDA kernel and the op on a CUDA device against the
+//! candle reference.
 //!
 //! Test names starting with `emu_` run the kernels through the CUDA emulator; `.ci/run`
-//! reruns exactly those under ThreadSanitizer.
+//! reruns exactly those under ThreadSanitizer. Names starting with `cuda_` run the public op
+//! on CUDA device 0 (`super::executors`), or print that they were skipped.
 
 use super::common::emu_cases;
+use super::executors::{cosine_topk_cuda, on_cuda};
 use candle_core::{DType, Device, Tensor};
 use r2scp::kernel::abi::COS_EPS;
+use r2scp::retrieve::cosine_topk::cosine_topk_reference_chunked;
 use r2scp::retrieve::cosine_topk::kernel::KMAX;
 use r2scp::retrieve::{cosine_topk, cosine_topk_emulated, cosine_topk_reference, key_norms};
 use rand::{Rng, SeedableRng};
@@ -208,21 +212,46 @@ fn compare(c: &Case, data: &Data, op: Op, what: &str) {
     }
 }
 
-#[test]
-fn fused_cpu_matches_reference_random_cases() {
+/// 260 random cases (M up to 2000, n up to M: above the kernels' [`KMAX`] the CUDA op takes
+/// the CPU path).
+fn random_cases(op: Op, what: &str) {
     let mut count = 0;
     for seed in 0..260u64 {
         let c = random_case(seed, 2000);
         let data = make_data(&c);
-        compare(&c, &data, cosine_topk, "fused cpu");
+        compare(&c, &data, op, what);
         count += 1;
     }
     assert!(count >= 200);
 }
 
-/// Large-ish banks spanning several of the fused path's chunks, B = 1 and B = 64.
+#[test]
+fn fused_cpu_matches_reference_random_cases() {
+    random_cases(cosine_topk, "fused cpu");
+}
+
+#[test]
+fn cuda_matches_reference_random_cases() {
+    on_cuda("cuda_matches_reference_random_cases", || {
+        random_cases(cosine_topk_cuda, "cuda")
+    });
+}
+
 #[test]
 fn fused_cpu_multi_chunk_banks() {
+    multi_chunk_banks(cosine_topk, "fused cpu multi-chunk");
+}
+
+#[test]
+fn cuda_multi_chunk_banks() {
+    on_cuda("cuda_multi_chunk_banks", || {
+        multi_chunk_banks(cosine_topk_cuda, "cuda multi-chunk")
+    });
+}
+
+/// Large-ish banks spanning several of the fused path's chunks (and many kernel blocks),
+/// B = 1 and B = 64.
+fn multi_chunk_banks(op: Op, what: &str) {
     for (seed, b, m, d, kdt) in [
         (1u64, 1usize, 40_000usize, 96usize, DType::F32),
         (2, 64, 9_000, 64, DType::F16),
@@ -240,14 +269,26 @@ fn fused_cpu_multi_chunk_banks() {
             norms: true,
             dup: true,
         };
-        compare(&c, &make_data(&c), cosine_topk, "fused cpu multi-chunk");
+        compare(&c, &make_data(&c), op, what);
     }
 }
 
-/// B = 1 takes the row-at-a-time kernel (32-element steps, then 8-element steps, then a
-/// scalar tail): every tail combination, every key dtype, several chunks.
 #[test]
 fn fused_cpu_single_query_every_tail() {
+    single_query_every_tail(cosine_topk, "fused cpu B=1");
+}
+
+#[test]
+fn cuda_single_query_every_tail() {
+    on_cuda("cuda_single_query_every_tail", || {
+        single_query_every_tail(cosine_topk_cuda, "cuda B=1")
+    });
+}
+
+/// B = 1 takes the CPU path's row-at-a-time kernel (32-element steps, then 8-element steps,
+/// then a scalar tail): every tail combination, every key dtype, several chunks. On a
+/// device: every D remainder against vector loads.
+fn single_query_every_tail(op: Op, what: &str) {
     let mut seed = 100;
     for d in [1usize, 7, 8, 9, 31, 32, 33, 40, 63, 64, 65, 100, 257] {
         for kdt in [DType::F32, DType::F16, DType::BF16] {
@@ -264,7 +305,7 @@ fn fused_cpu_single_query_every_tail() {
                 norms: d % 2 == 0,
                 dup: true,
             };
-            compare(&c, &make_data(&c), cosine_topk, "fused cpu B=1");
+            compare(&c, &make_data(&c), op, what);
         }
     }
 }
@@ -424,9 +465,26 @@ fn error_paths(op: Op, what: &str) {
     );
 }
 
-/// B >= 16 runs the query-lane kernel: ties, zero vectors, exclusion and NaN there too.
 #[test]
 fn fused_cpu_many_queries_semantics() {
+    many_queries_semantics(cosine_topk, "fused cpu");
+}
+
+#[test]
+fn emu_many_queries_semantics() {
+    many_queries_semantics(cosine_topk_emulated, "emulated kernel");
+}
+
+#[test]
+fn cuda_many_queries_semantics() {
+    on_cuda("cuda_many_queries_semantics", || {
+        many_queries_semantics(cosine_topk_cuda, "cuda")
+    });
+}
+
+/// B >= 16 runs the CPU path's query-lane kernel (on a device: several queries per block):
+/// ties, zero vectors, exclusion and NaN there too.
+fn many_queries_semantics(op: Op, what: &str) {
     let b = 37;
     let k = cpu(vec![0.5; 40 * 5], (40, 5));
     let mut qv = vec![1.0f32; b * 5];
@@ -436,24 +494,27 @@ fn fused_cpu_many_queries_semantics() {
         .map(|i| if i % 2 == 0 { i % 7 } else { u32::MAX })
         .collect();
     let ext = Tensor::from_vec(ex.clone(), b, &Device::Cpu).unwrap();
-    let (s, i) = cosine_topk(&q, &k, None, 6, Some(&ext)).unwrap();
+    let (s, i) = op(&q, &k, None, 6, Some(&ext)).unwrap();
     let (s, i) = (s.to_vec2::<f32>().unwrap(), i.to_vec2::<u32>().unwrap());
     for qi in 0..b {
         let want: Vec<u32> = (0..40u32).filter(|&r| r != ex[qi]).take(6).collect();
-        assert_eq!(i[qi], want, "query {qi}: ties must go to the lower index");
+        assert_eq!(
+            i[qi], want,
+            "{what}: query {qi}: ties must go to the lower index"
+        );
         let target = if qi == 3 { 0.0 } else { 1.0 };
         assert!(
             s[qi].iter().all(|&x| (x - target).abs() < 1e-5),
-            "query {qi}: {:?}",
+            "{what}: query {qi}: {:?}",
             s[qi]
         );
     }
     let mut kv = vec![0.25f32; 40 * 5];
     kv[33 * 5 + 1] = f32::NAN;
-    let e = cosine_topk(&q, &cpu(kv, (40, 5)), None, 3, None)
+    let e = op(&q, &cpu(kv, (40, 5)), None, 3, None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("NaN") && e.contains("row 33"), "{e}");
+    assert!(e.contains("NaN") && e.contains("row 33"), "{what}: {e}");
 }
 
 #[test]
@@ -486,13 +547,91 @@ fn reference_error_paths() {
     error_paths(cosine_topk_reference, "reference");
 }
 
+/// The reference with the bank cut into chunks of 1, 7 and 64 rows (the running top-n
+/// merged chunk by chunk, as on CUDA) against the whole-bank reference: same scores, same
+/// indices where separated, ties to the lower index; NaN and input errors unchanged.
+fn reference_chunks_1(
+    q: &Tensor,
+    k: &Tensor,
+    kn: Option<&Tensor>,
+    n: usize,
+    ex: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    cosine_topk_reference_chunked(q, k, kn, n, ex, 1)
+}
+
+fn reference_chunks_7(
+    q: &Tensor,
+    k: &Tensor,
+    kn: Option<&Tensor>,
+    n: usize,
+    ex: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    cosine_topk_reference_chunked(q, k, kn, n, ex, 7)
+}
+
+fn reference_chunks_64(
+    q: &Tensor,
+    k: &Tensor,
+    kn: Option<&Tensor>,
+    n: usize,
+    ex: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    cosine_topk_reference_chunked(q, k, kn, n, ex, 64)
+}
+
 #[test]
-fn empty_batch_gives_empty_output() {
+fn reference_in_chunks_matches_whole_bank() {
+    for (op, what) in [
+        (reference_chunks_1 as Op, "reference in chunks of 1"),
+        (reference_chunks_7, "reference in chunks of 7"),
+        (reference_chunks_64, "reference in chunks of 64"),
+    ] {
+        for seed in 0..60u64 {
+            let c = random_case(seed, 300);
+            compare(&c, &make_data(&c), op, what);
+        }
+        semantics(op, what);
+        nan_is_error(op, what);
+        error_paths(op, what);
+    }
+}
+
+#[test]
+fn cuda_semantics() {
+    on_cuda("cuda_semantics", || semantics(cosine_topk_cuda, "cuda"));
+}
+
+#[test]
+fn cuda_nan_is_error() {
+    on_cuda("cuda_nan_is_error", || {
+        nan_is_error(cosine_topk_cuda, "cuda")
+    });
+}
+
+#[test]
+fn cuda_error_paths() {
+    on_cuda("cuda_error_paths", || error_paths(cosine_topk_cuda, "cuda"));
+}
+
+fn empty_batch_gives_empty_output(op: Op, what: &str) {
     let k = cpu(vec![1.0; 12], (3, 4));
     let q = cpu(vec![], (0, 4));
-    let (s, i) = cosine_topk(&q, &k, None, 2, None).unwrap();
-    assert_eq!(s.dims(), [0, 2]);
-    assert_eq!(i.dims(), [0, 2]);
+    let (s, i) = op(&q, &k, None, 2, None).unwrap();
+    assert_eq!(s.dims(), [0, 2], "{what}");
+    assert_eq!(i.dims(), [0, 2], "{what}");
+}
+
+#[test]
+fn fused_cpu_empty_batch_gives_empty_output() {
+    empty_batch_gives_empty_output(cosine_topk, "fused cpu");
+}
+
+#[test]
+fn cuda_empty_batch_gives_empty_output() {
+    on_cuda("cuda_empty_batch_gives_empty_output", || {
+        empty_batch_gives_empty_output(cosine_topk_cuda, "cuda")
+    });
 }
 
 #[test]
@@ -510,10 +649,21 @@ fn emu_matches_reference_random_cases() {
     assert!(count >= cases.min(200));
 }
 
-/// Banks spanning several blocks and tiles, n up to KMAX, so the device merge of
-/// per-block candidates does real work; n > 256 makes the tiles follow kp.
 #[test]
 fn emu_multi_block_banks() {
+    multi_block_banks(cosine_topk_emulated, "emulated multi-block");
+}
+
+#[test]
+fn cuda_multi_block_banks() {
+    on_cuda("cuda_multi_block_banks", || {
+        multi_block_banks(cosine_topk_cuda, "cuda multi-block")
+    });
+}
+
+/// Banks spanning several blocks and tiles, n up to KMAX, so the device merge of
+/// per-block candidates does real work; n > 256 makes the tiles follow kp.
+fn multi_block_banks(op: Op, what: &str) {
     for (seed, b, m, d, n, kdt) in [
         (11u64, 1usize, 5000usize, 24usize, 8usize, DType::F32),
         (12, 9, 3001, 17, 256, DType::F16),
@@ -533,12 +683,7 @@ fn emu_multi_block_banks() {
             norms: false,
             dup: true,
         };
-        compare(
-            &c,
-            &make_data(&c),
-            cosine_topk_emulated,
-            "emulated multi-block",
-        );
+        compare(&c, &make_data(&c), op, what);
     }
 }
 
