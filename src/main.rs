@@ -116,6 +116,11 @@ struct ConfigArgs {
     /// Disable context-aware adaptive purification (CAP).
     #[arg(long)]
     no_cap: bool,
+    /// Retrieve as the paper does (cross-modal key search, plain mean of Eq. 4), without
+    /// the default safeguards (same-view search, similarity softmax, reliability gate,
+    /// router statistics).
+    #[arg(long)]
+    paper_retrieval: bool,
     /// n: candidates retrieved per missing modality.
     #[arg(long, short = 'n', value_name = "N")]
     n: Option<usize>,
@@ -190,6 +195,9 @@ impl ConfigArgs {
         }
         if self.no_cap {
             c.model.use_cap = false;
+        }
+        if self.paper_retrieval {
+            c.model.recovery = r2scp::model::RecoveryConfig::paper();
         }
         c.apply_seed();
         c.validate()?;
@@ -373,6 +381,10 @@ fn default_name(c: &TrainConfig) -> String {
         (!c.rank_loss, "norank"),
         (!c.stage1_enabled, "nos1"),
         (!c.stage2_enabled, "nos2"),
+        (
+            c.model.use_retrieval && c.model.recovery.is_paper(),
+            "paper",
+        ),
     ] {
         if off {
             s.push('-');

@@ -7,6 +7,7 @@
 //! ranked as -inf (CAP: after every number, and among -inf/NaN entries by index).
 
 use crate::elem::Acc;
+use candle_core::Tensor;
 use std::cmp::Ordering;
 
 /// What a NaN score means to a [`TopK`].
@@ -257,6 +258,14 @@ pub(crate) fn row_topk<S: Acc>(
         *o = e.index;
     }
     Ok(())
+}
+
+/// [`NanPolicy::RankLast`] for the plain-candle references: `t` with every NaN replaced by
+/// -inf, the sort key a stable descending `arg_sort` then orders exactly like [`TopK`]
+/// (candle's sort panics on NaN, whose comparisons are not a total order).
+pub(crate) fn nan_last_keys(t: &Tensor) -> candle_core::Result<Tensor> {
+    let neg = Tensor::full(f64::NEG_INFINITY, t.shape(), t.device())?.to_dtype(t.dtype())?;
+    t.ne(t)?.where_cond(&neg, t)
 }
 
 #[cfg(test)]

@@ -8,7 +8,11 @@ use r2scp::data::{
     generate, Batch, DataDims, Missing, MissingPolicy, MissingSim, MissingType, Modality, Splits,
     SyntheticConfig,
 };
-use r2scp::model::{is_expert_var, Banks, ForwardOptions, ModelConfig, R2scp, EXPERT_PREFIX};
+use r2scp::model::recovery::{RecoveryHead, GATE_STATS, ROUTER_STATS};
+use r2scp::model::{
+    is_expert_var, Aggregate, Banks, ForwardOptions, ModelConfig, R2scp, RecoveryConfig,
+    RetrievalQuery, EXPERT_PREFIX,
+};
 use r2scp::nn::{key_bias, masked_mean, Mha};
 
 fn splits() -> Splits {
@@ -37,7 +41,35 @@ fn tiny_cfg() -> ModelConfig {
         use_cap: true,
         com_adapter: true,
         seed: 1,
+        // The tests written for the paper's plain retrieval; the safe default has its own.
+        recovery: RecoveryConfig::paper(),
     }
+}
+
+/// `tiny_cfg` with the default (safe) retrieval searching by `query`.
+fn safe_cfg(query: RetrievalQuery) -> ModelConfig {
+    ModelConfig {
+        recovery: RecoveryConfig {
+            query,
+            ..RecoveryConfig::default()
+        },
+        ..tiny_cfg()
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb + 1e-8)
+}
+
+fn set_var(s: &Setup, name: &str, value: &Tensor) {
+    let data = s.varmap.data().lock().unwrap();
+    data.get(name)
+        .unwrap_or_else(|| panic!("no var {name}"))
+        .set(value)
+        .unwrap();
 }
 
 struct Setup {
@@ -859,4 +891,283 @@ fn frozen_bank_cache_matches_running_the_experts() {
     m.set_experts_frozen(false);
     let live2 = m.forward_with(&b, &s.banks, opts).unwrap();
     assert!(close(&live2, &cached2), "stale cache after a weight change");
+}
+
+#[test]
+fn safe_retrieval_never_reads_the_missing_modality() {
+    let rows: Vec<usize> = (0..12).collect();
+    for q in [
+        RetrievalQuery::CrossKey,
+        RetrievalQuery::SameKey,
+        RetrievalQuery::SameFeatures,
+    ] {
+        let s = setup();
+        let m = s.model(&safe_cfg(q));
+        for miss in Modality::ALL {
+            for test in [true, false] {
+                let b = s.batch(test, &rows, MissingPolicy::All(miss));
+                let p = perturb(&b, miss, &rows, 13);
+                assert_eq!(
+                    vec2(&eval(&m, &b, &s.banks)),
+                    vec2(&eval(&m, &p, &s.banks)),
+                    "{q:?} missing {miss}: logits changed"
+                );
+            }
+        }
+        // ... while the available modality does matter.
+        let b = s.batch(true, &rows, MissingPolicy::All(Modality::Audio));
+        let p = perturb(&b, Modality::Visual, &rows, 13);
+        assert!(max_abs_diff(&eval(&m, &b, &s.banks), &eval(&m, &p, &s.banks)) > 0.0);
+    }
+}
+
+#[test]
+fn same_view_search_compares_the_available_modality_with_itself() {
+    let s = setup();
+    let train = &s.splits.train;
+    let m_bank = train.clip_ids.len();
+    let flat = |t: &Tensor| -> Vec<Vec<f32>> { vec2(&t.flatten_from(1).unwrap()) };
+    // Standardised bank features of each modality, computed by hand.
+    let standardise = |x: &[Vec<f32>], rows: &[Vec<f32>]| -> Vec<Vec<f32>> {
+        let f = x[0].len();
+        let n = x.len() as f32;
+        let mean: Vec<f32> = (0..f)
+            .map(|j| x.iter().map(|r| r[j]).sum::<f32>() / n)
+            .collect();
+        let sd: Vec<f32> = (0..f)
+            .map(|j| (x.iter().map(|r| (r[j] - mean[j]).powi(2)).sum::<f32>() / n).sqrt())
+            .collect();
+        rows.iter()
+            .map(|r| {
+                (0..f)
+                    .map(|j| {
+                        if sd[j] > 1e-6 {
+                            (r[j] - mean[j]) / sd[j]
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let rows: Vec<usize> = (0..10).collect();
+    for q in [
+        RetrievalQuery::SameKey,
+        RetrievalQuery::SameFeatures,
+        RetrievalQuery::SameKeyAndFeatures,
+    ] {
+        let m = s.model(&ModelConfig {
+            n_retrieved: m_bank - 1,
+            ..safe_cfg(q)
+        });
+        for miss in Modality::ALL {
+            let avl = miss.other();
+            let b = s.batch(true, &rows, MissingPolicy::All(miss));
+            let (keys_b, keys_q, x, xq) = match avl {
+                Modality::Audio => (
+                    vec2(&train.audio_key),
+                    vec2(&b.audio_key),
+                    flat(&train.audio),
+                    flat(&b.audio),
+                ),
+                Modality::Visual => (
+                    vec2(&train.visual_key),
+                    vec2(&b.visual_key),
+                    flat(&train.visual),
+                    flat(&b.visual),
+                ),
+            };
+            let (feats_b, feats_q) = (standardise(&x, &x), standardise(&x, &xq));
+            let expect = |r: usize, row: usize| -> f32 {
+                let ck = cosine(&keys_q[r], &keys_b[row]);
+                let cf = cosine(&feats_q[r], &feats_b[row]);
+                match q {
+                    RetrievalQuery::SameKey => ck,
+                    RetrievalQuery::SameFeatures => cf,
+                    _ => (ck + cf) / 2.0,
+                }
+            };
+            let r32: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let ret = m.retrieve(&b, &s.banks, miss, &r32, 3).unwrap();
+            let idx = ret.indices.to_vec2::<u32>().unwrap();
+            let sc = ret.scores.to_vec2::<f32>().unwrap();
+            for (j, &r) in rows.iter().enumerate() {
+                for (i, &row) in idx[j].iter().enumerate() {
+                    let want = expect(r, row as usize);
+                    assert!(
+                        (want - sc[j][i]).abs() < 1e-3,
+                        "{q:?} missing {miss}: row {r} cand {i}: score {} vs {want}",
+                        sc[j][i]
+                    );
+                }
+            }
+            // Self-exclusion with every other clip retrieved (train queries).
+            let bt = s.batch(false, &rows, MissingPolicy::All(miss));
+            let out = m.forward(&bt, &s.banks, false).unwrap();
+            let idx = out.retrieval[0].indices.to_vec2::<u32>().unwrap();
+            for (j, &r) in out.retrieval[0].rows.iter().enumerate() {
+                let own = s.banks.get(miss).row_of(bt.clip_ids[r]).unwrap() as u32;
+                assert!(
+                    !idx[j].contains(&own),
+                    "{q:?}: row {r} retrieved its own clip"
+                );
+                let mut u = idx[j].clone();
+                u.sort();
+                u.dedup();
+                assert_eq!(u.len(), m_bank - 1);
+            }
+        }
+    }
+}
+
+#[test]
+fn reliability_gate_falls_back_to_the_null_tokens() {
+    let s = setup();
+    let cfg = ModelConfig {
+        recovery: RecoveryConfig {
+            router_stats: false,
+            ..RecoveryConfig::default()
+        },
+        ..tiny_cfg()
+    };
+    let m = s.model(&cfg);
+    // Banks whose values are different features (keys unchanged): the same clips are
+    // found, other tokens are borrowed.
+    let mut other = s.splits.train.clone();
+    other.audio = ((&other.audio * 3.0).unwrap() + 1.0).unwrap();
+    other.visual = ((&other.visual * -2.0).unwrap() + 0.5).unwrap();
+    let banks2 = Banks::from_dataset(&other, &s.dev).unwrap();
+    let rows: Vec<usize> = (0..8).collect();
+    for (bias, same) in [(-1e4f32, true), (1e4, false)] {
+        for mm in ["audio", "visual"] {
+            let t = Tensor::new(&[bias], &s.dev).unwrap();
+            set_var(&s, &format!("recover.{mm}.gate.fc2.bias"), &t);
+        }
+        for miss in Modality::ALL {
+            let b = s.batch(true, &rows, MissingPolicy::All(miss));
+            let d = max_abs_diff(&eval(&m, &b, &s.banks), &eval(&m, &b, &banks2));
+            assert_eq!(d == 0.0, same, "gate bias {bias}, missing {miss}: diff {d}");
+        }
+    }
+}
+
+#[test]
+fn similarity_softmax_spans_top1_to_mean() {
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let cfg = RecoveryConfig {
+        aggregate: Aggregate::Softmax,
+        gate: false,
+        ..RecoveryConfig::default()
+    };
+    let head = RecoveryHead::new(&cfg, vb).unwrap();
+    let (r, n, l, d) = (2, 3, 4, 5);
+    let h = Tensor::arange(0f32, (r * n * l * d) as f32, &dev)
+        .unwrap()
+        .reshape((r, n, l, d))
+        .unwrap();
+    // Row 0 prefers candidate 1, row 1 candidate 2.
+    let scores = Tensor::new(&[[0.5f32, 0.9, 0.1], [0.2, 0.3, 0.8]], &dev).unwrap();
+    let null = Tensor::zeros((l, d), DType::F32, &dev).unwrap();
+    let set_tau = |tau: f32| {
+        let v = varmap.data().lock().unwrap();
+        v.get("log_tau")
+            .unwrap()
+            .set(&Tensor::new(&[tau.ln()], &dev).unwrap())
+            .unwrap();
+    };
+    set_tau(1e-4);
+    let top = head.combine(&h, &scores, &null).unwrap().h;
+    for (row, best) in [(0usize, 1usize), (1, 2)] {
+        let want = h.get(row).unwrap().get(best).unwrap();
+        assert!(max_abs_diff(&top.get(row).unwrap(), &want) < 1e-3);
+    }
+    set_tau(1e4);
+    let c = head.combine(&h, &scores, &null).unwrap();
+    assert!(max_abs_diff(&c.h, &h.mean(1).unwrap()) < 1e-2);
+    // Router statistics: flag, top-1, mean, spread, agreement, gate (1 without a gate).
+    let st = vec2(&c.router_stats);
+    assert_eq!(st[0].len(), ROUTER_STATS);
+    assert_eq!(ROUTER_STATS, GATE_STATS + 2);
+    assert_eq!(st[0][0], 1.0);
+    assert!(
+        (st[0][1] - 0.5).abs() < 1e-6,
+        "top-1 is the first column: {:?}",
+        st[0]
+    );
+    assert!((st[0][2] - 0.5).abs() < 1e-6);
+    assert!((st[0][3] - 0.4).abs() < 1e-6);
+    assert_eq!(st[0][5], 1.0);
+    // Identical candidates agree perfectly; different ones less.
+    let same = h.narrow(1, 0, 1).unwrap().repeat((1, n, 1, 1)).unwrap();
+    let a = vec2(&RecoveryHead::stats(&scores, &same).unwrap());
+    assert!((a[0][3] - 1.0).abs() < 1e-5 && (a[1][3] - 1.0).abs() < 1e-5);
+    let neg = Tensor::cat(
+        &[
+            &h.narrow(1, 0, 1).unwrap(),
+            &h.narrow(1, 0, 1).unwrap().neg().unwrap(),
+            &h.narrow(1, 0, 1).unwrap(),
+        ],
+        1,
+    )
+    .unwrap();
+    let a = vec2(&RecoveryHead::stats(&scores, &neg).unwrap());
+    assert!((a[0][3] + 1.0 / 3.0).abs() < 1e-4, "agreement {}", a[0][3]);
+}
+
+#[test]
+fn safe_retrieval_vars_get_gradients_in_stage_two() {
+    let s = setup();
+    let m = s.model(&safe_cfg(RetrievalQuery::SameFeatures));
+    m.set_experts_frozen(true);
+    let rows: Vec<usize> = (0..16).collect();
+    let b = s.batch(
+        false,
+        &rows,
+        MissingPolicy::Simulated(MissingSim {
+            rate: 0.7,
+            kind: MissingType::Mixed,
+            seed: 2,
+        }),
+    );
+    let out = m
+        .forward_with(
+            &b,
+            &s.banks,
+            ForwardOptions {
+                train: true,
+                rank_terms: true,
+            },
+        )
+        .unwrap();
+    let r = out.rank.as_ref().expect("rank terms");
+    let y = b.answer.index_select(&r.rows_t, 0).unwrap();
+    let loss = (ce(&out.logits, &b.answer)
+        + ((ce(&r.logits_gt, &y) + ce(&r.logits_neg, &y)).unwrap() * 0.1).unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let all = vars(&s);
+    for want in [
+        "recover.audio.log_tau",
+        "recover.visual.log_tau",
+        "recover.audio.gate.fc2.bias",
+        "recover.visual.gate.fc2.weight",
+        "recover.audio.null",
+        "router.fc1.weight",
+    ] {
+        let v = &all
+            .iter()
+            .find(|(k, _)| k == want)
+            .unwrap_or_else(|| panic!("no var {want}"))
+            .1;
+        assert!(grad_norm(&grads, v) > 0.0, "{want} gets no gradient");
+    }
+    let fc1 = &all
+        .iter()
+        .find(|(k, _)| k == "router.fc1.weight")
+        .unwrap()
+        .1;
+    assert_eq!(fc1.as_tensor().dim(1).unwrap(), 3 * 16 + 2 * ROUTER_STATS);
 }

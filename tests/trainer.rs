@@ -311,7 +311,15 @@ fn ablation_shares_stage_one_and_reports() {
     };
     let report = ablate::run_studies(&cfg, &o).expect("ablate");
     let md = std::fs::read_to_string(&report).unwrap();
-    for w in ["Table 2", "Table 3", "w/o ranking loss", "missing avg"] {
+    for w in [
+        "Table 2",
+        "Table 3",
+        "w/o ranking loss",
+        "missing avg",
+        "Retrieval quality",
+        "| full | same_key_and_features |",
+        "| full-paper | cross_key |",
+    ] {
         assert!(md.contains(w), "{w} missing from report:\n{md}");
     }
     if cfg!(feature = "cli") {
@@ -331,6 +339,8 @@ fn ablation_shares_stage_one_and_reports() {
         "wo-stage1",
         "wo-stage2",
         "wo-rank",
+        "cmr1-cap0-paper",
+        "full-paper",
     ] {
         let st = read_state(&checkpoint_dir(&sdir.join(v)).join("state.json")).unwrap();
         assert!(st.finished, "{v} not finished");

@@ -2,6 +2,81 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Which bank keys CMR compares a query with (see `docs/DESIGN.md`, "Safe retrieval").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetrievalQuery {
+    /// The paper's cross-modal search (Eq. 1): the available modality's unified key
+    /// against the MISSING modality's unified keys of the bank clips.
+    CrossKey,
+    /// The available modality's unified key against the SAME modality's keys of the
+    /// bank clips; the missing modality of the clips found is borrowed.
+    SameKey,
+    /// The available modality's raw tokens (flattened, standardised per feature with the
+    /// bank's statistics) against the same of the bank clips; the missing modality of
+    /// the clips found is borrowed.
+    SameFeatures,
+    /// Both of the above at once: the similarity is the mean of the unified-key cosine
+    /// and the standardised-feature cosine (each part unit-normalised, then concatenated).
+    SameKeyAndFeatures,
+}
+
+/// How the n retrieved candidates become one token sequence H_miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregate {
+    /// The paper's Eq. 4: plain mean over the n candidates.
+    Mean,
+    /// Weights softmax(S_j / tau) of the candidates' similarities, tau learned per
+    /// missing modality (`recover.{m}.log_tau`).
+    Softmax,
+}
+
+/// How retrieval-based recovery guards against wrong neighbours. Only used with
+/// `use_retrieval`; [`RecoveryConfig::paper`] is the paper's plain version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecoveryConfig {
+    /// What the query is compared with.
+    pub query: RetrievalQuery,
+    /// How the n candidates are combined.
+    pub aggregate: Aggregate,
+    /// Reliability gate: H_miss = g H_retrieved + (1 - g) null, with g in (0, 1) per sample
+    /// from the retrieval statistics (`recover.{m}.gate.*`); g -> 0 is the no-retrieval model.
+    pub gate: bool,
+    /// The router also sees, per modality, whether it was recovered and the retrieval
+    /// statistics, so it can down-weight a doubtful recovery per sample.
+    pub router_stats: bool,
+}
+
+impl RecoveryConfig {
+    /// The paper's plain CMR: cross-modal key search, mean of Eq. 4, nothing else.
+    pub fn paper() -> Self {
+        Self {
+            query: RetrievalQuery::CrossKey,
+            aggregate: Aggregate::Mean,
+            gate: false,
+            router_stats: false,
+        }
+    }
+
+    /// True when this is exactly [`RecoveryConfig::paper`].
+    pub fn is_paper(&self) -> bool {
+        *self == Self::paper()
+    }
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        Self {
+            query: RetrievalQuery::SameKeyAndFeatures,
+            aggregate: Aggregate::Softmax,
+            gate: true,
+            router_stats: true,
+        }
+    }
+}
+
 /// Model hyper-parameters. Every field has a default (`#[serde(default)]`), so a
 /// TOML table may name only what it changes. Defaults are sized for the built-in
 /// synthetic data set on 2 CPU cores.
@@ -35,6 +110,9 @@ pub struct ModelConfig {
     pub com_adapter: bool,
     /// Seed of the dropout stream (see `R2scp::set_dropout_seed`).
     pub seed: u64,
+    /// Safeguards of retrieval-based recovery (`[model.recovery]`); the paper's plain
+    /// version is [`RecoveryConfig::paper`].
+    pub recovery: RecoveryConfig,
 }
 
 impl Default for ModelConfig {
@@ -52,6 +130,7 @@ impl Default for ModelConfig {
             use_cap: true,
             com_adapter: false,
             seed: 0,
+            recovery: RecoveryConfig::default(),
         }
     }
 }

@@ -9,8 +9,9 @@ pub mod config;
 pub mod expert;
 
 mod r2scp;
+pub mod recovery;
 
-pub use config::ModelConfig;
+pub use config::{Aggregate, ModelConfig, RecoveryConfig, RetrievalQuery};
 pub use r2scp::{
     is_expert_var, Banks, ExpertLogits, ForwardOptions, Output, R2scp, RankTerms, RetrievalTrace,
     EXPERT_PREFIX,

@@ -8,6 +8,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 
 use super::config::ModelConfig;
 use super::expert::{AvExpert, ExpertSizes, TextExpert};
+use super::recovery::{self, RecoveryHead, SameViewBanks, ROUTER_STATS};
 use crate::bank::MemoryBank;
 use crate::cap::{CapConfig, CapLayer};
 use crate::data::{Batch, DataDims, Dataset, Missing, Modality};
@@ -31,6 +32,8 @@ pub struct Banks {
     pub audio: MemoryBank,
     /// Bank recovering a missing visual modality.
     pub visual: MemoryBank,
+    /// The same clips keyed by the other (available) modality, for same-view search.
+    pub(crate) same_view: SameViewBanks,
 }
 
 impl Banks {
@@ -46,7 +49,12 @@ impl Banks {
             train.visual.to_device(device)?,
             train.clip_ids.clone(),
         )?;
-        Ok(Self { audio, visual })
+        let same_view = SameViewBanks::from_dataset(train, device)?;
+        Ok(Self {
+            audio,
+            visual,
+            same_view,
+        })
     }
 
     /// The bank holding modality `m`.
@@ -62,6 +70,7 @@ impl Banks {
         Ok(Self {
             audio: self.audio.to_device(device)?,
             visual: self.visual.to_device(device)?,
+            same_view: self.same_view.to_device(device)?,
         })
     }
 }
@@ -161,10 +170,12 @@ impl ComAdapter {
 }
 
 /// Stage-II parts that recover one missing modality: the null token sequence (no
-/// retrieval), the H_com adapter (only with `com_adapter`) and the CAP layer.
+/// retrieval; also the gate's fallback), the H_com adapter (only with `com_adapter`),
+/// the retrieval head (only with retrieval) and the CAP layer.
 struct Recovery {
     null: Tensor,
     com: Option<ComAdapter>,
+    head: Option<RecoveryHead>,
     cap: CapLayer,
 }
 
@@ -182,6 +193,10 @@ impl Recovery {
             com: cfg
                 .com_adapter
                 .then(|| ComAdapter::new(cfg.dim, vb_null.pp("com")))
+                .transpose()?,
+            head: cfg
+                .use_retrieval
+                .then(|| RecoveryHead::new(&cfg.recovery, vb_null.clone()))
                 .transpose()?,
             cap: CapLayer::new(&CapConfig::new(cfg.dim, cfg.heads, cfg.k_purge), vb_cap)?,
         })
@@ -335,7 +350,7 @@ impl R2scp {
             text,
             rec_audio,
             rec_visual,
-            router_fc1: candle_nn::linear(3 * d, d, vr.pp("fc1"))?,
+            router_fc1: candle_nn::linear(3 * d + Self::router_stats_dim(cfg), d, vr.pp("fc1"))?,
             router_fc2: candle_nn::linear(d, 3, vr.pp("fc2"))?,
             pool_audio: Mha::new(d, cfg.heads, vd.pp("pool_audio"))?,
             pool_visual: Mha::new(d, cfg.heads, vd.pp("pool_visual"))?,
@@ -347,6 +362,30 @@ impl R2scp {
             frozen_enc: RwLock::new(None),
             bank_cache: RwLock::new(None),
         })
+    }
+
+    /// Extra router inputs: [`ROUTER_STATS`] per modality when retrieval is on and
+    /// `recovery.router_stats` is set, else 0.
+    fn router_stats_dim(cfg: &ModelConfig) -> usize {
+        if cfg.use_retrieval && cfg.recovery.router_stats {
+            2 * ROUTER_STATS
+        } else {
+            0
+        }
+    }
+
+    /// Top-n bank rows (of `banks.get(m)`) retrieved for batch rows `rows` missing `m`,
+    /// with this model's query mode; the sample's own clip is excluded. This is the
+    /// search the forward makes (before aggregation).
+    pub fn retrieve(
+        &self,
+        batch: &Batch,
+        banks: &Banks,
+        m: Modality,
+        rows: &[u32],
+        n: usize,
+    ) -> Result<crate::bank::Retrieved> {
+        recovery::search(self.cfg.recovery.query, banks, batch, m, rows, n, false)
     }
 
     /// The configuration.
@@ -509,13 +548,6 @@ impl R2scp {
         }
     }
 
-    fn key(batch: &Batch, m: Modality) -> &Tensor {
-        match m {
-            Modality::Audio => &batch.audio_key,
-            Modality::Visual => &batch.visual_key,
-        }
-    }
-
     fn len_of(&self, m: Modality) -> usize {
         match m {
             Modality::Audio => self.dims.la,
@@ -662,9 +694,11 @@ impl R2scp {
         )
     }
 
-    /// Recovers modality `m` (missing) for batch `rows`: H_miss from CMR (Eq. 4) or the
-    /// null tokens, then CAP if on. `h_avl` [M, L_avl, D] are the available modality's
-    /// expert tokens of these rows, `ht` [M, Lq, D] / `qm` [M, Lq] their question.
+    /// Recovers modality `m` (missing) for batch `rows`: H_miss from CMR (Eq. 4, or the
+    /// safe variants of `recovery`) or the null tokens, then CAP if on. `h_avl`
+    /// [M, L_avl, D] are the available modality's expert tokens of these rows, `ht`
+    /// [M, Lq, D] / `qm` [M, Lq] their question. Returns H [M, L_m, D] and, with
+    /// retrieval, the router statistics [M, ROUTER_STATS].
     #[allow(clippy::too_many_arguments)]
     fn recover(
         &self,
@@ -678,47 +712,42 @@ impl R2scp {
         negative: bool,
         train: bool,
         traces: &mut Vec<RetrievalTrace>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let dev = batch.audio.device();
         let mrows = rows.len();
         let d = self.cfg.dim;
         let l = self.len_of(m);
         let idx = index_tensor(rows, dev)?;
         let rec = self.recovery(m);
-        let h_miss = if self.cfg.use_retrieval {
-            let bank = banks.get(m);
-            let n = self.cfg.n_retrieved;
-            // Query: the AVAILABLE modality's unified key; never the missing one's.
-            let q = Self::key(batch, m.other())
-                .index_select(&idx, 0)?
-                .to_device(bank.keys().device())?;
-            let excl: Vec<Option<u32>> = rows
-                .iter()
-                .map(|&r| Some(batch.clip_ids[r as usize]))
-                .collect();
-            let ret = if negative {
-                bank.search_negative(&q, n, Some(&excl))?
-            } else {
-                bank.search(&q, n, Some(&excl))?
-            };
-            let h = self.bank_tokens(banks, m, &ret.indices, dev, train)?;
-            let h = self.detach_if_frozen(h).mean(1)?; // Eq. 4: [M, n, L, D] -> [M, L, D]
-            traces.push(RetrievalTrace {
-                modality: m,
-                negative,
-                rows: as_usize(rows),
-                indices: ret.indices.to_device(dev)?,
-                scores: ret.scores.to_device(dev)?,
-            });
-            h
-        } else {
-            rec.null
-                .unsqueeze(0)?
-                .broadcast_as((mrows, l, d))?
-                .contiguous()?
+        let (h_miss, stats) = match rec.head.as_ref() {
+            Some(head) => {
+                let n = self.cfg.n_retrieved;
+                // The query comes from the AVAILABLE modality only (key or raw tokens).
+                let ret =
+                    recovery::search(self.cfg.recovery.query, banks, batch, m, rows, n, negative)?;
+                let h =
+                    self.detach_if_frozen(self.bank_tokens(banks, m, &ret.indices, dev, train)?);
+                // Eq. 4 ([M, n, L, D] -> [M, L, D]) or its safe variants.
+                let c = head.combine(&h, &ret.scores, &rec.null)?;
+                traces.push(RetrievalTrace {
+                    modality: m,
+                    negative,
+                    rows: as_usize(rows),
+                    indices: ret.indices.to_device(dev)?,
+                    scores: ret.scores.to_device(dev)?,
+                });
+                (c.h, Some(c.router_stats))
+            }
+            None => (
+                rec.null
+                    .unsqueeze(0)?
+                    .broadcast_as((mrows, l, d))?
+                    .contiguous()?,
+                None,
+            ),
         };
         if !self.cfg.use_cap {
-            return Ok(h_miss);
+            return Ok((h_miss, stats));
         }
         // H_com = E_miss(A(Phi_avl(F_avl))): the missing modality's expert applied to
         // the available modality's encoded features through the trainable adapter A.
@@ -738,24 +767,31 @@ impl R2scp {
         let out = rec
             .cap
             .forward(&h_miss, h_avl, None, &h_com, None, ht, Some(qm))?;
-        Ok(out.purified)
+        Ok((out.purified, stats))
     }
 
     /// Router (Eq. 11) + Z_joint (Eq. 12) + decoder on assembled expert tokens.
     /// ha [B, La, D], hv [B, Lv, D], ht [B, Lq, D], qm [B, Lq] -> (logits [B, A], alpha [B, 3]).
+    /// `stats` [B, 2 ROUTER_STATS] (audio's then visual's retrieval statistics, zeros
+    /// where a modality is real) is appended to the router input when the router takes it.
     fn decode(
         &self,
         ha: &Tensor,
         hv: &Tensor,
         ht: &Tensor,
         qm: &Tensor,
+        stats: &Tensor,
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
         let s_t = masked_mean(ht, qm)?; // [B, D]
         let q = s_t.unsqueeze(1)?;
         let s_a = self.pool_audio.forward(&q, ha, None)?.squeeze(1)?;
         let s_v = self.pool_visual.forward(&q, hv, None)?.squeeze(1)?;
-        let r_in = Tensor::cat(&[&ha.mean(1)?, &hv.mean(1)?, &s_t], 1)?;
+        let r_in = if Self::router_stats_dim(&self.cfg) > 0 {
+            Tensor::cat(&[&ha.mean(1)?, &hv.mean(1)?, &s_t, stats], 1)?
+        } else {
+            Tensor::cat(&[&ha.mean(1)?, &hv.mean(1)?, &s_t], 1)?
+        };
         let g = self
             .router_fc2
             .forward(&self.router_fc1.forward(&r_in)?.gelu()?)?;
@@ -807,6 +843,7 @@ impl R2scp {
         let absent = [&a_absent, &v_absent];
         let mut traces = Vec::new();
         let mut full = Vec::new();
+        let mut stats = Vec::new();
         for (mi, m) in Modality::ALL.into_iter().enumerate() {
             let oi = 1 - mi;
             let rec = if absent[mi].is_empty() {
@@ -831,14 +868,31 @@ impl R2scp {
             if let Some(r) = real[mi].as_ref() {
                 parts.push((r, &pu));
             }
-            if let Some(r) = rec.as_ref() {
+            if let Some((r, _)) = rec.as_ref() {
                 parts.push((r, &au));
             }
             full.push(assemble(b, &parts, &dev)?);
+            stats.push(Self::assemble_stats(
+                b,
+                rec.as_ref().and_then(|r| r.1.as_ref()),
+                &au,
+                &dev,
+            )?);
         }
-        let (logits, alpha) = self.decode(&full[0], &full[1], &ht, qmask, train)?;
+        let stats = Tensor::cat(&stats, 1)?;
+        let (logits, alpha) = self.decode(&full[0], &full[1], &ht, qmask, &stats, train)?;
         let rank = if opts.rank_terms && self.cfg.use_retrieval {
-            self.rank_terms(batch, banks, &full, &ht, &real, &logits, train, &mut traces)?
+            self.rank_terms(
+                batch,
+                banks,
+                &full,
+                &stats,
+                &ht,
+                &real,
+                &logits,
+                train,
+                &mut traces,
+            )?
         } else {
             None
         };
@@ -848,6 +902,22 @@ impl R2scp {
             rank,
             retrieval: traces,
         })
+    }
+
+    /// Router statistics of one modality for all `b` rows: `rec` [R, ROUTER_STATS] at
+    /// rows `pos`, zeros elsewhere (real modality, or no retrieval) -> [b, ROUTER_STATS].
+    fn assemble_stats(
+        b: usize,
+        rec: Option<&Tensor>,
+        pos: &[usize],
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let Some(r) = rec else {
+            return Tensor::zeros((b, ROUTER_STATS), DType::F32, dev);
+        };
+        let keep: Vec<usize> = (0..b).filter(|i| !pos.contains(i)).collect();
+        let zeros = Tensor::zeros((keep.len(), ROUTER_STATS), DType::F32, dev)?;
+        assemble(b, &[(r, pos), (&zeros, &keep)], dev)
     }
 
     /// [`R2scp::recover`] for batch rows `rows` missing `m`, picking their available
@@ -865,7 +935,7 @@ impl R2scp {
         negative: bool,
         train: bool,
         traces: &mut Vec<RetrievalTrace>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let dev = batch.audio.device();
         let real_other = real_other.ok_or_else(|| {
             candle_core::Error::Msg(format!(
@@ -897,6 +967,7 @@ impl R2scp {
         batch: &Batch,
         banks: &Banks,
         full: &[Tensor],
+        stats: &Tensor,
         ht: &Tensor,
         real: &[Option<Tensor>; 2],
         logits: &Tensor,
@@ -925,12 +996,20 @@ impl R2scp {
         let pos_in_r = |row: u32| rows.binary_search(&(row as usize)).unwrap_or(usize::MAX);
         let mut gt_full = Vec::new();
         let mut neg_full = Vec::new();
+        let mut gt_stats = Vec::new();
+        let mut neg_stats = Vec::new();
         for (mi, m) in Modality::ALL.into_iter().enumerate() {
             let base = full[mi].index_select(&rows_t, 0)?; // rows where m is real or recovered
+            let base_stats = stats
+                .narrow(1, mi * ROUTER_STATS, ROUTER_STATS)?
+                .contiguous()?
+                .index_select(&rows_t, 0)?;
             let sel = &per_mod[mi];
             if sel.is_empty() {
                 gt_full.push(base.clone());
                 neg_full.push(base);
+                gt_stats.push(base_stats.clone());
+                neg_stats.push(base_stats);
                 continue;
             }
             let sel_rows: Vec<u32> = sel.iter().map(|x| x.0).collect();
@@ -950,7 +1029,7 @@ impl R2scp {
                 self.detach_if_frozen(self.bank_tokens(banks, m, &bidx, &dev, train)?.squeeze(1)?);
             let oi = 1 - mi;
             let (other_present, _) = partition(&batch.missing, m.other());
-            let neg = self.recover_rows(
+            let (neg, neg_st) = self.recover_rows(
                 batch,
                 banks,
                 m,
@@ -970,11 +1049,33 @@ impl R2scp {
             }
             gt_full.push(assemble(r, &gparts, &dev)?);
             neg_full.push(assemble(r, &nparts, &dev)?);
+            // The ground truth is a real clip: its statistics are a real modality's (zeros).
+            let keep_st: Vec<u32> = keep_pos.iter().map(|&p| p as u32).collect();
+            let kst = (!keep_st.is_empty())
+                .then(|| base_stats.index_select(&index_tensor(&keep_st, &dev)?, 0))
+                .transpose()?;
+            let zeros = Tensor::zeros((sel_pos.len(), ROUTER_STATS), DType::F32, &dev)?;
+            let neg_st = match neg_st {
+                Some(t) => t,
+                None => zeros.clone(),
+            };
+            let mut gs: Vec<(&Tensor, &[usize])> = vec![(&zeros, &sel_pos)];
+            let mut ns: Vec<(&Tensor, &[usize])> = vec![(&neg_st, &sel_pos)];
+            if let Some(k) = kst.as_ref() {
+                gs.push((k, &keep_pos));
+                ns.push((k, &keep_pos));
+            }
+            gt_stats.push(assemble(r, &gs, &dev)?);
+            neg_stats.push(assemble(r, &ns, &dev)?);
         }
         let ht_r = ht.index_select(&rows_t, 0)?;
         let qm_r = batch.question_mask.index_select(&rows_t, 0)?;
-        let (logits_gt, _) = self.decode(&gt_full[0], &gt_full[1], &ht_r, &qm_r, train)?;
-        let (logits_neg, _) = self.decode(&neg_full[0], &neg_full[1], &ht_r, &qm_r, train)?;
+        let gt_stats = Tensor::cat(&gt_stats, 1)?;
+        let neg_stats = Tensor::cat(&neg_stats, 1)?;
+        let (logits_gt, _) =
+            self.decode(&gt_full[0], &gt_full[1], &ht_r, &qm_r, &gt_stats, train)?;
+        let (logits_neg, _) =
+            self.decode(&neg_full[0], &neg_full[1], &ht_r, &qm_r, &neg_stats, train)?;
         Ok(Some(RankTerms {
             rows,
             rows_t: rows_t.clone(),

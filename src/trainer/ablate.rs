@@ -18,15 +18,17 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{atomic_write, write_json};
+use super::checkpoint::{atomic_write, load_tensors, save_tensors, write_json};
 use super::config::TrainConfig;
 use super::eval::{missing_avg, EvalResult};
 use super::metrics::{read_metrics, MetricsWriter};
 use super::plot::{Figures, Labels, Series, NOT_DRAWN};
+use super::retrieval_quality::{self, RetrievalQuality};
 use super::stage::Stage;
 use super::state::{checkpoint_dir, read_state, STATE_FORMAT};
-use super::training::{train, RunOptions};
+use super::training::{load_data, train, RunOptions, Session};
 use crate::data::{MissingPolicy, MissingSim, MissingType};
+use crate::model::{is_expert_var, Banks, RecoveryConfig, RetrievalQuery};
 
 /// One ablation study.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -79,6 +81,10 @@ pub const N_VALUES: [usize; 4] = [1, 3, 5, 10];
 pub const K_VALUES: [usize; 5] = [1, 3, 5, 7, 9];
 /// Missing rates of the rate study.
 pub const RATES: [f32; 3] = [0.3, 0.5, 0.7];
+/// Table 2 variant: the paper's plain retrieval (`RecoveryConfig::paper`), no CAP.
+pub const PAPER_CMR_ONLY: &str = "cmr1-cap0-paper";
+/// Table 2 variant: the paper's plain retrieval with CAP.
+pub const PAPER_FULL: &str = "full-paper";
 
 #[derive(Debug, Clone)]
 struct Variant {
@@ -99,6 +105,12 @@ pub struct VariantResult {
     pub test: Vec<EvalResult>,
     /// Accuracy under the simulated missing rate of the rate study, if any.
     pub sim: Option<EvalResult>,
+    /// Top-1 retrieval answer agreement per missing setting (variants with retrieval).
+    #[serde(default)]
+    pub retrieval: Vec<RetrievalQuality>,
+    /// The search `retrieval` was measured with.
+    #[serde(default)]
+    pub retrieval_query: Option<RetrievalQuery>,
 }
 
 fn quick_cfg(c: &mut TrainConfig) {
@@ -143,6 +155,20 @@ fn variants(base: &TrainConfig, studies: &[Study]) -> (Vec<Variant>, Vec<String>
                         },
                         None,
                     );
+                }
+                // The paper's plain retrieval next to the safe one (same stage I).
+                if !base.model.recovery.is_paper() {
+                    for (id, p) in [(PAPER_CMR_ONLY, false), (PAPER_FULL, true)] {
+                        add(
+                            id.into(),
+                            &move |c: &mut TrainConfig| {
+                                c.model.use_retrieval = true;
+                                c.model.use_cap = p;
+                                c.model.recovery = RecoveryConfig::paper();
+                            },
+                            None,
+                        );
+                    }
                 }
             }
             Study::Strategy => {
@@ -220,6 +246,26 @@ fn variants(base: &TrainConfig, studies: &[Study]) -> (Vec<Variant>, Vec<String>
     (v, notes)
 }
 
+/// Write to `dst` the expert (`expert.*`) weights of the stage-I file `src` and, for every
+/// other var, the seeded initial value of a model built with `cfg`: the stage-II vars a
+/// variant has (e.g. the retrieval head, the router width) depend on its config.
+/// Where the shapes agree this is bit-identical to copying `src`, since initial values
+/// are a function of (seed, var name).
+fn fork_weights(src: &Path, dst: &Path, cfg: &TrainConfig) -> Result<()> {
+    let stage1 = load_tensors(src, &Device::Cpu)?;
+    let fresh = Session::new(cfg, &Device::Cpu)?;
+    let mut w = fresh.weights()?;
+    for (name, t) in w.iter_mut() {
+        if is_expert_var(name) {
+            *t = stage1
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("{} has no expert var {name:?}", src.display()))?
+                .clone();
+        }
+    }
+    save_tensors(dst, &w)
+}
+
 /// Copy the stage-I checkpoint of `src` into a new run `dst` whose config is `cfg`, so
 /// that resuming `dst` starts stage II from the shared experts.
 fn fork_stage1(src: &Path, dst: &Path, cfg: &TrainConfig) -> Result<()> {
@@ -234,9 +280,10 @@ fn fork_stage1(src: &Path, dst: &Path, cfg: &TrainConfig) -> Result<()> {
     }
     let ck = checkpoint_dir(dst);
     std::fs::create_dir_all(&ck).with_context(|| format!("creating {}", ck.display()))?;
-    std::fs::copy(
-        checkpoint_dir(src).join(&st.model_file),
-        ck.join(&st.model_file),
+    fork_weights(
+        &checkpoint_dir(src).join(&st.model_file),
+        &ck.join(&st.model_file),
+        cfg,
     )
     .with_context(|| format!("copying the stage-I weights of {}", src.display()))?;
     let metrics_path = dst.join("metrics.jsonl");
@@ -291,6 +338,8 @@ fn run_variant(
                     seed,
                     test: st.test.unwrap_or_default(),
                     sim: st.test_extra.and_then(|e| e.into_iter().next()),
+                    retrieval: Vec::new(),
+                    retrieval_query: None,
                 });
             }
             resume = !st.finished;
@@ -320,7 +369,47 @@ fn run_variant(
         seed,
         test: s.test,
         sim: s.extra.into_iter().next(),
+        retrieval: Vec::new(),
+        retrieval_query: None,
     })
+}
+
+/// Retrieval quality of every variant with retrieval, one search per query mode (it
+/// depends on the data and the mode only, not on the weights).
+fn add_retrieval_quality(
+    cfg: &TrainConfig,
+    vars: &[Variant],
+    results: &mut [VariantResult],
+    opts: &AblateOptions,
+) -> Result<()> {
+    let mut done: Vec<(RetrievalQuery, Vec<RetrievalQuality>)> = Vec::new();
+    let mut data = None;
+    for r in results.iter_mut() {
+        let Some(v) = vars.iter().find(|v| v.id == r.id) else {
+            continue;
+        };
+        if !v.cfg.model.use_retrieval || !v.cfg.stage2_enabled {
+            continue;
+        }
+        let q = v.cfg.model.recovery.query;
+        r.retrieval_query = Some(q);
+        if let Some((_, m)) = done.iter().find(|(dq, _)| *dq == q) {
+            r.retrieval = m.clone();
+            continue;
+        }
+        if data.is_none() {
+            let splits = load_data(cfg)?;
+            let banks = Banks::from_dataset(&splits.train, &opts.device)?;
+            data = Some((splits, banks));
+        }
+        let Some((splits, banks)) = data.as_ref() else {
+            continue;
+        };
+        let m = retrieval_quality::measure(splits, banks, q, cfg.eval_batch_size, &opts.device)?;
+        r.retrieval = m.clone();
+        done.push((q, m));
+    }
+    Ok(())
 }
 
 /// Trains every variant of the chosen studies for every seed (reusing finished ones) and
@@ -347,6 +436,8 @@ pub fn run_studies(base: &TrainConfig, opts: &AblateOptions) -> Result<PathBuf> 
         let mut s1 = b.clone();
         s1.stage2_enabled = false;
         s1.stage1_enabled = true;
+        // Stage I never uses the retrieval safeguards: one stage I serves every setting.
+        s1.model.recovery = RecoveryConfig::default();
         let s1v = Variant {
             id: "wo-stage2".into(),
             cfg: s1,
@@ -360,14 +451,58 @@ pub fn run_studies(base: &TrainConfig, opts: &AblateOptions) -> Result<PathBuf> 
                 results.push(r);
             }
         }
+        let first = results.len();
         for v in vars.iter().filter(|v| v.id != "wo-stage2") {
             let r = run_variant(v, seed, &sdir.join(&v.id), &s1dir, opts)?;
             results.push(r);
         }
+        add_retrieval_quality(&b, &vars, &mut results[first..], opts)?;
     }
     write_json(&opts.out_dir.join("results.json"), &results)?;
     let path = write_report(opts, &results, &notes, t0.elapsed().as_secs_f64())?;
     Ok(path)
+}
+
+/// Table 2 additions: the paper's plain retrieval next to the default (when both ran)
+/// and the retrieval quality of every variant with retrieval.
+fn paper_rows_and_quality(agg: &Agg, results: &[VariantResult]) -> String {
+    let mut md = String::new();
+    if agg.has(PAPER_CMR_ONLY) || agg.has(PAPER_FULL) {
+        let _ = writeln!(
+            md,
+            "\nRetrieval as in the paper (cross-modal key search, mean of Eq. 4, no gate, no router \
+             statistics) against the default safe retrieval:\n\n\
+             | retrieval | CAP | missing audio | missing visual | complete | missing avg |\n|---|---|---:|---:|---:|---:|"
+        );
+        for (id, r, c) in [
+            (PAPER_CMR_ONLY, "paper", ""),
+            (PAPER_FULL, "paper", "✓"),
+            ("cmr1-cap0", "safe", ""),
+            ("full", "safe", "✓"),
+        ] {
+            let _ = writeln!(
+                md,
+                "| {r} | {c} | {} | {} | {} | {} |",
+                fmt_mean_std(agg.setting(id, "missing-audio")),
+                fmt_mean_std(agg.setting(id, "missing-visual")),
+                fmt_mean_std(agg.setting(id, "complete")),
+                fmt_mean_std(agg.miss(id))
+            );
+        }
+    }
+    let mut rows: Vec<(String, RetrievalQuery, Vec<Vec<RetrievalQuality>>)> = Vec::new();
+    for r in results.iter().filter(|r| !r.retrieval.is_empty()) {
+        let q = r.retrieval_query.unwrap_or(RetrievalQuery::CrossKey);
+        match rows.iter_mut().find(|x| x.0 == r.id) {
+            Some(x) => x.2.push(r.retrieval.clone()),
+            None => rows.push((r.id.clone(), q, vec![r.retrieval.clone()])),
+        }
+    }
+    if !rows.is_empty() {
+        md.push('\n');
+        md.push_str(&retrieval_quality::report_section(&rows));
+    }
+    md
 }
 
 /// Mean and sample standard deviation.
@@ -440,6 +575,7 @@ fn write_report(
     let mut md = report_header(opts, secs);
     if opts.studies.contains(&Study::Table2) {
         table2_section(&mut md, &agg, &figures)?;
+        md.push_str(&paper_rows_and_quality(&agg, results));
     }
     if opts.studies.contains(&Study::Strategy) {
         strategy_section(&mut md, &agg);

@@ -14,6 +14,7 @@
 //! - [`report`], [`plot`]: `report.md` and PNG plots; [`ablate`]: the ablation study.
 //! - [`config`]: [`TrainConfig`] (TOML + CLI).
 //! - [`progress`]: the progress bar of an epoch.
+//! - [`retrieval_quality`]: how often the top-1 retrieved clip shares the answer.
 //!
 //! Dependencies point one way: `ablate` -> `training` -> `report` -> `state` ->
 //! `config` / `eval` / `stage`. Progress bars, plots and TOML need the `cli` feature;
@@ -30,6 +31,7 @@ pub mod optim;
 pub mod plot;
 pub mod progress;
 pub mod report;
+pub mod retrieval_quality;
 pub mod stage;
 pub mod state;
 pub mod training;

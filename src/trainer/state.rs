@@ -127,7 +127,10 @@ pub fn find_state(dir: &Path) -> Result<PathBuf> {
 
 /// Read a checkpoint's state; errors name the file.
 pub fn read_state(path: &Path) -> Result<TrainState> {
-    let st: TrainState = read_json(path)?;
+    let mut raw: serde_json::Value = read_json(path)?;
+    crate::model::recovery::upgrade_legacy_config(&mut raw["config"]["model"]);
+    let st: TrainState = serde_json::from_value(raw)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid state file: {e}", path.display()))?;
     if st.format != STATE_FORMAT {
         bail!(
             "{}: state format {} is not supported (expected {STATE_FORMAT})",

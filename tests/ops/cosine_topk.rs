@@ -701,3 +701,12 @@ fn emu_nan_is_error() {
 fn emu_error_paths() {
     error_paths(cosine_topk_emulated, "emulated kernel");
 }
+
+/// An empty batch seen through a narrowed view (candle keeps an offset past the empty storage).
+#[test]
+fn empty_narrowed_batch_gives_empty_output() {
+    let k = cpu(vec![0.5; 4 * 3], (4, 3));
+    let q = cpu(vec![1.0; 2 * 3], (2, 3)).narrow(0, 2, 0).unwrap();
+    let (s, i) = cosine_topk(&q, &k, None, 2, None).unwrap();
+    assert_eq!((s.dims(), i.dims()), (&[0, 2][..], &[0, 2][..]));
+}

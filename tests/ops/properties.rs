@@ -449,6 +449,13 @@ fn check_topk_rows(executors: &[Executor<RowsOp>], n_cases: u64) {
             r,
             &[DType::F32, DType::F32, DType::F64, DType::F16, DType::U32],
         );
+        // Executors without f64 (the emulated kernel) reject every F64 case; keep every other
+        // one so the trimmed TSAN run (40 cases) still checks enough results.
+        let dt = if dt == DType::F64 && executors.iter().all(|e| !e.f64) && seed % 2 == 0 {
+            DType::F32
+        } else {
+            dt
+        };
         let special = r.random_bool(0.3);
         let mut v = values(r, b * l, special);
         if r.random_bool(0.2) && v.len() > 1 {

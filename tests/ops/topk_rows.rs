@@ -163,3 +163,17 @@ fn error_cases(f: RowsOp) {
     expect_err(f(&zeros(&[3], DType::F32), 1), "rank 2");
     expect_err(f(&zeros(&[3, 4], DType::U32), 1), "dtype U32");
 }
+
+#[test]
+fn reference_ranks_nan_last_like_the_fused_op() -> Result<()> {
+    let s = Tensor::from_vec(
+        vec![0.5f32, f32::NAN, 0.7, f32::NEG_INFINITY, f32::NAN, 0.5],
+        (1, 6),
+        &Device::Cpu,
+    )?;
+    let (_, fused) = topk_rows(&s, 6)?;
+    let (_, reference) = topk_rows_reference(&s, 6)?;
+    assert_eq!(to_u32_rows(&fused)?[0], vec![2, 0, 5, 1, 3, 4]);
+    assert_eq!(to_u32_rows(&reference)?, to_u32_rows(&fused)?);
+    Ok(())
+}

@@ -101,8 +101,9 @@ pub fn dissonance_topk_emulated(p: &Tensor, ctx: Context, k: usize) -> Result<Di
     })
 }
 
-/// Unfused reference of [`dissonance_topk`] from plain candle ops (mean, cosine, `arg_sort`,
-/// `scatter_add`); `delta` is differentiable through candle's autograd. Same validation.
+/// Unfused reference of [`dissonance_topk`] from plain candle ops (mean, cosine, `arg_sort` of
+/// delta with NaN keyed as -inf, `scatter_add`); `delta` is differentiable through candle's
+/// autograd. Same validation.
 pub fn dissonance_topk_reference(p: &Tensor, ctx: Context, k: usize) -> Result<Dissonance> {
     let dims = validate(p, &ctx, k)?;
     let acc = acc_dtype(p.dtype());
@@ -116,8 +117,7 @@ pub fn dissonance_topk_reference(p: &Tensor, ctx: Context, k: usize) -> Result<D
     let ng = g.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?; // [B, 1]
     let den = (np.broadcast_mul(&ng)? + COS_EPS as f64)?;
     let delta = (1.0 - (s / den)?)?;
-    let noise_idx = delta
-        .detach()
+    let noise_idx = crate::topk::nan_last_keys(&delta.detach())?
         .arg_sort_last_dim(false)?
         .narrow(1, 0, dims.k)?
         .contiguous()?;

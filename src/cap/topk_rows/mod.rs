@@ -140,12 +140,11 @@ pub fn topk_rows_emulated(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)>
 }
 
 /// Unfused reference of [`topk_rows`]: `arg_sort_last_dim` (stable, so ties keep the lower
-/// index), `narrow`, `gather`.
+/// index) of the scores with NaN keyed as -inf (ranked last, as the fused op does), `narrow`,
+/// `gather` of the original scores.
 pub fn topk_rows_reference(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     validate(scores, k)?;
-    let idx = scores
-        .detach()
-        .contiguous()?
+    let idx = crate::topk::nan_last_keys(&scores.detach().contiguous()?)?
         .arg_sort_last_dim(false)?
         .narrow(1, 0, k)?
         .contiguous()?;

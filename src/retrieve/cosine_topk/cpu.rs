@@ -215,6 +215,13 @@ pub(crate) fn cosine_topk_cpu(
     c: &Checked,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (b, m, d, n) = (c.b, c.m, c.d, c.n);
+    if b == 0 {
+        // Nothing to score; and candle's views of empty tensors may point past their storage.
+        return Ok((
+            Tensor::zeros((0, n), DType::F32, &Device::Cpu)?,
+            Tensor::zeros((0, n), DType::U32, &Device::Cpu)?,
+        ));
+    }
     let q = to_f32_vec(queries)?;
     let qn: Vec<f32> = q
         .chunks(d)
