@@ -103,8 +103,7 @@ impl Session {
             derive_seed(cfg.seed, None, 0, SeedTag::Init),
             device,
         );
-        let model = R2scp::new(&cfg.model, &splits.dims(), vb)
-            .context("building the model")?;
+        let model = R2scp::new(&cfg.model, &splits.dims(), vb).context("building the model")?;
         Ok(Self {
             cfg: cfg.clone(),
             splits,

@@ -703,10 +703,21 @@ fn emu_error_paths() {
 }
 
 /// An empty batch seen through a narrowed view (candle keeps an offset past the empty storage).
-#[test]
-fn empty_narrowed_batch_gives_empty_output() {
+fn empty_narrowed_batch_gives_empty_output(op: Op, what: &str) {
     let k = cpu(vec![0.5; 4 * 3], (4, 3));
     let q = cpu(vec![1.0; 2 * 3], (2, 3)).narrow(0, 2, 0).unwrap();
-    let (s, i) = cosine_topk(&q, &k, None, 2, None).unwrap();
-    assert_eq!((s.dims(), i.dims()), (&[0, 2][..], &[0, 2][..]));
+    let (s, i) = op(&q, &k, None, 2, None).unwrap();
+    assert_eq!((s.dims(), i.dims()), (&[0, 2][..], &[0, 2][..]), "{what}");
+}
+
+#[test]
+fn fused_cpu_empty_narrowed_batch_gives_empty_output() {
+    empty_narrowed_batch_gives_empty_output(cosine_topk, "fused cpu");
+}
+
+#[test]
+fn cuda_empty_narrowed_batch_gives_empty_output() {
+    on_cuda("cuda_empty_narrowed_batch_gives_empty_output", || {
+        empty_narrowed_batch_gives_empty_output(cosine_topk_cuda, "cuda")
+    });
 }

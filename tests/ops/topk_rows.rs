@@ -177,3 +177,17 @@ fn reference_ranks_nan_last_like_the_fused_op() -> Result<()> {
     assert_eq!(to_u32_rows(&reference)?, to_u32_rows(&fused)?);
     Ok(())
 }
+
+#[test]
+fn cuda_ranks_nan_last_like_the_fused_op() {
+    on_cuda("cuda_ranks_nan_last_like_the_fused_op", || {
+        let s = Tensor::from_vec(
+            vec![0.5f32, f32::NAN, 0.7, f32::NEG_INFINITY, f32::NAN, 0.5],
+            (1, 6),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (_, idx) = topk_rows_cuda(&s, 6).unwrap();
+        assert_eq!(to_u32_rows(&idx).unwrap()[0], vec![2, 0, 5, 1, 3, 4]);
+    });
+}
