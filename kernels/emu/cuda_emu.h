@@ -297,36 +297,35 @@ inline unsigned __activemask() { return 0xffffffffu; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
+// Every shuffle: lane `src(lane)` of the warp's value (a lane outside the width group reads
+// its own value, as on the device).
+template <class T, class Src>
+inline T r2emu_shfl(unsigned mask, T v, Src src) {
+    ::r2emu::check_full_mask(mask);
+    return ::r2emu::warp_exchange(v, src(::r2emu::tl_lane));
+}
 template <class T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-    ::r2emu::check_full_mask(mask);
-    const unsigned lane = ::r2emu::tl_lane;
-    const unsigned base = lane & ~(unsigned)(width - 1);
-    return ::r2emu::warp_exchange(v, base + ((unsigned)src & (unsigned)(width - 1)));
+    const unsigned w = (unsigned)width;
+    return r2emu_shfl(mask, v, [=](unsigned l) { return (l & ~(w - 1)) + ((unsigned)src & (w - 1)); });
 }
 template <class T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-    ::r2emu::check_full_mask(mask);
-    const unsigned lane = ::r2emu::tl_lane;
-    unsigned src = lane ^ (unsigned)lane_mask;
-    if (src / (unsigned)width != lane / (unsigned)width || src >= 32) src = lane;
-    return ::r2emu::warp_exchange(v, src);
+    const unsigned w = (unsigned)width;
+    return r2emu_shfl(mask, v, [=](unsigned l) {
+        const unsigned s = l ^ (unsigned)lane_mask;
+        return s / w != l / w || s >= 32 ? l : s;
+    });
 }
 template <class T>
 inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-    ::r2emu::check_full_mask(mask);
-    const unsigned lane = ::r2emu::tl_lane;
-    const unsigned in_group = lane & (unsigned)(width - 1);
-    const unsigned src = in_group + delta < (unsigned)width ? lane + delta : lane;
-    return ::r2emu::warp_exchange(v, src);
+    const unsigned w = (unsigned)width;
+    return r2emu_shfl(mask, v, [=](unsigned l) { return (l & (w - 1)) + delta < w ? l + delta : l; });
 }
 template <class T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-    ::r2emu::check_full_mask(mask);
-    const unsigned lane = ::r2emu::tl_lane;
-    const unsigned in_group = lane & (unsigned)(width - 1);
-    const unsigned src = in_group >= delta ? lane - delta : lane;
-    return ::r2emu::warp_exchange(v, src);
+    const unsigned w = (unsigned)width;
+    return r2emu_shfl(mask, v, [=](unsigned l) { return (l & (w - 1)) >= delta ? l - delta : l; });
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
     ::r2emu::check_full_mask(mask);
@@ -357,22 +356,19 @@ inline T atomicCAS(T* a, T expected, T desired) {
     std::atomic_ref<T>(*a).compare_exchange_strong(expected, desired);
     return expected;  // the old value either way
 }
-template <class T>
-inline T atomicMax(T* a, T v) {
+// Stores v while better(v, current) holds; returns the old value, as CUDA's atomicMax/Min.
+template <class T, class Better>
+inline T r2emu_atomic_improve(T* a, T v, Better better) {
     std::atomic_ref<T> r(*a);
     T old = r.load();
-    while (old < v && !r.compare_exchange_weak(old, v)) {
+    while (better(v, old) && !r.compare_exchange_weak(old, v)) {
     }
     return old;
 }
 template <class T>
-inline T atomicMin(T* a, T v) {
-    std::atomic_ref<T> r(*a);
-    T old = r.load();
-    while (v < old && !r.compare_exchange_weak(old, v)) {
-    }
-    return old;
-}
+inline T atomicMax(T* a, T v) { return r2emu_atomic_improve(a, v, [](T x, T y) { return y < x; }); }
+template <class T>
+inline T atomicMin(T* a, T v) { return r2emu_atomic_improve(a, v, [](T x, T y) { return x < y; }); }
 
 template <class T>
 inline T __ldg(const T* p) { return *p; }

@@ -13,6 +13,7 @@ pub mod recovery;
 
 pub use config::{Aggregate, ModelConfig, RecoveryConfig, RetrievalQuery};
 pub use r2scp::{
-    is_expert_var, Banks, ExpertLogits, ForwardOptions, Output, R2scp, RankTerms, RetrievalTrace,
+    is_expert_var, ExpertLogits, ForwardOptions, Output, R2scp, RankTerms, RetrievalTrace,
     EXPERT_PREFIX,
 };
+pub use recovery::Banks;

@@ -8,10 +8,9 @@ use candle_nn::{Init, Linear, VarBuilder};
 
 use super::config::ModelConfig;
 use super::expert::{AvExpert, ExpertSizes, TextExpert};
-use super::recovery::{self, RecoveryHead, SameViewBanks, ROUTER_STATS};
-use crate::bank::MemoryBank;
+use super::recovery::{self, Banks, RecoveryHead, ROUTER_STATS};
 use crate::cap::{CapConfig, CapLayer};
-use crate::data::{Batch, DataDims, Dataset, Missing, Modality};
+use crate::data::{Batch, DataDims, Missing, Modality};
 use crate::nn::{index_tensor, masked_mean, DropoutRng, LayerNorm, Mha, TransformerEncoder};
 
 /// Prefix of every stage-I var (Phi_m, E_m and the stage-I heads of all three experts).
@@ -21,58 +20,6 @@ pub const EXPERT_PREFIX: &str = "expert.";
 /// True when the VarMap entry `name` belongs to an expert (frozen in stage II).
 pub fn is_expert_var(name: &str) -> bool {
     name.starts_with(EXPERT_PREFIX)
-}
-
-/// The two memory banks CMR searches, built from the TRAIN split only.
-/// `audio`: keys = audio unified keys [C, Dk], values = raw audio [C, La, Da];
-/// `visual`: keys = visual keys [C, Dk], values = raw visual [C, Lv, Dv]; ids = clip ids.
-#[derive(Clone, Debug)]
-pub struct Banks {
-    /// Bank recovering a missing audio modality.
-    pub audio: MemoryBank,
-    /// Bank recovering a missing visual modality.
-    pub visual: MemoryBank,
-    /// The same clips keyed by the other (available) modality, for same-view search.
-    pub(crate) same_view: SameViewBanks,
-}
-
-impl Banks {
-    /// Both banks from one (training) split, on `device`.
-    pub fn from_dataset(train: &Dataset, device: &Device) -> Result<Self> {
-        let audio = MemoryBank::new(
-            train.audio_key.to_device(device)?,
-            train.audio.to_device(device)?,
-            train.clip_ids.clone(),
-        )?;
-        let visual = MemoryBank::new(
-            train.visual_key.to_device(device)?,
-            train.visual.to_device(device)?,
-            train.clip_ids.clone(),
-        )?;
-        let same_view = SameViewBanks::from_dataset(train, device)?;
-        Ok(Self {
-            audio,
-            visual,
-            same_view,
-        })
-    }
-
-    /// The bank holding modality `m`.
-    pub fn get(&self, m: Modality) -> &MemoryBank {
-        match m {
-            Modality::Audio => &self.audio,
-            Modality::Visual => &self.visual,
-        }
-    }
-
-    /// Copies of both banks on `device`.
-    pub fn to_device(&self, device: &Device) -> Result<Self> {
-        Ok(Self {
-            audio: self.audio.to_device(device)?,
-            visual: self.visual.to_device(device)?,
-            same_view: self.same_view.to_device(device)?,
-        })
-    }
 }
 
 /// Stage-I logits of the three experts (Eq. 10), each [B, A] f32.

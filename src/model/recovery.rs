@@ -1,7 +1,7 @@
-//! Safe retrieval-based recovery: how CMR searches the bank ([`search`]), how the n
-//! candidates become H_miss ([`RecoveryHead::combine`]) and the per-sample retrieval
-//! statistics the reliability gate and the router see. The paper's plain version
-//! (cross-modal key search, mean of Eq. 4, no gate, no router statistics) is
+//! Retrieval-based recovery: the banks CMR searches ([`Banks`]), how it searches them
+//! ([`search`]), how the n candidates become H_miss ([`RecoveryHead::combine`]) and the
+//! per-sample retrieval statistics the reliability gate and the router see. The paper's
+//! plain version (cross-modal key search, mean of Eq. 4, no gate, no router statistics) is
 //! [`RecoveryConfig::paper`]; the choices and their measurements are in `docs/DESIGN.md`
 //! ("Safe retrieval").
 
@@ -9,7 +9,6 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
 use super::config::{Aggregate, RecoveryConfig, RetrievalQuery};
-use super::r2scp::Banks;
 use crate::bank::{MemoryBank, Retrieved};
 use crate::data::{Batch, Dataset, Modality};
 
@@ -325,5 +324,57 @@ impl RecoveryHead {
     /// Whether the router takes the statistics.
     pub fn router_stats(&self) -> bool {
         self.cfg.router_stats
+    }
+}
+
+/// The two memory banks CMR searches, built from the TRAIN split only.
+/// `audio`: keys = audio unified keys [C, Dk], values = raw audio [C, La, Da];
+/// `visual`: keys = visual keys [C, Dk], values = raw visual [C, Lv, Dv]; ids = clip ids.
+#[derive(Clone, Debug)]
+pub struct Banks {
+    /// Bank recovering a missing audio modality.
+    pub audio: MemoryBank,
+    /// Bank recovering a missing visual modality.
+    pub visual: MemoryBank,
+    /// The same clips keyed by the other (available) modality, for same-view search.
+    pub(crate) same_view: SameViewBanks,
+}
+
+impl Banks {
+    /// Both banks from one (training) split, on `device`.
+    pub fn from_dataset(train: &Dataset, device: &Device) -> Result<Self> {
+        let audio = MemoryBank::new(
+            train.audio_key.to_device(device)?,
+            train.audio.to_device(device)?,
+            train.clip_ids.clone(),
+        )?;
+        let visual = MemoryBank::new(
+            train.visual_key.to_device(device)?,
+            train.visual.to_device(device)?,
+            train.clip_ids.clone(),
+        )?;
+        let same_view = SameViewBanks::from_dataset(train, device)?;
+        Ok(Self {
+            audio,
+            visual,
+            same_view,
+        })
+    }
+
+    /// The bank holding modality `m`.
+    pub fn get(&self, m: Modality) -> &MemoryBank {
+        match m {
+            Modality::Audio => &self.audio,
+            Modality::Visual => &self.visual,
+        }
+    }
+
+    /// Copies of both banks on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            audio: self.audio.to_device(device)?,
+            visual: self.visual.to_device(device)?,
+            same_view: self.same_view.to_device(device)?,
+        })
     }
 }

@@ -531,8 +531,11 @@ fn check_topk_rows(executors: &[Executor<RowsOp>], n_cases: u64) {
         "topk_rows: {} results checked, {} errors checked",
         outcomes[0], outcomes[1]
     );
+    // Two of five dtypes, k = 0 and k > L are errors, so results are the rarer outcome (7 of
+    // the 40 cases of the trimmed TSAN run): the floor only guards against a generator that
+    // degenerated into one outcome.
     assert!(
-        outcomes[0] >= n_cases as usize / 5 && outcomes[1] >= n_cases as usize / 5,
+        outcomes[0] >= n_cases as usize / 8 && outcomes[1] >= n_cases as usize / 8,
         "{outcomes:?}"
     );
 }
