@@ -5,7 +5,8 @@
 //! built with the `cli` feature only. The helpers are library code, reused by every bench:
 //! [`time_best`] (best-of-n wall time after a warm-up), [`time_best_pair`] (two variants
 //! timed alternately), [`stream_read_gbps`] (this machine's streaming-read bandwidth, the
-//! bound a bandwidth-limited kernel is judged against), [`Table`] (one markdown table).
+//! bound a bandwidth-limited kernel is judged against), [`device_copy_gbps`] (the same bound
+//! on a GPU: a device-to-device copy), [`Table`] (one markdown table).
 
 #[cfg(feature = "cli")]
 pub mod cap;
@@ -126,6 +127,32 @@ pub fn stream_read_gbps(bytes: usize, reps: usize) -> f64 {
     n as f64 / t.as_secs_f64() / 1e9
 }
 
+/// Device-memory bandwidth in GB/s (1e9 bytes/s, bytes read + bytes written) of `dev`: the
+/// best of `reps` device-to-device copies of a `bytes`-sized f32 buffer after a warm-up
+/// (`Tensor::copy`, a `cuMemcpyDtoDAsync` on CUDA), each followed by a synchronize. On a GPU
+/// this is the bound a kernel that reads the bank once is judged against (it counts the
+/// write, as the baseline's PyTorch in-place scale did). `None` on the CPU, which has
+/// [`stream_read_gbps`].
+pub fn device_copy_gbps(
+    dev: &candle_core::Device,
+    bytes: usize,
+    reps: usize,
+) -> candle_core::Result<Option<f64>> {
+    if dev.is_cpu() {
+        return Ok(None);
+    }
+    let src = candle_core::Tensor::zeros(bytes.max(4096) / 4, candle_core::DType::F32, dev)?;
+    let moved = 2.0 * (src.elem_count() * 4) as f64;
+    let (t, last) = time_best(reps, || -> candle_core::Result<()> {
+        let copy = src.copy()?;
+        dev.synchronize()?;
+        drop(copy);
+        Ok(())
+    });
+    last?;
+    Ok(Some(moved / t.as_secs_f64() / 1e9))
+}
+
 /// A markdown table printed to stdout.
 #[derive(Clone, Debug, Default)]
 pub struct Table {
@@ -214,6 +241,12 @@ mod tests {
     #[test]
     fn bandwidth_is_positive() {
         assert!(stream_read_gbps(1 << 20, 1) > 0.0);
+    }
+
+    #[test]
+    fn device_copy_probe_is_for_devices_only() {
+        let cpu = candle_core::Device::Cpu;
+        assert_eq!(device_copy_gbps(&cpu, 1 << 20, 1).unwrap(), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `r2scp bench retrieve`: fused `cosine_topk` vs the candle reference (and, optionally,
-//! FAISS `IndexFlatIP` through `scripts/faiss_peer.py`) in ONE side-by-side table, with
-//! this machine's streaming-read bandwidth measured in the same run.
+//! FAISS `IndexFlatIP` through `scripts/faiss_peer.py` on the CPU, PyTorch through
+//! `scripts/torch_peer.py` on either device) in ONE side-by-side table, with the device's
+//! memory bandwidth measured in the same run.
 //!
 //! Columns: time (best of `--reps`), queries/s, effective GB/s (bank bytes read / time),
 //! ratio to the reference (reference time / this time; > 1 is faster), and "of stream
@@ -9,13 +10,22 @@
 //! that read runs alternately with the fused op, rep by rep, over the bank's own memory,
 //! so both see the same pages and the same moment of a shared machine; a single probe
 //! of a separate buffer at the start drifted by +-30% against the op on this VM.
+//!
+//! On CUDA that column is "of HBM bandwidth": the effective GB/s over the bandwidth of a
+//! 1 GiB device-to-device copy (bytes read + written) probed at the start of the run
+//! ([`device_copy_gbps`]); a kernel that reads the bank once at that rate shows 100%.
+//! Per-cell errors (a peer that fails, a reference that cannot run) print one line and the
+//! run goes on.
 
-use super::{fmt_ms, stream_read, stream_read_gbps, time_best, time_best_pair, Table};
+use super::{
+    device_copy_gbps, fmt_ms, stream_read, stream_read_gbps, time_best, time_best_pair, Table,
+};
 use crate::retrieve::{cosine_topk, cosine_topk_reference, key_norms};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Storage, Tensor};
 use rand::{Rng, SeedableRng};
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -50,6 +60,11 @@ pub struct Args {
     /// IndexFlatIP rows for f32 keys, run by `scripts/faiss_peer.py` on the same data.
     #[arg(long)]
     pub faiss_python: Option<PathBuf>,
+    /// Python with PyTorch and numpy (the GPU machine's `python3`, or a venv with the CPU
+    /// wheel): adds a PyTorch row per cell (`q @ keys.T` then `topk(n)` on the normalised
+    /// bank, same data and dtype, same device), run by `scripts/torch_peer.py`.
+    #[arg(long)]
+    pub torch_python: Option<PathBuf>,
     /// Device: `cpu` or `cuda` (needs the `cuda` feature and a GPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -105,12 +120,12 @@ fn faiss_time(
     n: usize,
     reps: usize,
 ) -> anyhow::Result<Duration> {
-    let dir = tempfile_dir()?;
+    let dir = tempfile_dir("faiss")?;
     let kp = dir.join("keys.f32");
     let qp = dir.join("queries.f32");
     std::fs::write(&kp, bytemuck::cast_slice::<f32, u8>(keys))?;
     std::fs::write(&qp, bytemuck::cast_slice::<f32, u8>(queries))?;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/faiss_peer.py");
+    let script = peer_script("faiss_peer.py")?;
     let out = Command::new(python)
         .env("OMP_WAIT_POLICY", "PASSIVE")
         .env("OMP_NUM_THREADS", rayon::current_num_threads().to_string())
@@ -126,9 +141,9 @@ fn faiss_time(
     let _ = std::fs::remove_dir_all(&dir);
     if !out.status.success() {
         bail!(
-            "faiss_peer.py failed: {}\n{}",
+            "faiss_peer.py failed ({}): {}",
             out.status,
-            String::from_utf8_lossy(&out.stderr)
+            last_line(&out.stderr)
         );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -140,10 +155,116 @@ fn faiss_time(
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let base = std::env::temp_dir().join(format!("r2scp-faiss-{}", std::process::id()));
-    std::fs::create_dir_all(&base)?;
+fn tempfile_dir(peer: &str) -> anyhow::Result<PathBuf> {
+    let base = std::env::temp_dir().join(format!("r2scp-{peer}-{}", std::process::id()));
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
     Ok(base)
+}
+
+/// A peer script: next to the running executable (the GPU lane's bundle puts it there),
+/// else in this source tree's `scripts/`.
+fn peer_script(name: &str) -> anyhow::Result<PathBuf> {
+    let beside_exe = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)));
+    let in_tree = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name);
+    beside_exe
+        .into_iter()
+        .chain([in_tree.clone()])
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "peer script {name} found neither next to the executable nor at {}",
+                in_tree.display()
+            )
+        })
+}
+
+/// The last non-empty line of a peer's stderr (its one-line error), or `(no stderr)`.
+fn last_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(no stderr)")
+        .trim()
+        .to_string()
+}
+
+/// The PyTorch peer's best times for one (M, D) bank, keyed by (dtype name, B): one
+/// `scripts/torch_peer.py` run over every dtype and batch size (the bank is written once).
+#[allow(clippy::too_many_arguments)]
+fn torch_times(
+    python: &Path,
+    device: &str,
+    keys: &[f32],
+    queries: &[(usize, Vec<f32>)],
+    m: usize,
+    d: usize,
+    dtypes: &[String],
+    n: usize,
+    reps: usize,
+) -> anyhow::Result<HashMap<(String, usize), Duration>> {
+    let dir = tempfile_dir("torch")?;
+    let result = (|| {
+        let kp = dir.join("keys.f32");
+        std::fs::write(&kp, bytemuck::cast_slice::<f32, u8>(keys))
+            .with_context(|| format!("writing {}", kp.display()))?;
+        for (b, qv) in queries {
+            let qp = dir.join(format!("queries{b}.f32"));
+            std::fs::write(&qp, bytemuck::cast_slice::<f32, u8>(qv))
+                .with_context(|| format!("writing {}", qp.display()))?;
+        }
+        let bs: Vec<String> = queries.iter().map(|(b, _)| b.to_string()).collect();
+        let script = peer_script("torch_peer.py")?;
+        let out = Command::new(python)
+            .arg(&script)
+            .args(["--keys", &kp.display().to_string()])
+            .args([
+                "--queries-prefix",
+                &dir.join("queries").display().to_string(),
+            ])
+            .args(["--m", &m.to_string(), "--d", &d.to_string()])
+            .args(["--b", &bs.join(","), "--dtypes", &dtypes.join(",")])
+            .args(["--n", &n.to_string(), "--reps", &reps.to_string()])
+            .args(["--device", device])
+            .args(["--threads", &rayon::current_num_threads().to_string()])
+            .output()
+            .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "torch_peer.py failed ({}): {}",
+                out.status,
+                last_line(&out.stderr)
+            );
+        }
+        parse_torch_lines(&String::from_utf8_lossy(&out.stdout))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// `torch_peer.py`'s JSON lines (`{"dtype": "f32", "B": 64, "best_seconds": ...}`).
+fn parse_torch_lines(stdout: &str) -> anyhow::Result<HashMap<(String, usize), Duration>> {
+    let mut times = HashMap::new();
+    for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("torch_peer.py printed `{line}`, expected one JSON object"))?;
+        let (Some(dt), Some(b), Some(secs)) = (
+            v["dtype"].as_str(),
+            v["B"].as_u64(),
+            v["best_seconds"].as_f64(),
+        ) else {
+            bail!("torch_peer.py printed `{line}`, expected dtype, B and best_seconds");
+        };
+        if !(secs.is_finite() && secs > 0.0) {
+            bail!("torch_peer.py printed best_seconds = {secs}, expected a positive time");
+        }
+        times.insert((dt.to_string(), b as usize), Duration::from_secs_f64(secs));
+    }
+    Ok(times)
 }
 
 /// Times the fused `cosine_topk` against its reference (and FAISS when asked) for every
@@ -170,11 +291,20 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
         .map(|s| dtype_of(s))
         .collect::<anyhow::Result<_>>()?;
     let threads = rayon::current_num_threads();
-    let bw = stream_read_gbps(512 << 20, 5);
-    println!(
-        "bench retrieve: device {}, {threads} threads, n = {}, best of {} reps; streaming read of a 512 MiB buffer {bw:.1} GB/s (\"of stream read\" uses the bank's own bytes, read alternately with the op)",
-        args.device, args.n, args.reps
-    );
+    let hbm = device_copy_gbps(&dev, 1 << 30, 10).context("bench retrieve: bandwidth probe")?;
+    match hbm {
+        Some(bw) => println!(
+            "bench retrieve: device {}, n = {}, best of {} reps; device-to-device copy of 1 GiB {bw:.0} GB/s (read + write; \"of HBM bandwidth\" = GB/s over it)",
+            args.device, args.n, args.reps
+        ),
+        None => println!(
+            "bench retrieve: device {}, {threads} threads, n = {}, best of {} reps; streaming read of a 512 MiB buffer {:.1} GB/s (\"of stream read\" uses the bank's own bytes, read alternately with the op)",
+            args.device,
+            args.n,
+            args.reps,
+            stream_read_gbps(512 << 20, 5)
+        ),
+    }
     let mut table = Table::new(&[
         "M",
         "D",
@@ -185,18 +315,50 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
         "queries/s",
         "GB/s",
         "vs reference",
-        "of stream read",
+        if hbm.is_some() {
+            "of HBM bandwidth"
+        } else {
+            "of stream read"
+        },
     ]);
     for &m in &ms {
         for &d in &ds {
             let kv = random_f32(m * d, args.seed);
-            for &dt in &dtypes {
+            let queries: Vec<(usize, Vec<f32>)> = args
+                .b
+                .iter()
+                .map(|&b| (b, random_f32(b * d, args.seed + 1 + b as u64)))
+                .collect();
+            let torch = match &args.torch_python {
+                None => HashMap::new(),
+                Some(py) => {
+                    let n = args.n.min(m);
+                    match torch_times(
+                        py,
+                        &args.device,
+                        &kv,
+                        &queries,
+                        m,
+                        d,
+                        &args.dtypes,
+                        n,
+                        args.reps,
+                    ) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            println!("torch failed at M={m} D={d}: {}", crate::io::error_line(&e));
+                            HashMap::new()
+                        }
+                    }
+                }
+            };
+            for (&dt, dt_name) in dtypes.iter().zip(&args.dtypes) {
                 let keys = Tensor::from_slice(&kv, (m, d), &dev)?.to_dtype(dt)?;
                 let norms = key_norms(&keys)?;
                 let bank_bytes = (m * d * dt.size_in_bytes()) as f64;
-                for &b in &args.b {
-                    let qv = random_f32(b * d, args.seed + 1 + b as u64);
-                    let q = Tensor::from_slice(&qv, (b, d), &dev)?;
+                for (b, qv) in &queries {
+                    let b = *b;
+                    let q = Tensor::from_slice(qv, (b, d), &dev)?;
                     let n = args.n.min(m);
                     let fused = || {
                         let r = cosine_topk(&q, &keys, Some(&norms), n, None);
@@ -221,7 +383,10 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
                         match r {
                             Ok(_) => Some(t),
                             Err(e) => {
-                                println!("reference failed at M={m} D={d} B={b}: {e}");
+                                println!(
+                                    "reference failed at M={m} D={d} B={b}: {}",
+                                    crate::io::candle_text(&e)
+                                );
                                 None
                             }
                         }
@@ -241,9 +406,13 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
                             t_ref
                                 .map(|r| format!("{:.2}x", r.as_secs_f64() / s))
                                 .unwrap_or_else(|| "-".into()),
-                            t_read
-                                .map(|r| format!("{:.0}%", 100.0 * r.as_secs_f64() / s))
-                                .unwrap_or_else(|| "-".into()),
+                            match (hbm, t_read) {
+                                (Some(bw), _) => format!("{:.0}%", 100.0 * gbps / bw),
+                                (None, Some(r)) => {
+                                    format!("{:.0}%", 100.0 * r.as_secs_f64() / s)
+                                }
+                                (None, None) => "-".into(),
+                            },
                         ]);
                     };
                     add("fused", t_fused);
@@ -251,10 +420,16 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
                         add("reference", t);
                     }
                     if let (Some(py), DType::F32) = (&args.faiss_python, dt) {
-                        match faiss_time(py, &kv, &qv, m, d, b, n, args.reps) {
+                        match faiss_time(py, &kv, qv, m, d, b, n, args.reps) {
                             Ok(t) => add("faiss IndexFlatIP", t),
-                            Err(e) => println!("faiss failed at M={m} D={d} B={b}: {e:#}"),
+                            Err(e) => println!(
+                                "faiss failed at M={m} D={d} B={b}: {}",
+                                crate::io::error_line(&e)
+                            ),
                         }
+                    }
+                    if let Some(&t) = torch.get(&(dt_name.clone(), b)) {
+                        add("torch q@keys.T+topk", t);
                     }
                 }
             }
@@ -262,4 +437,36 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
     }
     table.print();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torch_lines_parse_per_cell_and_reject_bad_output() {
+        let t = parse_torch_lines(
+            "{\"dtype\": \"f32\", \"B\": 1, \"best_seconds\": 0.002, \"M\": 10, \"D\": 4}\n\n{\"dtype\": \"bf16\", \"B\": 64, \"best_seconds\": 0.5}\n",
+        )
+        .unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[&("f32".to_string(), 1)], Duration::from_millis(2));
+        assert_eq!(t[&("bf16".to_string(), 64)], Duration::from_millis(500));
+        let e = parse_torch_lines("Traceback (most recent call last):").unwrap_err();
+        assert!(e.to_string().contains("expected one JSON object"), "{e}");
+        let e = parse_torch_lines("{\"dtype\": \"f32\", \"B\": 1}").unwrap_err();
+        assert!(e.to_string().contains("best_seconds"), "{e}");
+        let e =
+            parse_torch_lines("{\"dtype\": \"f32\", \"B\": 1, \"best_seconds\": -1}").unwrap_err();
+        assert!(e.to_string().contains("positive"), "{e}");
+    }
+
+    #[test]
+    fn peer_error_is_the_last_stderr_line() {
+        assert_eq!(
+            last_line(b"warning: x\ntorch_peer: RuntimeError: out of memory\n\n"),
+            "torch_peer: RuntimeError: out of memory"
+        );
+        assert_eq!(last_line(b""), "(no stderr)");
+    }
 }

@@ -103,8 +103,7 @@ impl Session {
             derive_seed(cfg.seed, None, 0, SeedTag::Init),
             device,
         );
-        let model = R2scp::new(&cfg.model, &splits.dims(), vb)
-            .map_err(|e| anyhow!("building the model: {e}"))?;
+        let model = R2scp::new(&cfg.model, &splits.dims(), vb).context("building the model")?;
         Ok(Self {
             cfg: cfg.clone(),
             splits,
@@ -158,7 +157,7 @@ impl Session {
                 );
             }
             var.set(&t.to_dtype(DType::F32)?)
-                .map_err(|e| anyhow!("checkpoint file {}: {name}: {e}", path.display()))?;
+                .with_context(|| format!("checkpoint file {}: {name}", path.display()))?;
         }
         if let Some(extra) = file.keys().find(|k| !data.contains_key(*k)) {
             bail!(
@@ -514,7 +513,7 @@ impl Trainer<'_> {
         if let Some(f) = &self.state.optim_file {
             let t = load_tensors(&ckpt.join(f), &self.s.device)?;
             opt.load_state(&t, self.state.step)
-                .map_err(|e| anyhow!("checkpoint file {}: {e}", ckpt.join(f).display()))?;
+                .with_context(|| format!("checkpoint file {}", ckpt.join(f).display()))?;
         }
         let n_train = self.s.splits.train.len();
         let spe = n_train.div_ceil(cfg.batch_size) as u64;

@@ -362,6 +362,19 @@ pub fn assert_close(analytic: &[f64], numeric: &[f64], what: &str) {
     }
 }
 
+/// [`assert_close`] at f32 precision: gradients computed in f32 by two implementations
+/// (different summation orders) agree to a few ulps of their scale.
+pub fn assert_close_f32(got: &[f64], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1.0);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * scale,
+            "{what}[{i}]: {g} vs {w} (scale {scale})"
+        );
+    }
+}
+
 pub fn grad_vec(grads: &candle_core::backprop::GradStore, v: &Var) -> Result<Vec<f64>> {
     match grads.get(v.as_tensor()) {
         Some(g) => g.flatten_all()?.to_vec1::<f64>(),

@@ -1,19 +1,23 @@
-//! cosine_topk: fused CPU path and emulated CUDA kernel against the candle reference.
+//! cosine_topk: fused CPU path, emulated CUDA kernel and the op on a CUDA device against the
+//! candle reference.
 //!
 //! Test names starting with `emu_` run the kernels through the CUDA emulator; `.ci/run`
-//! reruns exactly those under ThreadSanitizer.
+//! reruns exactly those under ThreadSanitizer. Names starting with `cuda_` run the public op
+//! on CUDA device 0 (`super::executors`), or print that they were skipped.
 
 use super::common::emu_cases;
+use super::executors::{cosine_topk_cuda, cosine_topk_deferred_cuda, on_cuda};
 use candle_core::{DType, Device, Tensor};
 use r2scp::kernel::abi::COS_EPS;
 use r2scp::retrieve::cosine_topk::kernel::{Kernel, KMAX};
 use r2scp::retrieve::cosine_topk::tensor_core::TcOverrides;
 use r2scp::retrieve::cosine_topk::{
-    cosine_topk_deferred_emulated_with, cosine_topk_emulated_with, tensor_core,
+    cosine_topk_deferred_emulated_with, cosine_topk_emulated_with, cosine_topk_reference_chunked,
+    tensor_core,
 };
 use r2scp::retrieve::{
     cosine_topk, cosine_topk_deferred_emulated, cosine_topk_emulated, cosine_topk_reference,
-    key_norms,
+    key_norms, PendingTopN,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -215,21 +219,46 @@ fn compare(c: &Case, data: &Data, op: Op, what: &str) {
     }
 }
 
-#[test]
-fn fused_cpu_matches_reference_random_cases() {
+/// 260 random cases (M up to 2000, n up to M: above the kernels' [`KMAX`] the CUDA op takes
+/// the CPU path).
+fn random_cases(op: Op, what: &str) {
     let mut count = 0;
     for seed in 0..260u64 {
         let c = random_case(seed, 2000);
         let data = make_data(&c);
-        compare(&c, &data, cosine_topk, "fused cpu");
+        compare(&c, &data, op, what);
         count += 1;
     }
     assert!(count >= 200);
 }
 
-/// Large-ish banks spanning several of the fused path's chunks, B = 1 and B = 64.
+#[test]
+fn fused_cpu_matches_reference_random_cases() {
+    random_cases(cosine_topk, "fused cpu");
+}
+
+#[test]
+fn cuda_matches_reference_random_cases() {
+    on_cuda("cuda_matches_reference_random_cases", || {
+        random_cases(cosine_topk_cuda, "cuda")
+    });
+}
+
 #[test]
 fn fused_cpu_multi_chunk_banks() {
+    multi_chunk_banks(cosine_topk, "fused cpu multi-chunk");
+}
+
+#[test]
+fn cuda_multi_chunk_banks() {
+    on_cuda("cuda_multi_chunk_banks", || {
+        multi_chunk_banks(cosine_topk_cuda, "cuda multi-chunk")
+    });
+}
+
+/// Large-ish banks spanning several of the fused path's chunks (and many kernel blocks),
+/// B = 1 and B = 64.
+fn multi_chunk_banks(op: Op, what: &str) {
     for (seed, b, m, d, kdt) in [
         (1u64, 1usize, 40_000usize, 96usize, DType::F32),
         (2, 64, 9_000, 64, DType::F16),
@@ -247,14 +276,26 @@ fn fused_cpu_multi_chunk_banks() {
             norms: true,
             dup: true,
         };
-        compare(&c, &make_data(&c), cosine_topk, "fused cpu multi-chunk");
+        compare(&c, &make_data(&c), op, what);
     }
 }
 
-/// B = 1 takes the row-at-a-time kernel (32-element steps, then 8-element steps, then a
-/// scalar tail): every tail combination, every key dtype, several chunks.
 #[test]
 fn fused_cpu_single_query_every_tail() {
+    single_query_every_tail(cosine_topk, "fused cpu B=1");
+}
+
+#[test]
+fn cuda_single_query_every_tail() {
+    on_cuda("cuda_single_query_every_tail", || {
+        single_query_every_tail(cosine_topk_cuda, "cuda B=1")
+    });
+}
+
+/// B = 1 takes the CPU path's row-at-a-time kernel (32-element steps, then 8-element steps,
+/// then a scalar tail): every tail combination, every key dtype, several chunks. On a
+/// device: every D remainder against vector loads.
+fn single_query_every_tail(op: Op, what: &str) {
     let mut seed = 100;
     for d in [1usize, 7, 8, 9, 31, 32, 33, 40, 63, 64, 65, 100, 257] {
         for kdt in [DType::F32, DType::F16, DType::BF16] {
@@ -271,7 +312,7 @@ fn fused_cpu_single_query_every_tail() {
                 norms: d % 2 == 0,
                 dup: true,
             };
-            compare(&c, &make_data(&c), cosine_topk, "fused cpu B=1");
+            compare(&c, &make_data(&c), op, what);
         }
     }
 }
@@ -431,9 +472,26 @@ fn error_paths(op: Op, what: &str) {
     );
 }
 
-/// B >= 16 runs the query-lane kernel: ties, zero vectors, exclusion and NaN there too.
 #[test]
 fn fused_cpu_many_queries_semantics() {
+    many_queries_semantics(cosine_topk, "fused cpu");
+}
+
+#[test]
+fn emu_many_queries_semantics() {
+    many_queries_semantics(cosine_topk_emulated, "emulated kernel");
+}
+
+#[test]
+fn cuda_many_queries_semantics() {
+    on_cuda("cuda_many_queries_semantics", || {
+        many_queries_semantics(cosine_topk_cuda, "cuda")
+    });
+}
+
+/// B >= 16 runs the CPU path's query-lane kernel (on a device: several queries per block):
+/// ties, zero vectors, exclusion and NaN there too.
+fn many_queries_semantics(op: Op, what: &str) {
     let b = 37;
     let k = cpu(vec![0.5; 40 * 5], (40, 5));
     let mut qv = vec![1.0f32; b * 5];
@@ -443,24 +501,27 @@ fn fused_cpu_many_queries_semantics() {
         .map(|i| if i % 2 == 0 { i % 7 } else { u32::MAX })
         .collect();
     let ext = Tensor::from_vec(ex.clone(), b, &Device::Cpu).unwrap();
-    let (s, i) = cosine_topk(&q, &k, None, 6, Some(&ext)).unwrap();
+    let (s, i) = op(&q, &k, None, 6, Some(&ext)).unwrap();
     let (s, i) = (s.to_vec2::<f32>().unwrap(), i.to_vec2::<u32>().unwrap());
     for qi in 0..b {
         let want: Vec<u32> = (0..40u32).filter(|&r| r != ex[qi]).take(6).collect();
-        assert_eq!(i[qi], want, "query {qi}: ties must go to the lower index");
+        assert_eq!(
+            i[qi], want,
+            "{what}: query {qi}: ties must go to the lower index"
+        );
         let target = if qi == 3 { 0.0 } else { 1.0 };
         assert!(
             s[qi].iter().all(|&x| (x - target).abs() < 1e-5),
-            "query {qi}: {:?}",
+            "{what}: query {qi}: {:?}",
             s[qi]
         );
     }
     let mut kv = vec![0.25f32; 40 * 5];
     kv[33 * 5 + 1] = f32::NAN;
-    let e = cosine_topk(&q, &cpu(kv, (40, 5)), None, 3, None)
+    let e = op(&q, &cpu(kv, (40, 5)), None, 3, None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("NaN") && e.contains("row 33"), "{e}");
+    assert!(e.contains("NaN") && e.contains("row 33"), "{what}: {e}");
 }
 
 #[test]
@@ -493,13 +554,91 @@ fn reference_error_paths() {
     error_paths(cosine_topk_reference, "reference");
 }
 
+/// The reference with the bank cut into chunks of 1, 7 and 64 rows (the running top-n
+/// merged chunk by chunk, as on CUDA) against the whole-bank reference: same scores, same
+/// indices where separated, ties to the lower index; NaN and input errors unchanged.
+fn reference_chunks_1(
+    q: &Tensor,
+    k: &Tensor,
+    kn: Option<&Tensor>,
+    n: usize,
+    ex: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    cosine_topk_reference_chunked(q, k, kn, n, ex, 1)
+}
+
+fn reference_chunks_7(
+    q: &Tensor,
+    k: &Tensor,
+    kn: Option<&Tensor>,
+    n: usize,
+    ex: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    cosine_topk_reference_chunked(q, k, kn, n, ex, 7)
+}
+
+fn reference_chunks_64(
+    q: &Tensor,
+    k: &Tensor,
+    kn: Option<&Tensor>,
+    n: usize,
+    ex: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    cosine_topk_reference_chunked(q, k, kn, n, ex, 64)
+}
+
 #[test]
-fn empty_batch_gives_empty_output() {
+fn reference_in_chunks_matches_whole_bank() {
+    for (op, what) in [
+        (reference_chunks_1 as Op, "reference in chunks of 1"),
+        (reference_chunks_7, "reference in chunks of 7"),
+        (reference_chunks_64, "reference in chunks of 64"),
+    ] {
+        for seed in 0..60u64 {
+            let c = random_case(seed, 300);
+            compare(&c, &make_data(&c), op, what);
+        }
+        semantics(op, what);
+        nan_is_error(op, what);
+        error_paths(op, what);
+    }
+}
+
+#[test]
+fn cuda_semantics() {
+    on_cuda("cuda_semantics", || semantics(cosine_topk_cuda, "cuda"));
+}
+
+#[test]
+fn cuda_nan_is_error() {
+    on_cuda("cuda_nan_is_error", || {
+        nan_is_error(cosine_topk_cuda, "cuda")
+    });
+}
+
+#[test]
+fn cuda_error_paths() {
+    on_cuda("cuda_error_paths", || error_paths(cosine_topk_cuda, "cuda"));
+}
+
+fn empty_batch_gives_empty_output(op: Op, what: &str) {
     let k = cpu(vec![1.0; 12], (3, 4));
     let q = cpu(vec![], (0, 4));
-    let (s, i) = cosine_topk(&q, &k, None, 2, None).unwrap();
-    assert_eq!(s.dims(), [0, 2]);
-    assert_eq!(i.dims(), [0, 2]);
+    let (s, i) = op(&q, &k, None, 2, None).unwrap();
+    assert_eq!(s.dims(), [0, 2], "{what}");
+    assert_eq!(i.dims(), [0, 2], "{what}");
+}
+
+#[test]
+fn fused_cpu_empty_batch_gives_empty_output() {
+    empty_batch_gives_empty_output(cosine_topk, "fused cpu");
+}
+
+#[test]
+fn cuda_empty_batch_gives_empty_output() {
+    on_cuda("cuda_empty_batch_gives_empty_output", || {
+        empty_batch_gives_empty_output(cosine_topk_cuda, "cuda")
+    });
 }
 
 #[test]
@@ -517,10 +656,21 @@ fn emu_matches_reference_random_cases() {
     assert!(count >= cases.min(200));
 }
 
-/// Banks spanning several blocks and tiles, n up to KMAX, so the device merge of
-/// per-block candidates does real work; n > 256 makes the tiles follow kp.
 #[test]
 fn emu_multi_block_banks() {
+    multi_block_banks(cosine_topk_emulated, "emulated multi-block");
+}
+
+#[test]
+fn cuda_multi_block_banks() {
+    on_cuda("cuda_multi_block_banks", || {
+        multi_block_banks(cosine_topk_cuda, "cuda multi-block")
+    });
+}
+
+/// Banks spanning several blocks and tiles, n up to KMAX, so the device merge of
+/// per-block candidates does real work; n > 256 makes the tiles follow kp.
+fn multi_block_banks(op: Op, what: &str) {
     for (seed, b, m, d, n, kdt) in [
         (11u64, 1usize, 5000usize, 24usize, 8usize, DType::F32),
         (12, 9, 3001, 17, 256, DType::F16),
@@ -540,12 +690,7 @@ fn emu_multi_block_banks() {
             norms: false,
             dup: true,
         };
-        compare(
-            &c,
-            &make_data(&c),
-            cosine_topk_emulated,
-            "emulated multi-block",
-        );
+        compare(&c, &make_data(&c), op, what);
     }
 }
 
@@ -564,12 +709,33 @@ fn emu_error_paths() {
     error_paths(cosine_topk_emulated, "emulated kernel");
 }
 
+/// A deferred call: [`r2scp::retrieve::cosine_topk_deferred`]'s signature.
+type DeferredOp = fn(
+    &Tensor,
+    &Tensor,
+    Option<&Tensor>,
+    usize,
+    Option<&Tensor>,
+) -> candle_core::Result<PendingTopN>;
+
+#[test]
+fn emu_deferred_calls_keep_errors_loud() {
+    deferred_calls_keep_errors_loud(cosine_topk_deferred_emulated, "emulated kernel");
+}
+
+#[test]
+fn cuda_deferred_calls_keep_errors_loud() {
+    on_cuda("cuda_deferred_calls_keep_errors_loud", || {
+        deferred_calls_keep_errors_loud(cosine_topk_deferred_cuda, "cuda")
+    });
+}
+
 /// The no-sync contract (src/retrieve/cosine_topk/kernel.rs "NaN contract"): deferred calls
 /// queue without reading anything back, each keeps its own error word, a failed call's scores
 /// are all NaN until `check` turns the word into the CPU path's error, and a clean call's
-/// unchecked results equal its checked ones.
-#[test]
-fn emu_deferred_calls_keep_errors_loud() {
+/// unchecked results equal its checked ones. Device paths only (the fused CPU path's errors
+/// are immediate and it has no error word); the pending results may stay on the device.
+fn deferred_calls_keep_errors_loud(op: DeferredOp, what: &str) {
     let mut kv: Vec<f32> = (0..40 * 6).map(|i| ((i * 7 % 11) as f32) - 5.0).collect();
     let good = cpu(kv.clone(), (40, 6));
     kv[23 * 6 + 1] = f32::NAN;
@@ -579,35 +745,43 @@ fn emu_deferred_calls_keep_errors_loud() {
     let ex_ok = Tensor::from_vec(vec![1u32, 39, u32::MAX], 3, &Device::Cpu).unwrap();
 
     // Queued back to back, checked afterwards in another order.
-    let nan = cosine_topk_deferred_emulated(&q, &bad, None, 4, None).unwrap();
-    let bad_ex = cosine_topk_deferred_emulated(&q, &good, None, 4, Some(&ex_bad)).unwrap();
-    let ok = cosine_topk_deferred_emulated(&q, &good, None, 4, Some(&ex_ok)).unwrap();
+    let nan = op(&q, &bad, None, 4, None).unwrap();
+    let bad_ex = op(&q, &good, None, 4, Some(&ex_bad)).unwrap();
+    let ok = op(&q, &good, None, 4, Some(&ex_ok)).unwrap();
 
-    for (p, what) in [(&nan, "NaN key"), (&bad_ex, "bad exclusion")] {
+    for (p, case) in [(&nan, "NaN key"), (&bad_ex, "bad exclusion")] {
         let (s, _) = p.unchecked();
         let s = s.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(
             s.iter().all(|x| x.is_nan()),
-            "{what}: unchecked scores {s:?}"
+            "{what}, {case}: unchecked scores {s:?}"
         );
         let w = p.status().expect("device word").to_vec1::<u32>().unwrap();
-        assert_ne!(w[0], 0, "{what}: error word {w:?}");
+        assert_ne!(w[0], 0, "{what}, {case}: error word {w:?}");
     }
     let w = ok.status().expect("device word").to_vec1::<u32>().unwrap();
-    assert_eq!(w, [0, 0, 0]);
+    assert_eq!(w, [0, 0, 0], "{what}");
     let (us, ui) = ok.unchecked();
     let (us, ui) = (us.clone(), ui.clone());
     let (cs, ci) = ok.check().unwrap();
-    close(&us, &cs, "deferred unchecked vs checked");
-    assert_eq!(ui.to_vec2::<u32>().unwrap(), ci.to_vec2::<u32>().unwrap());
+    close(&us, &cs, &format!("{what}: deferred unchecked vs checked"));
+    assert_eq!(
+        ui.to_vec2::<u32>().unwrap(),
+        ci.to_vec2::<u32>().unwrap(),
+        "{what}"
+    );
     let (rs, ri) = cosine_topk_reference(&q, &good, None, 4, Some(&ex_ok)).unwrap();
-    close(&cs, &rs, "deferred vs reference");
-    assert_eq!(ci.to_vec2::<u32>().unwrap(), ri.to_vec2::<u32>().unwrap());
+    close(&cs, &rs, &format!("{what}: deferred vs reference"));
+    assert_eq!(
+        ci.to_vec2::<u32>().unwrap(),
+        ri.to_vec2::<u32>().unwrap(),
+        "{what}"
+    );
 
     let e = bad_ex.check().unwrap_err().to_string();
-    assert!(e.contains("exclude[1] = 40"), "{e}");
+    assert!(e.contains("exclude[1] = 40"), "{what}: {e}");
     let e = nan.check().unwrap_err().to_string();
-    assert!(e.contains("NaN") && e.contains("row 23"), "{e}");
+    assert!(e.contains("NaN") && e.contains("row 23"), "{what}: {e}");
 }
 
 // ---- The tensor-core path (kernels/cosine_topk_tc.cuh), forced whatever the batch ----------
@@ -680,38 +854,91 @@ fn emu_tc_matches_bandwidth_random_cases() {
     }
 }
 
+/// (seed, key dtype, spread of the near-tied rows) of the near-tie banks.
+const NEAR_TIES: [(u64, DType, f32); 3] = [
+    (1, DType::BF16, 0.03),
+    (2, DType::F16, 0.004),
+    (3, DType::F32, 0.004),
+];
+
+/// `(queries [b, 64] f32, keys [320, 64] kdt, exclude [b])`: rows 40..260 lie within `spread`
+/// of the queries' common direction (near-ties), the others far below.
+fn near_tie_data(seed: u64, kdt: DType, spread: f32, b: usize) -> (Tensor, Tensor, Vec<u32>) {
+    let (m, d) = (320usize, 64usize);
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let u: Vec<f32> = (0..d)
+        .map(|_| r.random_range(0.5..1.0f32) * if r.random_bool(0.5) { 1.0 } else { -1.0 })
+        .collect();
+    let mut kv = Vec::with_capacity(m * d);
+    for row in 0..m {
+        let s = if (40..260).contains(&row) {
+            spread
+        } else {
+            1.0
+        };
+        kv.extend(u.iter().map(|&x| x + s * r.random_range(-1.0..1.0f32)));
+    }
+    let qv: Vec<f32> = (0..b * d)
+        .map(|i| u[i % d] + 0.01 * r.random_range(-1.0..1.0f32))
+        .collect();
+    let ex = (0..b)
+        .map(|i| [150u32, u32::MAX, 7, 259, 40][i % 5])
+        .collect();
+    (cpu(qv, (b, d)), cpu(kv, (m, d)).to_dtype(kdt).unwrap(), ex)
+}
+
+#[test]
+fn fused_cpu_large_batch_near_ties() {
+    large_batch_near_ties(cosine_topk, "fused cpu");
+}
+
+#[test]
+fn cuda_large_batch_near_ties() {
+    on_cuda("cuda_large_batch_near_ties", || {
+        large_batch_near_ties(cosine_topk_cuda, "cuda")
+    });
+}
+
+/// The near-tie banks with a batch large enough for the public op to pick the tensor-core
+/// path on a device ([`r2scp::retrieve::cosine_topk::kernel::choose`]: B = 40, D = 64): the
+/// exact top n against the reference, however the pass rounds its operands. (The emulated
+/// path is held bit for bit to the bandwidth kernel by `emu_tc_near_ties_at_the_boundary`.)
+fn large_batch_near_ties(op: Op, what: &str) {
+    let b = 40;
+    for (seed, kdt, spread) in NEAR_TIES {
+        let (q, k, ex) = near_tie_data(seed, kdt, spread, b);
+        let c = Case {
+            seed,
+            b,
+            m: k.dim(0).unwrap(),
+            d: k.dim(1).unwrap(),
+            n: 12,
+            kdt,
+            qdt: DType::F32,
+            exclude: Some(ex.clone()),
+            norms: false,
+            dup: false,
+        };
+        let data = Data {
+            q,
+            k,
+            kn: None,
+            ex: Some(Tensor::from_vec(ex, b, &Device::Cpu).unwrap()),
+        };
+        compare(&c, &data, op, &format!("{what} {kdt:?} near-ties"));
+    }
+}
+
 /// Many rows whose exact scores lie closer together than the tensor-core pass can tell apart
 /// (its operands are rounded to bf16, f16 or tf32), with n cutting through them: the margin
 /// makes the rescoring see every row that can be in the exact top n. Without it (margin 0)
 /// the answer is the approximate top n, which differs: the test shows the rounding is there.
 #[test]
 fn emu_tc_near_ties_at_the_boundary() {
-    for (seed, kdt, spread) in [
-        (1u64, DType::BF16, 0.03f32),
-        (2, DType::F16, 0.004),
-        (3, DType::F32, 0.004),
-    ] {
-        let (b, m, d, n) = (5usize, 320usize, 64usize, 12usize);
-        let mut r = ChaCha8Rng::seed_from_u64(seed);
-        let u: Vec<f32> = (0..d)
-            .map(|_| r.random_range(0.5..1.0f32) * if r.random_bool(0.5) { 1.0 } else { -1.0 })
-            .collect();
-        let mut kv = Vec::with_capacity(m * d);
-        for row in 0..m {
-            // Rows 40..260 are the near-ties; the others are far below.
-            let s = if (40..260).contains(&row) {
-                spread
-            } else {
-                1.0
-            };
-            kv.extend(u.iter().map(|&x| x + s * r.random_range(-1.0..1.0f32)));
-        }
-        let qv: Vec<f32> = (0..b * d)
-            .map(|i| u[i % d] + 0.01 * r.random_range(-1.0..1.0f32))
-            .collect();
-        let k = cpu(kv, (m, d)).to_dtype(kdt).unwrap();
-        let q = cpu(qv, (b, d));
-        let ex = Tensor::from_vec(vec![150u32, u32::MAX, 7, 259, 40], b, &Device::Cpu).unwrap();
+    for (seed, kdt, spread) in NEAR_TIES {
+        let (n, b) = (12usize, 5usize);
+        let (q, k, ex) = near_tie_data(seed, kdt, spread, b);
+        let ex = Tensor::from_vec(ex, b, &Device::Cpu).unwrap();
         let want = bandwidth(&q, &k, None, n, Some(&ex)).unwrap();
         let got = tc(&q, &k, None, n, Some(&ex)).unwrap();
         assert_same(&got, &want, &format!("{kdt:?} near-ties"));
@@ -903,6 +1130,60 @@ fn emu_tc_refuses_what_it_cannot_take() {
     assert_eq!(refused, 3);
 }
 
+#[test]
+fn fused_cpu_misaligned_keys() {
+    misaligned_keys(cosine_topk, "fused cpu");
+}
+
+#[test]
+fn cuda_misaligned_keys() {
+    on_cuda("cuda_misaligned_keys", || {
+        misaligned_keys(cosine_topk_cuda, "cuda")
+    });
+}
+
+/// Keys starting 0, 4, 8 and 12 bytes past their storage's start (views of one buffer), with
+/// a batch the device dispatch gives the tensor-core path when the rows are 16-byte aligned
+/// (B = 40, D = 32): the misaligned ones run the bandwidth kernel, every answer matches the
+/// reference. (`emu_tc_refuses_what_it_cannot_take` holds the emulated fallback bit for bit
+/// to the bandwidth kernel.)
+fn misaligned_keys(op: Op, what: &str) {
+    let (b, m, d) = (40usize, 100usize, 32usize);
+    let mut r = ChaCha8Rng::seed_from_u64(78);
+    let all = cpu(
+        (0..(m + 1) * d)
+            .map(|_| r.random_range(-1.0..1.0f32))
+            .collect(),
+        ((m + 1) * d, 1),
+    );
+    let q = cpu(
+        (0..b * d).map(|_| r.random_range(-1.0..1.0f32)).collect(),
+        (b, d),
+    );
+    for off in 0..4 {
+        let k = all.narrow(0, off, m * d).unwrap().reshape((m, d)).unwrap();
+        let c = Case {
+            seed: 78,
+            b,
+            m,
+            d,
+            n: 3,
+            kdt: DType::F32,
+            qdt: DType::F32,
+            exclude: None,
+            norms: false,
+            dup: false,
+        };
+        let data = Data {
+            q: q.clone(),
+            k,
+            kn: None,
+            ex: None,
+        };
+        compare(&c, &data, op, &format!("{what} keys at offset {off}"));
+    }
+}
+
 /// The tensor-core path keeps the bandwidth kernel's no-sync contract: its errors (a NaN score,
 /// an `exclude` entry out of range, an exclusion with n = M, checked on the device) go to the
 /// call's error word, a failed call's unchecked scores are all NaN (with and without an
@@ -972,10 +1253,21 @@ fn emu_tc_deferred_calls_keep_errors_loud() {
 }
 
 /// An empty batch seen through a narrowed view (candle keeps an offset past the empty storage).
-#[test]
-fn empty_narrowed_batch_gives_empty_output() {
+fn empty_narrowed_batch_gives_empty_output(op: Op, what: &str) {
     let k = cpu(vec![0.5; 4 * 3], (4, 3));
     let q = cpu(vec![1.0; 2 * 3], (2, 3)).narrow(0, 2, 0).unwrap();
-    let (s, i) = cosine_topk(&q, &k, None, 2, None).unwrap();
-    assert_eq!((s.dims(), i.dims()), (&[0, 2][..], &[0, 2][..]));
+    let (s, i) = op(&q, &k, None, 2, None).unwrap();
+    assert_eq!((s.dims(), i.dims()), (&[0, 2][..], &[0, 2][..]), "{what}");
+}
+
+#[test]
+fn fused_cpu_empty_narrowed_batch_gives_empty_output() {
+    empty_narrowed_batch_gives_empty_output(cosine_topk, "fused cpu");
+}
+
+#[test]
+fn cuda_empty_narrowed_batch_gives_empty_output() {
+    on_cuda("cuda_empty_narrowed_batch_gives_empty_output", || {
+        empty_narrowed_batch_gives_empty_output(cosine_topk_cuda, "cuda")
+    });
 }

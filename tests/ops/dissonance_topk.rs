@@ -1,23 +1,65 @@
-//! dissonance_topk: fused CPU path and emulated CUDA kernel against the candle reference,
-//! error paths and the backward.
+//! dissonance_topk: fused CPU path, emulated CUDA kernel and the op on a CUDA device
+//! (`cuda_*`, see `super::executors`) against the candle reference, error paths and the
+//! backward.
 
 use super::common::*;
+use super::executors::{dissonance_topk_cuda, on_cuda};
 use candle_core::{DType, Device, Result, Tensor, Var};
-use r2scp::cap::{dissonance_topk, dissonance_topk_emulated, dissonance_topk_reference, Context};
+use r2scp::cap::{
+    dissonance_topk, dissonance_topk_emulated, dissonance_topk_reference, Context, Dissonance,
+};
 
-#[test]
-fn dissonance_fused_matches_reference_210_cases() -> Result<()> {
-    for seed in 0..210u64 {
+type DisOp = fn(&Tensor, Context, usize) -> Result<Dissonance>;
+
+/// `cases` random problems (ragged shapes, every dtype, masks, anchors, ties, zero rows,
+/// non-contiguous P) against the reference.
+fn matches_reference(op: DisOp, what: &str, cases: u64) -> Result<()> {
+    for seed in 0..cases {
         let c = dis_case(seed)?;
-        let name = c.name(seed);
-        let out = dissonance_topk(&c.p, c.ctx(), c.k)?;
+        let name = format!("{what} {}", c.name(seed));
+        let out = op(&c.p, c.ctx(), c.k)?;
         check_dissonance(&c, &name, &out.delta, &out.noise_idx, &out.noise_mask)?;
     }
     Ok(())
 }
 
 #[test]
+fn dissonance_fused_matches_reference_210_cases() -> Result<()> {
+    matches_reference(dissonance_topk, "fused cpu", 210)
+}
+
+#[test]
+fn emu_dissonance_kernel_matches_reference() -> Result<()> {
+    matches_reference(dissonance_topk_emulated, "emulated", emu_cases())
+}
+
+#[test]
+fn cuda_dissonance_matches_reference_210_cases() {
+    on_cuda("cuda_dissonance_matches_reference_210_cases", || {
+        matches_reference(dissonance_topk_cuda, "cuda", 210).unwrap()
+    });
+}
+
+#[test]
 fn dissonance_empty_context_row_gives_delta_one() -> Result<()> {
+    empty_context_row_gives_delta_one(dissonance_topk, "fused cpu")
+}
+
+#[test]
+fn emu_dissonance_empty_context_row_gives_delta_one() -> Result<()> {
+    empty_context_row_gives_delta_one(dissonance_topk_emulated, "emulated")
+}
+
+#[test]
+fn cuda_dissonance_empty_context_row_gives_delta_one() {
+    on_cuda("cuda_dissonance_empty_context_row_gives_delta_one", || {
+        empty_context_row_gives_delta_one(dissonance_topk_cuda, "cuda").unwrap()
+    });
+}
+
+/// A row whose mask has no valid token pools to g = 0 and scores delta = 1 everywhere; the
+/// masked mean equals the mean of the valid tokens given as an anchor.
+fn empty_context_row_gives_delta_one(op: DisOp, what: &str) -> Result<()> {
     let mut r = rng(7);
     let (b, l, la, d) = (2, 6, 4, 5);
     let p = tensor(rand_vec(&mut r, b * l * d), &[b, l, d], DType::F32)?;
@@ -27,7 +69,7 @@ fn dissonance_empty_context_row_gives_delta_one() -> Result<()> {
         (b, la),
         &Device::Cpu,
     )?;
-    let out = dissonance_topk(
+    let out = op(
         &p,
         Context::Tokens {
             h_avl: &h,
@@ -36,8 +78,8 @@ fn dissonance_empty_context_row_gives_delta_one() -> Result<()> {
         3,
     )?;
     let dv = to_f32_rows(&out.delta)?;
-    assert!(dv[0].iter().all(|&x| x == 1.0), "{:?}", dv[0]);
-    assert_eq!(to_u32_rows(&out.noise_idx)?[0], vec![0, 1, 2]);
+    assert!(dv[0].iter().all(|&x| x == 1.0), "{what}: {:?}", dv[0]);
+    assert_eq!(to_u32_rows(&out.noise_idx)?[0], vec![0, 1, 2], "{what}");
     // the masked mean ignores padded tokens: equal to the mean of the valid ones as anchor
     let valid = Tensor::cat(
         &[h.get(1)?.get(0)?.unsqueeze(0)?, h.get(1)?.narrow(0, 2, 2)?],
@@ -45,29 +87,35 @@ fn dissonance_empty_context_row_gives_delta_one() -> Result<()> {
     )?;
     let g1 = valid.mean(0)?;
     let anchor = Tensor::stack(&[g1.clone(), g1], 0)?;
-    let via_anchor = dissonance_topk(&p, Context::Anchor(&anchor), 3)?;
+    let via_anchor = op(&p, Context::Anchor(&anchor), 3)?;
     let diff = max_abs_diff(&dv[1], &to_f32_rows(&via_anchor.delta)?[1]);
     assert!(
         diff < 1e-6,
-        "masked mean differs from the anchor path by {diff}"
+        "{what}: masked mean differs from the anchor path by {diff}"
     );
     Ok(())
 }
 
 #[test]
-fn emu_dissonance_kernel_matches_reference() -> Result<()> {
-    for seed in 0..emu_cases() {
-        let c = dis_case(seed)?;
-        let name = format!("emulated {}", c.name(seed));
-        let out = dissonance_topk_emulated(&c.p, c.ctx(), c.k)?;
-        check_dissonance(&c, &name, &out.delta, &out.noise_idx, &out.noise_mask)?;
-    }
-    Ok(())
+fn dissonance_streams_several_tiles() -> Result<()> {
+    streams_several_tiles(dissonance_topk, "fused cpu")
 }
 
 #[test]
 fn emu_dissonance_kernel_streams_several_tiles() -> Result<()> {
-    // L > MAX_TILE: the running list absorbs several tiles; k > one tile's worth of ties.
+    streams_several_tiles(dissonance_topk_emulated, "emulated")
+}
+
+#[test]
+fn cuda_dissonance_streams_several_tiles() {
+    on_cuda("cuda_dissonance_streams_several_tiles", || {
+        streams_several_tiles(dissonance_topk_cuda, "cuda").unwrap()
+    });
+}
+
+/// L > the kernel's largest tile: the running list absorbs several tiles; k up to 1024,
+/// more than one tile's worth of ties.
+fn streams_several_tiles(op: DisOp, what: &str) -> Result<()> {
     let mut r = rng(99);
     let (b, l, la, d) = (2, 2500, 3, 9);
     let mut pv = rand_vec(&mut r, b * l * d);
@@ -91,7 +139,7 @@ fn emu_dissonance_kernel_streams_several_tiles() -> Result<()> {
             mask: None,
             use_anchor: false,
         };
-        let out = dissonance_topk_emulated(
+        let out = op(
             &c.p,
             Context::Tokens {
                 h_avl: &h,
@@ -101,7 +149,7 @@ fn emu_dissonance_kernel_streams_several_tiles() -> Result<()> {
         )?;
         check_dissonance(
             &c,
-            &format!("tiles k={k}"),
+            &format!("{what}: tiles k={k}"),
             &out.delta,
             &out.noise_idx,
             &out.noise_mask,
@@ -112,202 +160,264 @@ fn emu_dissonance_kernel_streams_several_tiles() -> Result<()> {
 
 #[test]
 fn dissonance_errors() {
+    error_cases(dissonance_topk);
+    error_cases(dissonance_topk_reference);
+}
+
+#[test]
+fn cuda_dissonance_errors() {
+    on_cuda("cuda_dissonance_errors", || {
+        error_cases(dissonance_topk_cuda)
+    });
+}
+
+/// Every input error names the offending value.
+fn error_cases(f: DisOp) {
     let p = zeros(&[2, 5, 4], DType::F32);
     let h = zeros(&[2, 3, 4], DType::F32);
     let tok = Context::Tokens {
         h_avl: &h,
         mask: None,
     };
-    for f in [dissonance_topk, dissonance_topk_reference] {
-        expect_err(f(&p, tok, 0), "k = 0");
-        expect_err(f(&p, tok, 6), "k = 6 exceeds the L = 5");
-        expect_err(f(&zeros(&[5, 4], DType::F32), tok, 1), "rank 3");
-        expect_err(f(&zeros(&[2, 5, 0], DType::F32), tok, 1), "D = 0");
-        expect_err(f(&zeros(&[2, 5, 4], DType::U32), tok, 1), "dtype U32");
-        let h_bad_b = zeros(&[3, 3, 4], DType::F32);
-        expect_err(
-            f(
-                &p,
-                Context::Tokens {
-                    h_avl: &h_bad_b,
-                    mask: None,
-                },
-                1,
-            ),
-            "[3, 3, 4]",
-        );
-        let h_bad_d = zeros(&[2, 3, 5], DType::F32);
-        expect_err(
-            f(
-                &p,
-                Context::Tokens {
-                    h_avl: &h_bad_d,
-                    mask: None,
-                },
-                1,
-            ),
-            "D = 4",
-        );
-        let h_rank = zeros(&[2, 12], DType::F32);
-        expect_err(
-            f(
-                &p,
-                Context::Tokens {
-                    h_avl: &h_rank,
-                    mask: None,
-                },
-                1,
-            ),
-            "[2, 12]",
-        );
-        let h_empty = zeros(&[2, 0, 4], DType::F32);
-        expect_err(
-            f(
-                &p,
-                Context::Tokens {
-                    h_avl: &h_empty,
-                    mask: None,
-                },
-                1,
-            ),
-            "La = 0",
-        );
-        let h_f16 = zeros(&[2, 3, 4], DType::F16);
-        expect_err(
-            f(
-                &p,
-                Context::Tokens {
-                    h_avl: &h_f16,
-                    mask: None,
-                },
-                1,
-            ),
-            "h_avl dtype F16",
-        );
-        let m_shape = zeros(&[2, 4], DType::F32);
-        expect_err(
-            f(
-                &p,
-                Context::Tokens {
-                    h_avl: &h,
-                    mask: Some(&m_shape),
-                },
-                1,
-            ),
-            "mask has shape [2, 4]",
-        );
-        let m_dtype = zeros(&[2, 3], DType::I64);
-        expect_err(
-            f(
-                &p,
-                Context::Tokens {
-                    h_avl: &h,
-                    mask: Some(&m_dtype),
-                },
-                1,
-            ),
-            "mask dtype I64",
-        );
-        let a_shape = zeros(&[2, 5], DType::F32);
-        expect_err(
-            f(&p, Context::Anchor(&a_shape), 1),
-            "anchor has shape [2, 5]",
-        );
-        let a_dtype = zeros(&[2, 4], DType::BF16);
-        expect_err(f(&p, Context::Anchor(&a_dtype), 1), "anchor dtype BF16");
+    expect_err(f(&p, tok, 0), "k = 0");
+    expect_err(f(&p, tok, 6), "k = 6 exceeds the L = 5");
+    expect_err(f(&zeros(&[5, 4], DType::F32), tok, 1), "rank 3");
+    expect_err(f(&zeros(&[2, 5, 0], DType::F32), tok, 1), "D = 0");
+    expect_err(f(&zeros(&[2, 5, 4], DType::U32), tok, 1), "dtype U32");
+    let h_bad_b = zeros(&[3, 3, 4], DType::F32);
+    expect_err(
+        f(
+            &p,
+            Context::Tokens {
+                h_avl: &h_bad_b,
+                mask: None,
+            },
+            1,
+        ),
+        "[3, 3, 4]",
+    );
+    let h_bad_d = zeros(&[2, 3, 5], DType::F32);
+    expect_err(
+        f(
+            &p,
+            Context::Tokens {
+                h_avl: &h_bad_d,
+                mask: None,
+            },
+            1,
+        ),
+        "D = 4",
+    );
+    let h_rank = zeros(&[2, 12], DType::F32);
+    expect_err(
+        f(
+            &p,
+            Context::Tokens {
+                h_avl: &h_rank,
+                mask: None,
+            },
+            1,
+        ),
+        "[2, 12]",
+    );
+    let h_empty = zeros(&[2, 0, 4], DType::F32);
+    expect_err(
+        f(
+            &p,
+            Context::Tokens {
+                h_avl: &h_empty,
+                mask: None,
+            },
+            1,
+        ),
+        "La = 0",
+    );
+    let h_f16 = zeros(&[2, 3, 4], DType::F16);
+    expect_err(
+        f(
+            &p,
+            Context::Tokens {
+                h_avl: &h_f16,
+                mask: None,
+            },
+            1,
+        ),
+        "h_avl dtype F16",
+    );
+    let m_shape = zeros(&[2, 4], DType::F32);
+    expect_err(
+        f(
+            &p,
+            Context::Tokens {
+                h_avl: &h,
+                mask: Some(&m_shape),
+            },
+            1,
+        ),
+        "mask has shape [2, 4]",
+    );
+    let m_dtype = zeros(&[2, 3], DType::I64);
+    expect_err(
+        f(
+            &p,
+            Context::Tokens {
+                h_avl: &h,
+                mask: Some(&m_dtype),
+            },
+            1,
+        ),
+        "mask dtype I64",
+    );
+    let a_shape = zeros(&[2, 5], DType::F32);
+    expect_err(
+        f(&p, Context::Anchor(&a_shape), 1),
+        "anchor has shape [2, 5]",
+    );
+    let a_dtype = zeros(&[2, 4], DType::BF16);
+    expect_err(f(&p, Context::Anchor(&a_dtype), 1), "anchor dtype BF16");
+}
+
+const GRAD_MODES: [&str; 4] = ["tokens", "masked", "masked_u8", "anchor"];
+
+/// One gradient problem of the backward tests: P [2, 5, 7], the context (tokens [2, 4, 7]
+/// with or without a mask, or an anchor [2, 7]), k = 2, and the loss sum(delta * w).
+struct GradCase {
+    dims: (usize, usize, usize, usize, usize),
+    pv: Vec<f64>,
+    cv: Vec<f64>,
+    ctx_shape: Vec<usize>,
+    wv: Vec<f64>,
+    mask: Option<Tensor>,
+    anchor: bool,
+}
+
+fn grad_case(case: usize, mode: &str) -> Result<GradCase> {
+    let mut r = rng(40 + case as u64);
+    let (b, l, la, d, k) = (2, 5, 4, 7, 2);
+    let pv = rand64(&mut r, b * l * d);
+    let hv = rand64(&mut r, b * la * d);
+    let av = rand64(&mut r, b * d);
+    let wv = rand64(&mut r, b * l);
+    let mask_f = Tensor::from_vec(
+        vec![1f32, 0., 1., 1., 0., 1., 1., 0.],
+        (b, la),
+        &Device::Cpu,
+    )?;
+    let mask = match mode {
+        "masked" => Some(mask_f.clone()),
+        "masked_u8" => Some(mask_f.to_dtype(DType::U8)?),
+        _ => None,
+    };
+    let anchor = mode == "anchor";
+    Ok(GradCase {
+        dims: (b, l, la, d, k),
+        pv,
+        cv: if anchor { av } else { hv },
+        ctx_shape: if anchor { vec![b, d] } else { vec![b, la, d] },
+        wv,
+        mask,
+        anchor,
+    })
+}
+
+impl GradCase {
+    /// sum(delta * w) of `op` at P = `p`, context = `c` (tensors of dtype `dt`).
+    fn loss(&self, op: DisOp, p: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let (b, l, _, _, k) = self.dims;
+        let ctx = if self.anchor {
+            Context::Anchor(c)
+        } else {
+            Context::Tokens {
+                h_avl: c,
+                mask: self.mask.as_ref(),
+            }
+        };
+        let out = op(p, ctx, k)?;
+        assert_eq!(out.delta.dtype(), p.dtype());
+        let w = tensor64(self.wv.clone(), &[b, l])?.to_dtype(p.dtype())?;
+        (out.delta * w)?.sum_all()
+    }
+
+    fn p_shape(&self) -> [usize; 3] {
+        let (b, l, _, d, _) = self.dims;
+        [b, l, d]
+    }
+
+    /// Gradients (dP, dctx) of the loss through `op` with inputs in `dt`, as f64, and the
+    /// context gradient as [B, La, D] rows (tokens modes).
+    fn grads(&self, op: DisOp, dt: DType) -> Result<(Vec<f64>, Vec<f64>)> {
+        let p = Var::from_tensor(&tensor64(self.pv.clone(), &self.p_shape())?.to_dtype(dt)?)?;
+        let c = Var::from_tensor(&tensor64(self.cv.clone(), &self.ctx_shape)?.to_dtype(dt)?)?;
+        let grads = self.loss(op, p.as_tensor(), c.as_tensor())?.backward()?;
+        let as64 = |v: &Var| -> Result<Vec<f64>> {
+            match grads.get(v.as_tensor()) {
+                Some(g) => g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>(),
+                None => Ok(vec![0.0; v.elem_count()]),
+            }
+        };
+        Ok((as64(&p)?, as64(&c)?))
+    }
+
+    /// Padded tokens (mask 0 at [0, 1] and [1, 3]) get no gradient.
+    fn check_padded_zero(&self, gc: &[f64], what: &str) {
+        let (_, _, la, d, _) = self.dims;
+        for (bi, t) in [(0, 1), (1, 3)] {
+            let row = &gc[(bi * la + t) * d..(bi * la + t + 1) * d];
+            assert!(
+                row.iter().all(|&x| x == 0.0),
+                "{what}: padded token gradient"
+            );
+        }
     }
 }
 
 #[test]
 fn dissonance_backward_matches_finite_differences() -> Result<()> {
-    for (case, mode) in ["tokens", "masked", "masked_u8", "anchor"]
-        .iter()
-        .enumerate()
-    {
-        let mut r = rng(40 + case as u64);
-        let (b, l, la, d, k) = (2, 5, 4, 7, 2);
-        let pv = rand64(&mut r, b * l * d);
-        let hv = rand64(&mut r, b * la * d);
-        let av = rand64(&mut r, b * d);
-        let wv = rand64(&mut r, b * l);
-        let mask_f = Tensor::from_vec(
-            vec![1f32, 0., 1., 1., 0., 1., 1., 0.],
-            (b, la),
-            &Device::Cpu,
-        )?;
-        let mask = match *mode {
-            "masked" => Some(mask_f.clone()),
-            "masked_u8" => Some(mask_f.to_dtype(DType::U8)?),
-            _ => None,
-        };
-        let w = tensor64(wv, &[b, l])?;
-        let anchor_mode = *mode == "anchor";
-        let ctx_shape: Vec<usize> = if anchor_mode {
-            vec![b, d]
-        } else {
-            vec![b, la, d]
-        };
-        let cv = if anchor_mode { av } else { hv };
-        let loss = |p: &Tensor, c: &Tensor, reference: bool| -> Result<Tensor> {
-            let ctx = if anchor_mode {
-                Context::Anchor(c)
-            } else {
-                Context::Tokens {
-                    h_avl: c,
-                    mask: mask.as_ref(),
-                }
-            };
-            let out = if reference {
-                dissonance_topk_reference(p, ctx, k)?
-            } else {
-                dissonance_topk(p, ctx, k)?
-            };
-            assert_eq!(out.delta.dtype(), DType::F64);
-            (out.delta * &w)?.sum_all()
-        };
-        let p = Var::from_tensor(&tensor64(pv.clone(), &[b, l, d])?)?;
-        let c = Var::from_tensor(&tensor64(cv.clone(), &ctx_shape)?)?;
-        let grads = loss(p.as_tensor(), c.as_tensor(), false)?.backward()?;
-        let (gp, gc) = (grad_vec(&grads, &p)?, grad_vec(&grads, &c)?);
+    for (case, mode) in GRAD_MODES.iter().enumerate() {
+        let g = grad_case(case, mode)?;
+        let (gp, gc) = g.grads(dissonance_topk, DType::F64)?;
         // against candle's autograd through the reference
-        let rgrads = loss(p.as_tensor(), c.as_tensor(), true)?.backward()?;
-        assert_close(
-            &gp,
-            &grad_vec(&rgrads, &p)?,
-            &format!("{mode}: dP vs reference autograd"),
-        );
-        assert_close(
-            &gc,
-            &grad_vec(&rgrads, &c)?,
-            &format!("{mode}: dctx vs reference autograd"),
-        );
+        let (rp, rc) = g.grads(dissonance_topk_reference, DType::F64)?;
+        assert_close(&gp, &rp, &format!("{mode}: dP vs reference autograd"));
+        assert_close(&gc, &rc, &format!("{mode}: dctx vs reference autograd"));
         // against finite differences
-        let all_p: Vec<usize> = (0..pv.len()).collect();
-        let fp = fd(&pv, &all_p, &|x| {
-            scalar(&loss(
-                &tensor64(x.to_vec(), &[b, l, d])?,
-                c.as_tensor(),
-                false,
+        let at = |pv: &[f64], cv: &[f64]| -> Result<f64> {
+            scalar(&g.loss(
+                dissonance_topk,
+                &tensor64(pv.to_vec(), &g.p_shape())?,
+                &tensor64(cv.to_vec(), &g.ctx_shape)?,
             )?)
-        })?;
+        };
+        let all_p: Vec<usize> = (0..g.pv.len()).collect();
+        let fp = fd(&g.pv, &all_p, &|x| at(x, &g.cv))?;
         assert_close(&gp, &fp, &format!("{mode}: dP"));
-        let all_c: Vec<usize> = (0..cv.len()).collect();
-        let fc = fd(&cv, &all_c, &|x| {
-            scalar(&loss(
-                p.as_tensor(),
-                &tensor64(x.to_vec(), &ctx_shape)?,
-                false,
-            )?)
-        })?;
+        let all_c: Vec<usize> = (0..g.cv.len()).collect();
+        let fc = fd(&g.cv, &all_c, &|x| at(&g.pv, x))?;
         assert_close(&gc, &fc, &format!("{mode}: dctx"));
         if *mode == "masked" {
-            // padded tokens get no gradient
-            let g = grads
-                .get(c.as_tensor())
-                .expect("context gradient")
-                .to_vec3::<f64>()?;
-            assert!(g[0][1].iter().chain(&g[1][3]).all(|&x| x == 0.0));
+            g.check_padded_zero(&gc, mode);
         }
     }
     Ok(())
+}
+
+/// The backward on CUDA (f32: the kernels have no f64) against the fused CPU op's f32
+/// backward (itself held to finite differences in f64 above) and the reference's autograd.
+#[test]
+fn cuda_dissonance_backward_matches_cpu() {
+    on_cuda("cuda_dissonance_backward_matches_cpu", || {
+        for (case, mode) in GRAD_MODES.iter().enumerate() {
+            let g = grad_case(case, mode).unwrap();
+            let (gp, gc) = g.grads(dissonance_topk_cuda, DType::F32).unwrap();
+            let (fp, fc) = g.grads(dissonance_topk, DType::F32).unwrap();
+            let (rp, rc) = g.grads(dissonance_topk_reference, DType::F32).unwrap();
+            assert_close_f32(&gp, &fp, &format!("{mode}: dP vs fused cpu"));
+            assert_close_f32(&gc, &fc, &format!("{mode}: dctx vs fused cpu"));
+            assert_close_f32(&gp, &rp, &format!("{mode}: dP vs reference autograd"));
+            assert_close_f32(&gc, &rc, &format!("{mode}: dctx vs reference autograd"));
+            if *mode == "masked" {
+                g.check_padded_zero(&gc, mode);
+            }
+        }
+    });
 }

@@ -1,32 +1,100 @@
-//! gather_inject: fused CPU path and emulated CUDA kernels (forward and backward) against the
-//! candle reference, error paths and the backward against finite differences.
+//! gather_inject: fused CPU path, emulated CUDA kernels (forward and backward) and the op on
+//! a CUDA device (`cuda_*`, see `super::executors`) against the candle reference, error
+//! paths and the backward against finite differences.
 
 use super::common::*;
+use super::executors::{gather_inject_cuda, on_cuda};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use r2scp::cap::{
     gather_inject, gather_inject_backward_emulated, gather_inject_emulated, gather_inject_reference,
 };
 
-#[test]
-fn gather_inject_fused_matches_reference_210_cases() -> Result<()> {
-    for seed in 0..210u64 {
+type InjOp = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+fn case_name(seed: u64, c: &InjCase, dtype: DType) -> String {
+    format!(
+        "seed {seed}: B={} L={} Ls={} D={} k={} {dtype:?}",
+        c.b, c.l, c.ls, c.d, c.k
+    )
+}
+
+fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// `cases` random injections (every dtype, repeated salient rows) against the reference,
+/// exactly: the injection is a copy.
+fn matches_reference(op: InjOp, what: &str, cases: u64) -> Result<()> {
+    for seed in 0..cases {
         let dtype = DTYPES[(seed % 3) as usize];
         let c = inj_case(seed, dtype)?;
-        let name = format!(
-            "seed {seed}: B={} L={} Ls={} D={} k={} {dtype:?}",
-            c.b, c.l, c.ls, c.d, c.k
-        );
-        let got = gather_inject(&c.h, &c.src, &c.noise, &c.sal)?;
+        let name = format!("{what} {}", case_name(seed, &c, dtype));
+        let got = op(&c.h, &c.src, &c.noise, &c.sal)?;
         let want = gather_inject_reference(&c.h, &c.src, &c.noise, &c.sal)?;
         assert_eq!(got.dims(), [c.b, c.l, c.d], "{name}");
         assert_eq!(got.dtype(), dtype, "{name}");
-        let (g, w) = (
-            got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-            want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        assert_eq!(
+            flat(&got)?,
+            flat(&want)?,
+            "{name}: injection is a copy and must be exact"
         );
-        assert_eq!(g, w, "{name}: injection is a copy and must be exact");
     }
     Ok(())
+}
+
+#[test]
+fn gather_inject_fused_matches_reference_210_cases() -> Result<()> {
+    matches_reference(gather_inject, "fused cpu", 210)
+}
+
+#[test]
+fn cuda_gather_inject_matches_reference_210_cases() {
+    on_cuda("cuda_gather_inject_matches_reference_210_cases", || {
+        matches_reference(gather_inject_cuda, "cuda", 210).unwrap()
+    });
+}
+
+/// Gradients (grad_h, grad_src) of sum(out * grad) through `op`, as f32 values.
+fn backward_of(op: InjOp, c: &InjCase, grad: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+    let hv = Var::from_tensor(&c.h)?;
+    let sv = Var::from_tensor(&c.src)?;
+    let out = op(hv.as_tensor(), sv.as_tensor(), &c.noise, &c.sal)?;
+    let grads = (out.to_dtype(DType::F32)? * grad.to_dtype(DType::F32)?)?
+        .sum_all()?
+        .backward()?;
+    let gh = grads.get(hv.as_tensor()).expect("grad h");
+    let gs = grads.get(sv.as_tensor()).expect("grad src");
+    Ok((flat(gh)?, flat(gs)?))
+}
+
+/// The backward on CUDA against the fused CPU op's backward (held to finite differences
+/// below): grad_h is a masked copy and exact; grad_src sums repeated salient rows, whose
+/// order of accumulation may differ on the device, so it is held to the dtype's rounding.
+#[test]
+fn cuda_gather_inject_backward_matches_cpu() {
+    on_cuda("cuda_gather_inject_backward_matches_cpu", || {
+        for seed in 0..210u64 {
+            let dtype = DTYPES[(seed % 3) as usize];
+            let c = inj_case(seed, dtype).unwrap();
+            let name = format!("cuda {}", case_name(seed, &c, dtype));
+            let mut r = rng(9000 + seed);
+            let grad = tensor(rand_vec(&mut r, c.b * c.l * c.d), &[c.b, c.l, c.d], dtype).unwrap();
+            let (gh, gs) = backward_of(gather_inject_cuda, &c, &grad).unwrap();
+            let (wh, ws) = backward_of(gather_inject, &c, &grad).unwrap();
+            assert_eq!(gh, wh, "{name}: grad_h");
+            let tol = match dtype {
+                DType::F32 => 1e-6,
+                DType::F16 => 2e-3,
+                _ => 1.6e-2,
+            };
+            for (i, (g, w)) in gs.iter().zip(&ws).enumerate() {
+                assert!(
+                    (g - w).abs() <= tol * w.abs().max(1.0),
+                    "{name}: grad_src[{i}] {g} vs {w}"
+                );
+            }
+        }
+    });
 }
 
 #[test]
@@ -34,31 +102,18 @@ fn emu_gather_inject_kernels_match_reference() -> Result<()> {
     for seed in 0..emu_cases() {
         let dtype = DTYPES[(seed % 3) as usize];
         let c = inj_case(seed, dtype)?;
-        let name = format!(
-            "seed {seed}: B={} L={} Ls={} D={} k={} {dtype:?}",
-            c.b, c.l, c.ls, c.d, c.k
-        );
+        let name = format!("emulated {}", case_name(seed, &c, dtype));
         let got = gather_inject_emulated(&c.h, &c.src, &c.noise, &c.sal)?;
         let want = gather_inject_reference(&c.h, &c.src, &c.noise, &c.sal)?;
-        let flat = |t: &Tensor| -> Result<Vec<f32>> {
-            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-        };
         assert_eq!(flat(&got)?, flat(&want)?, "{name}: forward");
         // backward: against the fused CPU op's autograd (itself checked against finite
-        // differences and the reference's autograd in tests/cap_grad.rs)
+        // differences and the reference's autograd below)
         let mut r = rng(9000 + seed);
         let grad = tensor(rand_vec(&mut r, c.b * c.l * c.d), &[c.b, c.l, c.d], dtype)?;
         let (gh, gs) = gather_inject_backward_emulated(&grad, &c.src, &c.noise, &c.sal)?;
-        let hv = Var::from_tensor(&c.h)?;
-        let sv = Var::from_tensor(&c.src)?;
-        let out = gather_inject(hv.as_tensor(), sv.as_tensor(), &c.noise, &c.sal)?;
-        let grads = (out.to_dtype(DType::F32)? * grad.to_dtype(DType::F32)?)?
-            .sum_all()?
-            .backward()?;
-        let wh = grads.get(hv.as_tensor()).expect("grad h");
-        let ws = grads.get(sv.as_tensor()).expect("grad src");
-        assert_eq!(flat(&gh)?, flat(wh)?, "{name}: grad_h");
-        let diff = max_abs_diff(&flat(&gs)?, &flat(ws)?);
+        let (wh, ws) = backward_of(gather_inject, &c, &grad)?;
+        assert_eq!(flat(&gh)?, wh, "{name}: grad_h");
+        let diff = max_abs_diff(&flat(&gs)?, &ws);
         assert!(diff == 0.0, "{name}: grad_src differs by {diff}");
     }
     Ok(())
@@ -66,75 +121,86 @@ fn emu_gather_inject_kernels_match_reference() -> Result<()> {
 
 #[test]
 fn gather_inject_errors() {
+    error_cases(gather_inject);
+    error_cases(gather_inject_reference);
+}
+
+#[test]
+fn cuda_gather_inject_errors() {
+    on_cuda("cuda_gather_inject_errors", || {
+        error_cases(gather_inject_cuda)
+    });
+}
+
+/// Every input error names the offending value or index.
+fn error_cases(f: InjOp) {
     let h = zeros(&[2, 5, 4], DType::F32);
     let s = zeros(&[2, 3, 4], DType::F32);
     let ok = u32s(vec![0, 1, 2, 3], (2, 2));
     let sal = u32s(vec![0, 2, 1, 1], (2, 2));
-    for f in [gather_inject, gather_inject_reference] {
-        expect_err(
-            f(&h, &s, &u32s(vec![0, 1, 3, 3], (2, 2)), &sal),
-            "holds index 3 twice",
-        );
-        expect_err(
-            f(&h, &s, &u32s(vec![0, 5, 1, 2], (2, 2)), &sal),
-            "noise_idx[0, 1] = 5 is out of range",
-        );
-        expect_err(
-            f(&h, &s, &ok, &u32s(vec![0, 1, 3, 0], (2, 2))),
-            "salient_idx[1, 0] = 3 is out of range",
-        );
-        expect_err(
-            f(&h, &s, &u32s(vec![], (2, 0)), &u32s(vec![], (2, 0))),
-            "k = 0",
-        );
-        expect_err(
-            f(
-                &h,
-                &s,
-                &u32s((0..12).map(|i| i % 6).collect(), (2, 6)),
-                &u32s(vec![0; 12], (2, 6)),
-            ),
-            "k = 6 noise indices per row exceed the L = 5",
-        );
-        expect_err(f(&zeros(&[10, 4], DType::F32), &s, &ok, &sal), "rank 3");
-        expect_err(
-            f(&h, &zeros(&[2, 3, 5], DType::F32), &ok, &sal),
-            "src has shape [2, 3, 5]",
-        );
-        expect_err(
-            f(&h, &zeros(&[1, 3, 4], DType::F32), &ok, &sal),
-            "src has shape [1, 3, 4]",
-        );
-        expect_err(
-            f(&h, &zeros(&[2, 3, 4], DType::F16), &ok, &sal),
-            "src dtype F16",
-        );
-        expect_err(
-            f(
-                &zeros(&[2, 5, 4], DType::U8),
-                &zeros(&[2, 3, 4], DType::U8),
-                &ok,
-                &sal,
-            ),
-            "dtype U8",
-        );
-        expect_err(
-            f(&h, &s, &ok.to_dtype(DType::I64).expect("i64"), &sal),
-            "noise_idx has dtype I64",
-        );
-        expect_err(
-            f(&h, &s, &ok, &sal.to_dtype(DType::F32).expect("f32")),
-            "salient_idx has dtype F32",
-        );
-        expect_err(
-            f(&h, &s, &u32s(vec![0, 1, 2], (1, 3)), &sal),
-            "noise_idx has shape [1, 3]",
-        );
-        expect_err(
-            f(&h, &s, &ok, &u32s(vec![0, 1, 2], (1, 3))),
-            "salient_idx has shape [1, 3]",
-        );
-    }
+    expect_err(
+        f(&h, &s, &u32s(vec![0, 1, 3, 3], (2, 2)), &sal),
+        "holds index 3 twice",
+    );
+    expect_err(
+        f(&h, &s, &u32s(vec![0, 5, 1, 2], (2, 2)), &sal),
+        "noise_idx[0, 1] = 5 is out of range",
+    );
+    expect_err(
+        f(&h, &s, &ok, &u32s(vec![0, 1, 3, 0], (2, 2))),
+        "salient_idx[1, 0] = 3 is out of range",
+    );
+    expect_err(
+        f(&h, &s, &u32s(vec![], (2, 0)), &u32s(vec![], (2, 0))),
+        "k = 0",
+    );
+    expect_err(
+        f(
+            &h,
+            &s,
+            &u32s((0..12).map(|i| i % 6).collect(), (2, 6)),
+            &u32s(vec![0; 12], (2, 6)),
+        ),
+        "k = 6 noise indices per row exceed the L = 5",
+    );
+    expect_err(f(&zeros(&[10, 4], DType::F32), &s, &ok, &sal), "rank 3");
+    expect_err(
+        f(&h, &zeros(&[2, 3, 5], DType::F32), &ok, &sal),
+        "src has shape [2, 3, 5]",
+    );
+    expect_err(
+        f(&h, &zeros(&[1, 3, 4], DType::F32), &ok, &sal),
+        "src has shape [1, 3, 4]",
+    );
+    expect_err(
+        f(&h, &zeros(&[2, 3, 4], DType::F16), &ok, &sal),
+        "src dtype F16",
+    );
+    expect_err(
+        f(
+            &zeros(&[2, 5, 4], DType::U8),
+            &zeros(&[2, 3, 4], DType::U8),
+            &ok,
+            &sal,
+        ),
+        "dtype U8",
+    );
+    expect_err(
+        f(&h, &s, &ok.to_dtype(DType::I64).expect("i64"), &sal),
+        "noise_idx has dtype I64",
+    );
+    expect_err(
+        f(&h, &s, &ok, &sal.to_dtype(DType::F32).expect("f32")),
+        "salient_idx has dtype F32",
+    );
+    expect_err(
+        f(&h, &s, &u32s(vec![0, 1, 2], (1, 3)), &sal),
+        "noise_idx has shape [1, 3]",
+    );
+    expect_err(
+        f(&h, &s, &ok, &u32s(vec![0, 1, 2], (1, 3))),
+        "salient_idx has shape [1, 3]",
+    );
 }
 
 #[test]

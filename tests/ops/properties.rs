@@ -11,12 +11,17 @@
 //! the reference is defined (finite inputs for the CAP ops, whose references use NaN-unsafe
 //! sorts and `0 * x` masking).
 //!
-//! Executors: the fused CPU path (300 cases per op, or `R2SCP_PROP_CASES`) and the emulated
+//! Executors: the fused CPU path (300 cases per op, or `R2SCP_PROP_CASES`), the emulated
 //! CUDA kernels (`emu_*` tests, rerun under ThreadSanitizer by `.ci/run`; 210 cases, or
-//! `R2SCP_EMU_CASES`). Each property is a `check_*(executors, cases)` function; an executor
-//! says which dtypes its device has kernels for (f64 runs on the CPU only).
+//! `R2SCP_EMU_CASES`) and the public op on CUDA device 0 (`cuda_*` tests, see
+//! `super::executors`; 300 cases, or `R2SCP_PROP_CASES`). Each property is a
+//! `check_*(executors, cases)` function; an executor says which dtypes its device has kernels
+//! for (f64 runs on the CPU only).
 
 use super::common::emu_cases;
+use super::executors::{
+    cosine_topk_cuda, dissonance_topk_cuda, gather_inject_cuda, on_cuda, topk_rows_cuda,
+};
 use candle_core::{DType, Device, Tensor};
 use r2scp::cap::{
     dissonance_topk, dissonance_topk_emulated, dissonance_topk_reference, gather_inject,
@@ -53,6 +58,15 @@ const fn fused<O>(op: O) -> Executor<O> {
 const fn emulated<O>(op: O) -> Executor<O> {
     Executor {
         name: "emulated kernel",
+        op,
+        f64: false,
+    }
+}
+
+/// The public op on CUDA device 0: the kernels have no f64.
+const fn on_device<O>(op: O) -> Executor<O> {
+    Executor {
+        name: "cuda",
         op,
         f64: false,
     }
@@ -227,6 +241,13 @@ fn same_nan_or_close(a: f64, b: f64, tol: f64) -> bool {
 #[test]
 fn cosine_topk_property() {
     check_cosine_topk(&[fused(cosine_topk)], cases());
+}
+
+#[test]
+fn cuda_cosine_topk_property() {
+    on_cuda("cuda_cosine_topk_property", || {
+        check_cosine_topk(&[on_device(cosine_topk_cuda)], cases())
+    });
 }
 
 #[test]
@@ -406,6 +427,13 @@ fn topk_rows_property() {
 }
 
 #[test]
+fn cuda_topk_rows_property() {
+    on_cuda("cuda_topk_rows_property", || {
+        check_topk_rows(&[on_device(topk_rows_cuda)], cases())
+    });
+}
+
+#[test]
 fn emu_topk_rows_property() {
     check_topk_rows(&[emulated(topk_rows_emulated)], emu_cases());
 }
@@ -518,6 +546,13 @@ fn check_topk_rows(executors: &[Executor<RowsOp>], n_cases: u64) {
 #[test]
 fn dissonance_topk_property() {
     check_dissonance_topk(&[fused(dissonance_topk)], cases());
+}
+
+#[test]
+fn cuda_dissonance_topk_property() {
+    on_cuda("cuda_dissonance_topk_property", || {
+        check_dissonance_topk(&[on_device(dissonance_topk_cuda)], cases())
+    });
 }
 
 #[test]
@@ -724,6 +759,13 @@ fn check_dissonance_topk(executors: &[Executor<DisOp>], n_cases: u64) {
 #[test]
 fn gather_inject_property() {
     check_gather_inject(&[fused(gather_inject)], cases());
+}
+
+#[test]
+fn cuda_gather_inject_property() {
+    on_cuda("cuda_gather_inject_property", || {
+        check_gather_inject(&[on_device(gather_inject_cuda)], cases())
+    });
 }
 
 #[test]

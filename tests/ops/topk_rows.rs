@@ -1,28 +1,62 @@
-//! topk_rows: fused CPU path and emulated CUDA kernel against the candle reference and an
-//! exact top-k, NaN ordering and error paths.
+//! topk_rows: fused CPU path, emulated CUDA kernel and the op on a CUDA device (`cuda_*`,
+//! see `super::executors`) against the candle reference and an exact top-k, NaN ordering and
+//! error paths.
 
 use super::common::*;
+use super::executors::{on_cuda, topk_rows_cuda};
 use candle_core::{DType, Device, Result, Tensor};
 use r2scp::cap::{topk_rows, topk_rows_emulated, topk_rows_reference};
 use rand::Rng;
 
-#[test]
-fn topk_ignores_nan_until_numbers_run_out() -> Result<()> {
+type RowsOp = fn(&Tensor, usize) -> Result<(Tensor, Tensor)>;
+
+/// NaN ranks as -inf: numbers first (ties to the lower index), then the NaNs by index.
+fn ignores_nan_until_numbers_run_out(op: RowsOp, what: &str) -> Result<()> {
     let s = Tensor::from_vec(
         vec![0.5f32, f32::NAN, 0.7, 0.5, f32::NAN],
         (1, 5),
         &Device::Cpu,
     )?;
-    let (v, i) = topk_rows(&s, 5)?;
-    assert_eq!(to_u32_rows(&i)?[0], vec![2, 0, 3, 1, 4]);
+    let (v, i) = op(&s, 5)?;
+    assert_eq!(to_u32_rows(&i)?[0], vec![2, 0, 3, 1, 4], "{what}");
     let v = v.to_vec2::<f32>()?;
-    assert_eq!(&v[0][..3], &[0.7, 0.5, 0.5]);
-    assert!(v[0][3].is_nan() && v[0][4].is_nan());
+    assert_eq!(&v[0][..3], &[0.7, 0.5, 0.5], "{what}");
+    assert!(v[0][3].is_nan() && v[0][4].is_nan(), "{what}");
     Ok(())
 }
 
 #[test]
+fn topk_ignores_nan_until_numbers_run_out() -> Result<()> {
+    ignores_nan_until_numbers_run_out(topk_rows, "fused cpu")
+}
+
+#[test]
+fn emu_topk_ignores_nan_until_numbers_run_out() -> Result<()> {
+    ignores_nan_until_numbers_run_out(topk_rows_emulated, "emulated")
+}
+
+#[test]
+fn cuda_topk_ignores_nan_until_numbers_run_out() {
+    on_cuda("cuda_topk_ignores_nan_until_numbers_run_out", || {
+        ignores_nan_until_numbers_run_out(topk_rows_cuda, "cuda").unwrap()
+    });
+}
+
+#[test]
 fn topk_rows_matches_reference_210_cases() -> Result<()> {
+    matches_reference(topk_rows, "fused cpu")
+}
+
+#[test]
+fn cuda_topk_rows_matches_reference_210_cases() {
+    on_cuda("cuda_topk_rows_matches_reference_210_cases", || {
+        matches_reference(topk_rows_cuda, "cuda").unwrap()
+    });
+}
+
+/// 210 random score matrices with frequent ties: indices exact, values equal to the
+/// reference's.
+fn matches_reference(op: RowsOp, what: &str) -> Result<()> {
     for seed in 0..210u64 {
         let mut r = rng(5000 + seed);
         let b = r.random_range(1..=70usize);
@@ -34,15 +68,15 @@ fn topk_rows_matches_reference_210_cases() -> Result<()> {
             .map(|_| (r.random_range(0.0f32..1.0) * levels).floor() / levels)
             .collect();
         let s = Tensor::from_vec(v.clone(), (b, l), &Device::Cpu)?;
-        let (val, idx) = topk_rows(&s, k)?;
+        let (val, idx) = op(&s, k)?;
         let (rval, ridx) = topk_rows_reference(&s, k)?;
         let (iv, riv) = (to_u32_rows(&idx)?, to_u32_rows(&ridx)?);
         let (vv, rvv) = (to_f32_rows(&val)?, to_f32_rows(&rval)?);
         for bi in 0..b {
             let want = exact_topk(&v[bi * l..(bi + 1) * l], k);
-            assert_eq!(iv[bi], want, "seed {seed} row {bi}");
+            assert_eq!(iv[bi], want, "{what}: seed {seed} row {bi}");
             assert_eq!(riv[bi], want, "seed {seed} row {bi}: reference");
-            assert_eq!(vv[bi], rvv[bi], "seed {seed} row {bi}: values");
+            assert_eq!(vv[bi], rvv[bi], "{what}: seed {seed} row {bi}: values");
         }
     }
     Ok(())
@@ -50,7 +84,21 @@ fn topk_rows_matches_reference_210_cases() -> Result<()> {
 
 #[test]
 fn emu_topk_rows_kernel_matches_reference() -> Result<()> {
-    for seed in 0..emu_cases() {
+    long_rows_and_nan(topk_rows_emulated, "emulated", emu_cases())
+}
+
+#[test]
+fn cuda_topk_rows_long_rows_and_nan() {
+    on_cuda("cuda_topk_rows_long_rows_and_nan", || {
+        long_rows_and_nan(topk_rows_cuda, "cuda", 210).unwrap()
+    });
+}
+
+/// `cases` random rows, every tenth longer than the kernel's largest tile (1000-2100 columns,
+/// k up to 1024), every fifth with a NaN and a -inf: against the fused CPU path (same NaN
+/// order), an exact top-k and the reference (where it has no NaN).
+fn long_rows_and_nan(op: RowsOp, what: &str, cases: u64) -> Result<()> {
+    for seed in 0..cases {
         let mut r = rng(7000 + seed);
         let b = r.random_range(1..=6usize);
         let l = if seed % 10 == 0 {
@@ -68,30 +116,30 @@ fn emu_topk_rows_kernel_matches_reference() -> Result<()> {
             v[r.random_range(0..b * l)] = f32::NEG_INFINITY;
         }
         let s = Tensor::from_vec(v.clone(), (b, l), &Device::Cpu)?;
-        let (val, idx) = topk_rows_emulated(&s, k)?;
-        let (fval, fidx) = r2scp::cap::topk_rows(&s, k)?;
+        let (val, idx) = op(&s, k)?;
+        let (fval, fidx) = topk_rows(&s, k)?;
         let iv = to_u32_rows(&idx)?;
-        assert_eq!(iv, to_u32_rows(&fidx)?, "seed {seed}: kernel vs fused CPU");
+        assert_eq!(iv, to_u32_rows(&fidx)?, "{what}: seed {seed}: vs fused CPU");
         let vv = val.to_vec2::<f32>()?;
         let fv = fval.to_vec2::<f32>()?;
         for bi in 0..b {
             for j in 0..k {
                 assert!(
                     vv[bi][j] == fv[bi][j] || (vv[bi][j].is_nan() && fv[bi][j].is_nan()),
-                    "seed {seed}"
+                    "{what}: seed {seed}"
                 );
             }
             if seed % 5 != 0 {
                 assert_eq!(
                     iv[bi],
                     exact_topk(&v[bi * l..(bi + 1) * l], k),
-                    "seed {seed} row {bi}"
+                    "{what}: seed {seed} row {bi}"
                 );
             }
         }
         if seed % 5 != 0 {
             let (_, ridx) = topk_rows_reference(&s, k)?;
-            assert_eq!(iv, to_u32_rows(&ridx)?, "seed {seed}: kernel vs reference");
+            assert_eq!(iv, to_u32_rows(&ridx)?, "{what}: seed {seed}: vs reference");
         }
     }
     Ok(())
@@ -99,13 +147,21 @@ fn emu_topk_rows_kernel_matches_reference() -> Result<()> {
 
 #[test]
 fn topk_rows_errors() {
+    error_cases(topk_rows);
+    error_cases(topk_rows_reference);
+}
+
+#[test]
+fn cuda_topk_rows_errors() {
+    on_cuda("cuda_topk_rows_errors", || error_cases(topk_rows_cuda));
+}
+
+fn error_cases(f: RowsOp) {
     let s = zeros(&[3, 4], DType::F32);
-    for f in [topk_rows, topk_rows_reference] {
-        expect_err(f(&s, 0), "k = 0");
-        expect_err(f(&s, 5), "k = 5 exceeds the L = 4");
-        expect_err(f(&zeros(&[3], DType::F32), 1), "rank 2");
-        expect_err(f(&zeros(&[3, 4], DType::U32), 1), "dtype U32");
-    }
+    expect_err(f(&s, 0), "k = 0");
+    expect_err(f(&s, 5), "k = 5 exceeds the L = 4");
+    expect_err(f(&zeros(&[3], DType::F32), 1), "rank 2");
+    expect_err(f(&zeros(&[3, 4], DType::U32), 1), "dtype U32");
 }
 
 #[test]
@@ -120,4 +176,18 @@ fn reference_ranks_nan_last_like_the_fused_op() -> Result<()> {
     assert_eq!(to_u32_rows(&fused)?[0], vec![2, 0, 5, 1, 3, 4]);
     assert_eq!(to_u32_rows(&reference)?, to_u32_rows(&fused)?);
     Ok(())
+}
+
+#[test]
+fn cuda_ranks_nan_last_like_the_fused_op() {
+    on_cuda("cuda_ranks_nan_last_like_the_fused_op", || {
+        let s = Tensor::from_vec(
+            vec![0.5f32, f32::NAN, 0.7, f32::NEG_INFINITY, f32::NAN, 0.5],
+            (1, 6),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (_, idx) = topk_rows_cuda(&s, 6).unwrap();
+        assert_eq!(to_u32_rows(&idx).unwrap()[0], vec![2, 0, 5, 1, 3, 4]);
+    });
 }

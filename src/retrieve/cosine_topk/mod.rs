@@ -242,10 +242,25 @@ pub fn key_norms(keys: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Reference implementation of [`cosine_topk`] from plain candle ops: Eq. 1 scores as a
-/// full [B, M] matrix (matmul, norms, epsilon), excluded rows set to -inf, a stable
-/// descending `arg_sort` (ties keep the lower index), `narrow` to n, `gather`.
-/// Same contract and errors as [`cosine_topk`]; used by the tests and benchmarks.
+/// Columns candle 0.11's CUDA `arg_sort` can sort in one row: it sorts a row inside one
+/// block's shared memory (48 KiB of u32 indices, padded to a power of two).
+pub const CUDA_SORT_MAX_COLS: usize = 8192;
+
+/// Elements of one chunk's [B, rows] score matrix the CPU reference materialises at most
+/// (1 GiB of f32): below it the whole bank is one chunk.
+const CPU_REFERENCE_MAX_ELEMS: usize = 1 << 28;
+
+/// Reference implementation of [`cosine_topk`] from plain candle ops: Eq. 1 scores as
+/// [B, rows] matrices (matmul, norms, epsilon) over chunks of the bank, excluded rows set to
+/// -inf, and a running top-n kept by a descending `arg_sort` of the previous top-n followed
+/// by the chunk's scores, `narrow` to n, `gather`. Same contract and errors as
+/// [`cosine_topk`]; used by the tests and benchmarks.
+///
+/// Chunks: on the CPU the whole bank is one chunk (up to 2^28 scores), and the stable sort
+/// puts equal scores in index order. On CUDA a chunk has `8192 - n` rows, so that every sort
+/// fits candle's CUDA `arg_sort` ([`CUDA_SORT_MAX_COLS`]): this works for any M (10M rows in
+/// about 1200 chunks), and n >= 8192 is an error saying so. candle's CUDA sort is a bitonic
+/// sort, not stable: there equal scores may come in either index order.
 pub fn cosine_topk_reference(
     queries: &Tensor,
     keys: &Tensor,
@@ -255,38 +270,126 @@ pub fn cosine_topk_reference(
 ) -> Result<(Tensor, Tensor)> {
     let op = "cosine_topk_reference";
     let c = check(op, queries, keys, key_norms, n, exclude)?;
+    let chunk_rows = if keys.device().is_cpu() {
+        (CPU_REFERENCE_MAX_ELEMS / c.b.max(1)).max(1)
+    } else if c.n < CUDA_SORT_MAX_COLS {
+        CUDA_SORT_MAX_COLS - c.n
+    } else {
+        bail!(
+            "{op}: n = {} needs a sort of more than {CUDA_SORT_MAX_COLS} columns on {:?}, which candle's CUDA arg_sort cannot do (expected n < {CUDA_SORT_MAX_COLS})",
+            c.n,
+            keys.device().location()
+        )
+    };
+    reference_chunks(op, &c, queries, keys, key_norms, chunk_rows)
+}
+
+/// [`cosine_topk_reference`] with the bank cut into chunks of `chunk_rows` rows (>= 1) on any
+/// device; the tests hold small chunks to the one-chunk result. Test infrastructure.
+#[doc(hidden)]
+pub fn cosine_topk_reference_chunked(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+    chunk_rows: usize,
+) -> Result<(Tensor, Tensor)> {
+    let op = "cosine_topk_reference";
+    let c = check(op, queries, keys, key_norms, n, exclude)?;
+    if chunk_rows == 0 {
+        bail!("{op}: chunk_rows = 0, expected at least 1");
+    }
+    reference_chunks(op, &c, queries, keys, key_norms, chunk_rows)
+}
+
+/// The chunked reference after validation (see [`cosine_topk_reference`]).
+fn reference_chunks(
+    op: &str,
+    c: &contract::Checked,
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    chunk_rows: usize,
+) -> Result<(Tensor, Tensor)> {
     let dev = keys.device();
     let q = queries.to_dtype(DType::F32)?;
-    let k = keys.to_dtype(DType::F32)?;
     let qn = q.sqr()?.sum_keepdim(1)?.sqrt()?; // [B, 1]
-    let kn = match key_norms {
-        Some(t) => t.reshape((1, c.m))?,
-        None => k.sqr()?.sum_keepdim(1)?.sqrt()?.t()?, // [1, M]
+    let ex = c
+        .exclude
+        .iter()
+        .any(|&r| r != u32::MAX)
+        .then(|| Tensor::from_vec(c.exclude.clone(), (c.b, 1), dev))
+        .transpose()?;
+    // Eq. 1 scores of bank rows [r0, r0 + rows) as [B, rows] f32 (NaN where an input is).
+    let raw_scores = |r0: usize, rows: usize| -> Result<Tensor> {
+        let k = keys.narrow(0, r0, rows)?.to_dtype(DType::F32)?;
+        let kn = match key_norms {
+            Some(t) => t.narrow(0, r0, rows)?.reshape((1, rows))?,
+            None => k.sqr()?.sum_keepdim(1)?.sqrt()?.t()?, // [1, rows]
+        };
+        let dots = q.matmul(&k.t()?)?; // [B, rows]
+        let denom = qn.broadcast_mul(&kn)?.affine(1.0, COS_EPS as f64)?;
+        dots.broadcast_div(&denom)
     };
-    let dots = q.matmul(&k.t()?)?; // [B, M]
-    let denom = qn.broadcast_mul(&kn)?.affine(1.0, COS_EPS as f64)?;
-    let mut scores = dots.broadcast_div(&denom)?;
-    let nan = scores.ne(&scores)?; // u8 [B, M]
-    if nan.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? > 0 {
-        let flat = nan.flatten_all()?.to_vec1::<u8>()?;
-        let pos = flat.iter().position(|&x| x != 0).unwrap_or(0);
-        return Err(crate::check::nan_score(
-            op,
-            pos / c.m.max(1),
-            pos % c.m.max(1),
-        ));
+    // The chunk's scores with excluded rows and NaN scores at -inf (a NaN makes the call an
+    // error after the last chunk, and candle's CPU sort panics on NaN), and the number of
+    // NaN scores (a [1] u32 tensor, read once at the end).
+    let chunk_scores = |r0: usize, rows: usize| -> Result<(Tensor, Tensor)> {
+        let scores = raw_scores(r0, rows)?;
+        let mut drop = scores.ne(&scores)?; // u8 [B, rows]
+        let nans = drop.to_dtype(DType::U32)?.sum_all()?.reshape(1)?;
+        if let Some(ex) = &ex {
+            let ids = Tensor::arange(r0 as u32, (r0 + rows) as u32, dev)?.reshape((1, rows))?;
+            drop = drop.maximum(&ids.broadcast_eq(ex)?)?; // [B, rows]
+        }
+        let neg = Tensor::full(f32::NEG_INFINITY, (c.b, rows), dev)?;
+        Ok((drop.where_cond(&neg, &scores)?, nans))
+    };
+    // The running top-n: (scores [B, <= n], bank indices [B, <= n] u32), index-ordered
+    // before each chunk's rows, so a stable sort keeps ties at the lower index.
+    let mut top: Option<(Tensor, Tensor)> = None;
+    let mut nan_counts = Vec::new();
+    let mut r0 = 0;
+    while r0 < c.m {
+        let rows = chunk_rows.min(c.m - r0);
+        let (scores, nans) = chunk_scores(r0, rows)?;
+        nan_counts.push(nans);
+        let ids = Tensor::arange(r0 as u32, (r0 + rows) as u32, dev)?
+            .reshape((1, rows))?
+            .broadcast_as((c.b, rows))?
+            .contiguous()?;
+        let (cand, cand_ids) = match top.take() {
+            None => (scores, ids),
+            Some((ts, ti)) => (
+                Tensor::cat(&[&ts, &scores], 1)?,
+                Tensor::cat(&[&ti, &ids], 1)?,
+            ),
+        };
+        let keep = c.n.min(cand.dim(1)?);
+        let order = cand
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, keep)?
+            .contiguous()?;
+        top = Some((cand.gather(&order, 1)?, cand_ids.gather(&order, 1)?));
+        r0 += rows;
     }
-    if c.exclude.iter().any(|&r| r != u32::MAX) {
-        let ex = Tensor::from_vec(c.exclude.clone(), (c.b, 1), dev)?;
-        let rows = Tensor::arange(0u32, c.m as u32, dev)?.reshape((1, c.m))?;
-        let mask = rows.broadcast_eq(&ex)?; // [B, M]
-        let neg = Tensor::full(f32::NEG_INFINITY, (c.b, c.m), dev)?;
-        scores = mask.where_cond(&neg, &scores)?;
+    // One read of the NaN counts for the whole bank; the first chunk with a NaN is scored
+    // again to name the query and row.
+    if !nan_counts.is_empty() {
+        let counts = Tensor::cat(&nan_counts, 0)?.to_vec1::<u32>()?;
+        if let Some(chunk) = counts.iter().position(|&x| x > 0) {
+            let r0 = chunk * chunk_rows;
+            let rows = chunk_rows.min(c.m - r0);
+            let scores = raw_scores(r0, rows)?;
+            let flat = scores.ne(&scores)?.flatten_all()?.to_vec1::<u8>()?;
+            let pos = flat.iter().position(|&x| x != 0).unwrap_or(0);
+            return Err(crate::check::nan_score(op, pos / rows, r0 + pos % rows));
+        }
     }
-    let idx = scores
-        .arg_sort_last_dim(false)?
-        .narrow(1, 0, c.n)?
-        .contiguous()?;
-    let top = scores.gather(&idx, 1)?;
-    Ok((top, idx))
+    match top {
+        Some(t) => Ok(t),
+        // M = 0 cannot pass the checks (n >= 1 > M); kept as an error, not a panic.
+        None => bail!("{op}: empty bank"),
+    }
 }
