@@ -15,7 +15,7 @@
 //! score, an `exclude` entry out of range, an exclusion with n = M) are found on the device and
 //! written to a 3-word error word of the call, `[code, detail, detail]`; the exclusion vector is
 //! read by the kernels where it lies (never uploaded, never read back). The call queues both
-//! kernels and returns [`DeviceTopN`] at once. Checked callers read the word once, after both
+//! kernels and returns `DeviceTopN` at once. Checked callers read the word once, after both
 //! kernels (`cosine_topk`: one synchronisation per call, where the old path synchronised between
 //! the kernels and uploaded the exclusions); unchecked callers (`cosine_topk_deferred`) read it
 //! when they choose, and meanwhile every score of a failed call is NaN, so a consumer of the
