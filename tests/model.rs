@@ -468,6 +468,27 @@ fn ce(logits: &Tensor, y: &Tensor) -> Tensor {
         .unwrap()
 }
 
+/// Gradients of the stage-II loss (answer cross-entropy plus 0.1 x the two ranking terms)
+/// of one training forward of `m` on `b`.
+fn stage_two_grads(m: &R2scp, s: &Setup, b: &Batch) -> candle_core::backprop::GradStore {
+    let out = m
+        .forward_with(
+            b,
+            &s.banks,
+            ForwardOptions {
+                train: true,
+                rank_terms: true,
+            },
+        )
+        .unwrap();
+    let r = out.rank.as_ref().expect("rank terms");
+    let y = b.answer.index_select(&r.rows_t, 0).unwrap();
+    let loss = (ce(&out.logits, &b.answer)
+        + ((ce(&r.logits_gt, &y) + ce(&r.logits_neg, &y)).unwrap() * 0.1).unwrap())
+    .unwrap();
+    loss.backward().unwrap()
+}
+
 #[test]
 fn stage_two_gradients_reach_router_cap_decoder_and_w_proj_not_experts() {
     let s = setup();
@@ -484,22 +505,7 @@ fn stage_two_gradients_reach_router_cap_decoder_and_w_proj_not_experts() {
         }),
     );
     assert!(b.missing.contains(&Missing::Audio) && b.missing.contains(&Missing::Visual));
-    let out = m
-        .forward_with(
-            &b,
-            &s.banks,
-            ForwardOptions {
-                train: true,
-                rank_terms: true,
-            },
-        )
-        .unwrap();
-    let r = out.rank.as_ref().expect("rank terms");
-    let y = b.answer.index_select(&r.rows_t, 0).unwrap();
-    let loss = (ce(&out.logits, &b.answer)
-        + ((ce(&r.logits_gt, &y) + ce(&r.logits_neg, &y)).unwrap() * 0.1).unwrap())
-    .unwrap();
-    let grads = loss.backward().unwrap();
+    let grads = stage_two_grads(&m, &s, &b);
     let all = vars(&s);
     for want in [
         "router.fc1.weight",
@@ -1132,22 +1138,7 @@ fn safe_retrieval_vars_get_gradients_in_stage_two() {
             seed: 2,
         }),
     );
-    let out = m
-        .forward_with(
-            &b,
-            &s.banks,
-            ForwardOptions {
-                train: true,
-                rank_terms: true,
-            },
-        )
-        .unwrap();
-    let r = out.rank.as_ref().expect("rank terms");
-    let y = b.answer.index_select(&r.rows_t, 0).unwrap();
-    let loss = (ce(&out.logits, &b.answer)
-        + ((ce(&r.logits_gt, &y) + ce(&r.logits_neg, &y)).unwrap() * 0.1).unwrap())
-    .unwrap();
-    let grads = loss.backward().unwrap();
+    let grads = stage_two_grads(&m, &s, &b);
     let all = vars(&s);
     for want in [
         "recover.audio.log_tau",

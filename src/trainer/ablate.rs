@@ -480,14 +480,7 @@ fn paper_rows_and_quality(agg: &Agg, results: &[VariantResult]) -> String {
             ("cmr1-cap0", "safe", ""),
             ("full", "safe", "✓"),
         ] {
-            let _ = writeln!(
-                md,
-                "| {r} | {c} | {} | {} | {} | {} |",
-                fmt_mean_std(agg.setting(id, "missing-audio")),
-                fmt_mean_std(agg.setting(id, "missing-visual")),
-                fmt_mean_std(agg.setting(id, "complete")),
-                fmt_mean_std(agg.miss(id))
-            );
+            let _ = writeln!(md, "| {r} | {c} | {} |", agg.setting_cells(id));
         }
     }
     let mut rows: Vec<(String, RetrievalQuery, Vec<Vec<RetrievalQuality>>)> = Vec::new();
@@ -551,6 +544,16 @@ impl<'a> Agg<'a> {
     }
     fn miss(&self, id: &str) -> Option<(f64, f64)> {
         self.stat(id, |r| missing_avg(&r.test))
+    }
+    /// The cells "missing audio | missing visual | complete | missing avg" of variant `id`.
+    fn setting_cells(&self, id: &str) -> String {
+        format!(
+            "{} | {} | {} | {}",
+            fmt_mean_std(self.setting(id, "missing-audio")),
+            fmt_mean_std(self.setting(id, "missing-visual")),
+            fmt_mean_std(self.setting(id, "complete")),
+            fmt_mean_std(self.miss(id))
+        )
     }
 }
 
@@ -821,13 +824,6 @@ fn notes_section(md: &mut String, notes: &[String]) {
 fn variants_section(md: &mut String, agg: &Agg) {
     let _ = writeln!(md, "## All variants (Table 1 average over the three settings)\n\n| variant | missing audio | missing visual | complete | missing avg |\n|---|---:|---:|---:|---:|");
     for id in agg.by_id.keys() {
-        let _ = writeln!(
-            md,
-            "| {id} | {} | {} | {} | {} |",
-            fmt_mean_std(agg.setting(id, "missing-audio")),
-            fmt_mean_std(agg.setting(id, "missing-visual")),
-            fmt_mean_std(agg.setting(id, "complete")),
-            fmt_mean_std(agg.miss(id))
-        );
+        let _ = writeln!(md, "| {id} | {} |", agg.setting_cells(id));
     }
 }
