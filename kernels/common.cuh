@@ -88,6 +88,40 @@ template <class T>
 __device__ __forceinline__ void r2_unpack16(uint4 v, float* out) {
     r2_unpack16(v, out, T());
 }
+// One 16-byte store (STG.128 / STS.128): `p` must be 16-byte aligned. A memcpy under the
+// emulator, like r2_load16.
+__device__ __forceinline__ void r2_store16(void* p, uint4 v) {
+#ifdef __CUDACC__
+    *reinterpret_cast<uint4*>(p) = v;
+#else
+    std::memcpy(p, &v, 16);
+#endif
+}
+// The inverse of r2_unpack16: 16 / sizeof(T) f32 values rounded to T (r2_from_f32), lowest
+// address first.
+__device__ __forceinline__ uint4 r2_pack16(const float* x, float) {
+    return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]), __float_as_uint(x[3]));
+}
+__device__ __forceinline__ uint4 r2_pack16(const float* x, __half) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        w[i] = (unsigned)__half_as_ushort(__float2half(x[2 * i])) |
+               ((unsigned)__half_as_ushort(__float2half(x[2 * i + 1])) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+__device__ __forceinline__ uint4 r2_pack16(const float* x, __nv_bfloat16) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        w[i] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(x[2 * i])) |
+               ((unsigned)__bfloat16_as_ushort(__float2bfloat16(x[2 * i + 1])) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <class T>
+__device__ __forceinline__ uint4 r2_pack16(const float* x) {
+    return r2_pack16(x, T());
+}
 
 // Full-warp sum (every lane gets the total).
 __device__ __forceinline__ float r2_warp_sum(float v) {

@@ -204,3 +204,45 @@ __device__ __forceinline__ void r2_stream_topk(const R2Stream& st, unsigned L, P
         r2_stream_flush(st, t);
     }
 }
+
+// ---- One warp per row: short rows, small k -------------------------------------------
+//
+// (s, i) as one u64 whose unsigned order is r2_better's: larger s first, then the lower i.
+// -0 and +0 compare equal, as in r2_better; s must not be NaN (pass r2_nan_last keys). Every
+// real entry maps above 0, and none to ~0 (that would be a NaN).
+__device__ __forceinline__ unsigned long long r2_rank_key(float s, unsigned i) {
+    if (s == 0.f) s = 0.f;
+    unsigned u = __float_as_uint(s);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)u << 32) | (unsigned long long)(~i);
+}
+
+// The top-k (best first, ties to the lower index) of entries 0 .. L - 1, L <= 32 * SLOTS and
+// k <= L, by ONE warp (all 32 lanes call it), with no shared memory and no block barrier:
+// lane l holds the rank keys of entries l, l + 32, ... in registers; round j takes the best
+// key below round j - 1's (the rank keys are distinct, so no entry is taken twice) by a
+// 5-step shuffle reduction. key(i) is entry i's key (NaN-free); lane j % 32 calls emit(j, i)
+// with the j-th best index. Cost: k rounds of SLOTS compares and 5 shuffles.
+template <unsigned SLOTS, class Key, class Emit>
+__device__ __forceinline__ void r2_warp_topk(unsigned L, unsigned k, Key key, Emit emit) {
+    const unsigned lane = threadIdx.x & 31u;
+    unsigned long long rk[SLOTS];
+#pragma unroll
+    for (unsigned s = 0; s < SLOTS; ++s) {
+        const unsigned i = lane + 32 * s;
+        rk[s] = i < L ? r2_rank_key(key(i), i) : 0ull;
+    }
+    unsigned long long prev = ~0ull;
+    for (unsigned j = 0; j < k; ++j) {
+        unsigned long long best = 0ull;
+#pragma unroll
+        for (unsigned s = 0; s < SLOTS; ++s)
+            if (rk[s] < prev && rk[s] > best) best = rk[s];
+        for (int o = 16; o > 0; o >>= 1) {
+            const unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
+            best = other > best ? other : best;
+        }
+        if (lane == (j & 31u)) emit(j, ~(unsigned)(best & 0xffffffffull));
+        prev = best;
+    }
+}

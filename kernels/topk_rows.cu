@@ -3,13 +3,33 @@
 // Op: src/cap/topk_rows/ (plan and launch in kernel.rs, shared by the CUDA device and the
 // emulator). Arguments: TopkRowsArgs (r2_abi.h).
 //
-// topk_rows_f32: one block per row of scores [B, L] f32; the row streams through the same
-// top-k machinery as dissonance_topk (topk.cuh). Values [B, k] are the original scores,
-// indices [B, k]; larger first, ties to the lower index, NaN ranked as -inf.
-// Shared memory (4-byte words): cnt[3 * R2_TOPK_MAXQ] | R2Stream(nq = 1, kp, tile).
+// topk_rows_f32 over scores [B, L] f32, two ways chosen by the plan (warp_rows):
+//   - short rows (L <= R2_TOPK_WARP_MAX_L, k <= R2_TOPK_WARP_MAX_K): one WARP per row,
+//     R2_CAP_TOPK_THREADS / 32 rows per block, r2_warp_topk (registers and shuffles, no
+//     shared memory, no block barrier);
+//   - otherwise one block per row: the row streams through the same top-k machinery as
+//     dissonance_topk (topk.cuh's R2Stream). Shared memory (4-byte words):
+//     cnt[3 * R2_TOPK_MAXQ] | R2Stream(nq = 1, kp, tile).
+// Values [B, k] are the original scores, indices [B, k]; larger first, ties to the lower
+// index, NaN ranked as -inf.
 #include "topk.cuh"
 
-// C++ linkage like every R2_DYN_SMEM user, so the shared array has one linkage per TU.
+// One warp per row.
+__device__ __forceinline__ void cap_topk_rows_warp(const TopkRowsArgs& a) {
+    const unsigned L = a.l, k = a.k;
+    const unsigned row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= a.b) return;  // warp-uniform, no barrier below
+    const float* r = a.scores + (size_t)row * L;
+    r2_warp_topk<R2_TOPK_WARP_MAX_L / 32>(
+        L, k, [&](unsigned i) { return r2_nan_last(r[i]); },
+        [&](unsigned j, unsigned i) {
+            a.idx[(size_t)row * k + j] = i;
+            a.vals[(size_t)row * k + j] = r[i];
+        });
+}
+
+// One block per row. C++ linkage like every R2_DYN_SMEM user, so the shared array has one
+// linkage per TU.
 __device__ __forceinline__ void cap_topk_rows(const TopkRowsArgs& a) {
     const unsigned L = a.l, k = a.k, kp = a.kp, tile = a.tile;
     const unsigned b = blockIdx.x;
@@ -31,4 +51,9 @@ __device__ __forceinline__ void cap_topk_rows(const TopkRowsArgs& a) {
     }
 }
 
-R2_ENTRY(topk_rows_f32, TopkRowsArgs, R2_CAP_TOPK_THREADS) { cap_topk_rows(a); }
+R2_ENTRY(topk_rows_f32, TopkRowsArgs, R2_CAP_TOPK_THREADS) {
+    if (a.warp_rows)
+        cap_topk_rows_warp(a);
+    else
+        cap_topk_rows(a);
+}

@@ -18,7 +18,8 @@
 //   between two warp barriers. Block sizes must be a multiple of 32.
 // - Dynamic shared memory comes from R2_DYN_SMEM (kernels/common.cuh), filled with 0xFF
 //   bytes (f32 NaN, u32 0xffffffff) before every block, so reading it uninitialised shows.
-// - Atomics use std::atomic_ref; __threadfence* are sequentially consistent fences.
+// - Atomics use std::atomic_ref; __threadfence* are sequentially consistent fences (no-ops
+//   under ThreadSanitizer, which does not model fences: see __threadfence).
 // - __half / __nv_bfloat16 are 16-bit storage types with round-to-nearest-even
 //   conversions; kernels convert explicitly (r2_to_f32 / r2_from_f32 in common.cuh).
 // - Launches are serialised process-wide (static shared memory is a process global).
@@ -330,8 +331,16 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
     ::r2emu::warp_sync();
 }
 inline unsigned __activemask() { return 0xffffffffu; }
+#ifdef __SANITIZE_THREAD__
+// ThreadSanitizer does not model standalone fences (gcc warns, -Wtsan): it checks as if they
+// were absent, so they are left out under it. Cross-thread order then comes only from what it
+// does model (the atomics, the barriers, the block hand-off), which is the stricter check.
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+#else
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+#endif
 
 // Every shuffle: lane `src(lane)` of the warp's value (a lane outside the width group reads
 // its own value, as on the device).

@@ -36,23 +36,54 @@ pub use topk_rows::{topk_rows, topk_rows_reference};
 
 #[cfg(test)]
 mod tests {
-    use super::dissonance_topk::kernel::plan as dissonance_plan;
+    use super::dissonance_topk::kernel::{anchor_plan, plan as dissonance_plan};
     use super::gather_inject::kernel::plan as inject_plan;
     use super::topk_rows::kernel::plan as topk_rows_plan;
+    use crate::kernel::rows_vec16;
 
     #[test]
     fn plans_cover_rows_and_fit_smem() {
+        // 8 tokens per block: ceil(60 / 8) = 8 blocks per batch row
         let p = dissonance_plan(64, 60, 512, 5).expect("plan");
-        assert_eq!(p.launch.grid, (64, 1, 1));
+        assert_eq!((p.launch.grid, p.launch.block), ((512, 1, 1), (128, 1, 1)));
         assert_eq!((p.kp, p.tile), (8, 64));
         assert_eq!(p.launch.smem_bytes, (512 + 32 + 24 + 2 * (16 + 64)) * 4);
+        assert_eq!(
+            dissonance_plan(3, 1, 8, 1).expect("plan").launch.grid,
+            (3, 1, 1)
+        );
+        // one 16-byte vector of columns per lane: 128 f32 or 256 f16 columns per block
+        let a = anchor_plan(64, 512, 4).expect("plan");
+        assert_eq!(
+            (a.grid, a.block, a.smem_bytes),
+            ((256, 1, 1), (128, 1, 1), 0)
+        );
+        assert_eq!(anchor_plan(2, 257, 2).expect("plan").grid, (4, 1, 1));
         let p = dissonance_plan(1, 3000, 64, 1000).expect("plan");
         assert_eq!((p.kp, p.tile), (1024, 1024));
         assert!(dissonance_plan(1, 3000, 64, 1025).is_err());
         assert!(dissonance_plan(1, 10, 20_000, 5).is_err());
+        // short rows: one warp per row, 2 rows per block, no shared memory
         let p = topk_rows_plan(3, 1, 1).expect("plan");
         assert_eq!((p.kp, p.tile), (2, 2));
-        assert_eq!(inject_plan(9).expect("plan").grid, (5, 1, 1));
+        assert_eq!((p.launch.grid, p.launch.smem_bytes), ((2, 1, 1), 0));
+        let p = topk_rows_plan(3, 257, 1).expect("plan");
+        assert_eq!(p.launch.grid, (3, 1, 1));
+        assert_eq!(
+            topk_rows_plan(3, 256, 33).expect("plan").launch.grid,
+            (3, 1, 1)
+        );
+        assert_eq!(inject_plan(9).expect("plan").grid, (2, 1, 1));
+        assert_eq!(inject_plan(9).expect("plan").block, (256, 1, 1));
         assert!(inject_plan(0).is_err());
+    }
+
+    #[test]
+    fn rows_are_vectorised_only_when_every_row_is_aligned() {
+        assert!(rows_vec16(64, 4, &[0x1000, 0x2010]));
+        assert!(rows_vec16(8, 2, &[0x1000]));
+        assert!(!rows_vec16(37, 4, &[0x1000]));
+        assert!(!rows_vec16(6, 2, &[0x1000])); // 12-byte rows
+        assert!(!rows_vec16(64, 4, &[0x1000, 0x2004]));
     }
 }

@@ -72,10 +72,22 @@ r2_abi! {
         /// that the rescoring's shared memory stays under the 48 KiB default for every n).
         TC_RESCORE_TILE: u32 = 256;
 
-        /// Threads per block of `dissonance_topk` and `topk_rows` (2 warps: the rows are short).
+        /// Longest row the one-warp top-k (`r2_warp_topk`) serves: 32 lanes of 8 register slots.
+        TOPK_WARP_MAX_L: u32 = 256;
+        /// Largest k the one-warp top-k serves (k rounds of 5 shuffles).
+        TOPK_WARP_MAX_K: u32 = 32;
+        /// Threads per block of `topk_rows` (2 warps: the rows are short).
         CAP_TOPK_THREADS: u32 = 64;
+        /// Threads per block of `dissonance_topk_{f32,f16,bf16}` (the scoring and selection pass).
+        DIS_THREADS: u32 = 128;
+        /// Tokens one warp of `dissonance_topk_*` scores together (their loads in flight at once).
+        DIS_ROWS_PER_WARP: u32 = 2;
+        /// 16-byte vectors per token a lane of `dissonance_topk_*` loads before its first FMA.
+        DIS_UNROLL: u32 = 4;
+        /// Threads per block of `dissonance_topk_anchor_*` (its warps split the context tokens).
+        DIS_ANCHOR_THREADS: u32 = 128;
         /// Output rows per block of the `gather_inject` kernels (one warp each).
-        GI_ROWS_PER_BLOCK: u32 = 2;
+        GI_ROWS_PER_BLOCK: u32 = 8;
     }
 
     structs {
@@ -238,8 +250,11 @@ r2_abi! {
             err: mut_ptr u32,
         }
 
-        /// `dissonance_topk_{f32,f16,bf16}`: one block per batch row b: the anchor g (masked mean of
-        /// `ctx[b]`, or the anchor row), `delta[b, i] = 1 - cos(p[b, i], g)` and the top-k rows by delta.
+        /// `dissonance_topk_anchor_{f32,f16,bf16}` (tokens context): the pooled anchor g (masked
+        /// mean of `ctx[b]`) into `g`, `ceil(D / (32 V))` blocks per batch row (V elements per
+        /// 16-byte vector). `dissonance_topk_{f32,f16,bf16}`: `chunks` blocks per batch row b
+        /// score `delta[b, i] = 1 - cos(p[b, i], g)` (g from `g`, or the anchor row); the last
+        /// block of row b to finish writes its top-k rows by delta.
         DissonanceTopkArgs("dissonance_topk") {
             /// [B, L, D] projected retrieved tokens in the entry's dtype.
             p: ptr elem,
@@ -257,6 +272,20 @@ r2_abi! {
             kp: u32,
             /// Streaming tile (a power of two >= kp).
             tile: u32,
+            /// 1: rows of `p` and `ctx` are 16-byte aligned (`D * sizeof(elem) % 16 == 0` and both
+            /// base addresses 16-byte aligned): 16-byte loads; 0: element loads.
+            vec16: u32,
+            /// Blocks of `dissonance_topk_*` per batch row (`DIS_THREADS / 32 * DIS_ROWS_PER_WARP`
+            /// tokens each).
+            chunks: u32,
+            /// [B, D] f32 pooled anchor: written by `dissonance_topk_anchor_*`, read by
+            /// `dissonance_topk_*` (tokens context; unused with `anchor` = 1).
+            g: mut_ptr f32,
+            /// [B] u32 per-row count of finished blocks, zeroed before the launch.
+            done: mut_ptr u32,
+            /// 1: the selection runs on one warp (`r2_warp_topk`: L <= `TOPK_WARP_MAX_L`, k <=
+            /// `TOPK_WARP_MAX_K`); 0: on the block (`R2Stream`).
+            warp_select: u32,
             /// [B, L] f32 delta.
             delta: mut_ptr f32,
             /// [B, k] noise rows, delta descending.
@@ -265,10 +294,15 @@ r2_abi! {
             noise_mask: mut_ptr f32,
         }
 
-        /// `topk_rows_f32`: one block per row of scores [B, L]: the top-k (value, index) pairs.
+        /// `topk_rows_f32`: the top-k (value, index) pairs of each row of scores [B, L]: one
+        /// warp per row (`warp_rows` = 1: L <= `TOPK_WARP_MAX_L`, k <= `TOPK_WARP_MAX_K`) or one
+        /// block per row.
         TopkRowsArgs("topk_rows") {
             /// [B, L] f32 scores.
             scores: ptr f32,
+            b: u32,
+            /// 1: one warp per row (`r2_warp_topk`); 0: one block per row (`R2Stream`).
+            warp_rows: u32,
             l: u32,
             k: u32,
             kp: u32,
@@ -297,6 +331,9 @@ r2_abi! {
             ls: u32,
             d: u32,
             k: u32,
+            /// 1: every row of `h`, `src` and `out` is 16-byte aligned (`D * sizeof(elem) % 16 ==
+            /// 0` and the base addresses 16-byte aligned): 16-byte moves; 0: element moves.
+            vec16: u32,
             /// [B, L, D] (fwd, zero) or [B, Ls, D] (scatter).
             out: mut_ptr elem,
         }

@@ -132,6 +132,15 @@ pub fn to_u32(v: usize, what: &str, op: &str) -> Result<u32> {
         .map_err(|_| candle_core::Error::Msg(format!("{op} kernel: {what} = {v} exceeds u32")))
 }
 
+/// Whether a kernel may move rows of `d` elements of `elem_bytes` bytes with 16-byte loads and
+/// stores (`r2_load16` / `r2_store16`): every row starts on a 16-byte boundary, i.e.
+/// `d * elem_bytes % 16 == 0` and every base address in `addrs` is 16-byte aligned (a null
+/// pointer counts as aligned). candle's CUDA allocations are 256-byte aligned, but a narrowed
+/// tensor keeps its element offset, so the kernels are told, not left to assume.
+pub fn rows_vec16(d: usize, elem_bytes: usize, addrs: &[u64]) -> bool {
+    (d * elem_bytes).is_multiple_of(16) && addrs.iter().all(|a| a.is_multiple_of(16))
+}
+
 /// An element type kernels read or write (f32, u32, f16, bf16).
 #[cfg(feature = "cuda")]
 pub trait DevElem:

@@ -1,7 +1,7 @@
 //! Plans of the streaming block top-k in `kernels/topk.cuh`, shared by its users
 //! (`cosine_topk`, `dissonance_topk`, `topk_rows`).
 
-use super::abi::{CAP_TOPK_THREADS, TOPK_MAXQ};
+use super::abi::{CAP_TOPK_THREADS, TOPK_MAXQ, TOPK_WARP_MAX_K, TOPK_WARP_MAX_L};
 use super::launch::{to_u32, LaunchPlan, MAX_DYN_SMEM_BYTES};
 use candle_core::{bail, Result};
 
@@ -64,4 +64,11 @@ pub fn row_topk_plan(
         kp,
         tile,
     })
+}
+
+/// Whether rows of `l` entries, top-`k`, take the one-warp top-k of `kernels/topk.cuh`
+/// (`r2_warp_topk`: registers and shuffles, no block barrier): `l <=`
+/// [`TOPK_WARP_MAX_L`] and `k <=` [`TOPK_WARP_MAX_K`].
+pub fn warp_rows(l: usize, k: usize) -> bool {
+    l <= TOPK_WARP_MAX_L as usize && k <= TOPK_WARP_MAX_K as usize
 }

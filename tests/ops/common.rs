@@ -381,3 +381,36 @@ pub fn grad_vec(grads: &candle_core::backprop::GradStore, v: &Var) -> Result<Vec
         None => Ok(vec![0.0; v.elem_count()]),
     }
 }
+
+/// `v` as a contiguous tensor of `shape` in `dtype` that starts `off` elements into its
+/// storage (a narrowed view): its base address is 16-byte aligned or not depending on `off`.
+pub fn at_offset(v: &[f32], off: usize, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let mut all = vec![0.5f32; off];
+    all.extend_from_slice(v);
+    tensor(all, &[off + v.len()], dtype)?
+        .narrow(0, off, v.len())?
+        .reshape(shape)
+}
+
+/// Whether `t`'s first element is 16-byte aligned (the kernels' 16-byte load condition).
+pub fn aligned16(t: &Tensor) -> bool {
+    let (p, _g) = r2scp::kernel::tensor_ptr(t, "test").expect("contiguous tensor");
+    p.addr().is_multiple_of(16)
+}
+
+/// The top-k of `row` with NaN ranked last (after -inf, by index), ties to the lower index:
+/// the kernels' order.
+pub fn nan_last_topk(row: &[f32], k: usize) -> Vec<u32> {
+    let key = |i: u32| {
+        let v = row[i as usize];
+        if v.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            v
+        }
+    };
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    idx.sort_by(|&a, &b| key(b).partial_cmp(&key(a)).unwrap().then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}

@@ -421,3 +421,131 @@ fn cuda_dissonance_backward_matches_cpu() {
         }
     });
 }
+
+#[test]
+fn dissonance_vector_paths_and_offsets() -> Result<()> {
+    vector_paths_and_offsets(dissonance_topk, "fused cpu")
+}
+
+#[test]
+fn emu_dissonance_vector_paths_and_offsets() -> Result<()> {
+    vector_paths_and_offsets(dissonance_topk_emulated, "emulated")
+}
+
+#[test]
+fn cuda_dissonance_vector_paths_and_offsets() {
+    on_cuda("cuda_dissonance_vector_paths_and_offsets", || {
+        vector_paths_and_offsets(dissonance_topk_cuda, "cuda").unwrap()
+    });
+}
+
+/// The kernels' two load paths and both selections: P and the context start 0..4 elements
+/// into their storage (16-byte aligned and not: both occur, checked), D = 64 (16-byte rows in
+/// every dtype) and D = 37 (never), L = 45 (several blocks per batch row), exact duplicate
+/// rows (ties) and a zero row, masked tokens and anchors, k = 5 (one-warp selection) and
+/// k = 40 (block selection); against the reference.
+fn vector_paths_and_offsets(op: DisOp, what: &str) -> Result<()> {
+    let (b, l, la) = (3, 45, 7);
+    let mut r = rng(4242);
+    for dtype in DTYPES {
+        let mut seen = [false; 2];
+        for (d, offsets) in [(64usize, 0..4usize), (37, 1..2)] {
+            for off in offsets {
+                let mut pv = rand_vec(&mut r, b * l * d);
+                for (src, dst) in [(3, 17), (3, 30), (40, 2)] {
+                    let row: Vec<f32> = pv[src * d..(src + 1) * d].to_vec();
+                    pv[dst * d..(dst + 1) * d].copy_from_slice(&row);
+                }
+                pv[(l + 9) * d..(l + 10) * d].fill(0.0);
+                let p = at_offset(&pv, off, &[b, l, d], dtype)?;
+                let h = at_offset(&rand_vec(&mut r, b * la * d), off, &[b, la, d], dtype)?;
+                let anchor = at_offset(&rand_vec(&mut r, b * d), off, &[b, d], dtype)?;
+                seen[aligned16(&p) as usize] = true;
+                let mask: Vec<f32> = (0..b * la).map(|i| (i % 3 != 1) as u8 as f32).collect();
+                let mask = Tensor::from_vec(mask, (b, la), &Device::Cpu)?;
+                for (use_anchor, k) in [(false, 5), (true, 40), (false, 40), (true, 5)] {
+                    let c = DisCase {
+                        b,
+                        l,
+                        la,
+                        d,
+                        k,
+                        dtype,
+                        p: p.clone(),
+                        h: h.clone(),
+                        anchor: anchor.clone(),
+                        mask: Some(mask.clone()),
+                        use_anchor,
+                    };
+                    let out = op(&c.p, c.ctx(), k)?;
+                    let name =
+                        format!("{what}: {dtype:?} D={d} offset {off} anchor={use_anchor} k={k}");
+                    check_dissonance(&c, &name, &out.delta, &out.noise_idx, &out.noise_mask)?;
+                }
+            }
+        }
+        assert_eq!(
+            seen,
+            [true, true],
+            "{what}: {dtype:?}: offsets 0..4 gave one alignment only"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn dissonance_nan_rows_rank_last() -> Result<()> {
+    nan_rows_rank_last(dissonance_topk, "fused cpu")
+}
+
+#[test]
+fn emu_dissonance_nan_rows_rank_last() -> Result<()> {
+    nan_rows_rank_last(dissonance_topk_emulated, "emulated")
+}
+
+#[test]
+fn cuda_dissonance_nan_rows_rank_last() {
+    on_cuda("cuda_dissonance_nan_rows_rank_last", || {
+        nan_rows_rank_last(dissonance_topk_cuda, "cuda").unwrap()
+    });
+}
+
+/// Rows of P holding a NaN get delta NaN and rank after every number (RankLast), in both
+/// selections (L = 20, k = L: one warp; L = 40, k = L: the block) and across the blocks of a
+/// row; the other deltas match the fused CPU path and the order is exact on the op's own deltas.
+fn nan_rows_rank_last(op: DisOp, what: &str) -> Result<()> {
+    let (b, la, d) = (2, 3, 16);
+    for l in [20usize, 40] {
+        let mut r = rng(77 + l as u64);
+        let mut pv = rand_vec(&mut r, b * l * d);
+        pv[3 * d + 5] = f32::NAN;
+        pv[11 * d] = f32::NAN;
+        pv[(l + 1) * d + 2] = f32::NAN;
+        let p = tensor(pv, &[b, l, d], DType::F32)?;
+        let h = tensor(rand_vec(&mut r, b * la * d), &[b, la, d], DType::F32)?;
+        let ctx = Context::Tokens {
+            h_avl: &h,
+            mask: None,
+        };
+        let out = op(&p, ctx, l)?;
+        let cpu = dissonance_topk(&p, ctx, l)?;
+        let (dv, cv) = (to_f32_rows(&out.delta)?, to_f32_rows(&cpu.delta)?);
+        let iv = to_u32_rows(&out.noise_idx)?;
+        for bi in 0..b {
+            for (x, y) in dv[bi].iter().zip(&cv[bi]) {
+                assert!(
+                    (x.is_nan() && y.is_nan()) || (x - y).abs() <= 2e-5,
+                    "{what}: L={l} row {bi}: delta {x} vs fused cpu {y}"
+                );
+            }
+            assert_eq!(iv[bi], nan_last_topk(&dv[bi], l), "{what}: L={l} row {bi}");
+        }
+        assert_eq!(
+            &iv[0][l - 2..],
+            &[3, 11],
+            "{what}: L={l}: NaN rows last, by index"
+        );
+        assert_eq!(iv[1][l - 1], 1, "{what}: L={l}: NaN row last");
+    }
+    Ok(())
+}

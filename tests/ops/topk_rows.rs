@@ -191,3 +191,61 @@ fn cuda_ranks_nan_last_like_the_fused_op() {
         assert_eq!(to_u32_rows(&idx).unwrap()[0], vec![2, 0, 5, 1, 3, 4]);
     });
 }
+
+#[test]
+fn emu_topk_rows_signed_zeros_and_infinities() -> Result<()> {
+    signed_zeros_and_infinities(topk_rows_emulated, "emulated")
+}
+
+#[test]
+fn cuda_topk_rows_signed_zeros_and_infinities() {
+    on_cuda("cuda_topk_rows_signed_zeros_and_infinities", || {
+        signed_zeros_and_infinities(topk_rows_cuda, "cuda").unwrap()
+    });
+}
+
+/// The kernels' order (`r2_better`): -0 and +0 tie (lower index first), +inf first, -inf
+/// before NaN, across several register slots of the one-warp top-k (L = 256, its longest row,
+/// and L = 70) and in the block top-k (L = 257); 3 and 5 rows (the last block's second warp
+/// idle). Kernels only: the fused CPU path's final sort (`Scored::rank_cmp`, `total_cmp`)
+/// ranks +0 above -0.
+fn signed_zeros_and_infinities(op: RowsOp, what: &str) -> Result<()> {
+    for (l, b) in [(70usize, 3usize), (256, 5), (257, 3)] {
+        let mut v = vec![0f32; b * l];
+        for (i, x) in v.iter_mut().enumerate() {
+            let c = i % l;
+            *x = match c % 7 {
+                0 => -0.0,
+                1 => 0.0,
+                2 => f32::NAN,
+                3 => f32::NEG_INFINITY,
+                4 => (c as f32 * 0.37).sin(),
+                5 => -1e-30,
+                _ => 1e-30,
+            };
+        }
+        v[l - 1] = f32::INFINITY;
+        let s = Tensor::from_vec(v.clone(), (b, l), &Device::Cpu)?;
+        for k in [1, 7, 32, l] {
+            let (val, idx) = op(&s, k)?;
+            let iv = to_u32_rows(&idx)?;
+            let vv = val.to_vec2::<f32>()?;
+            for bi in 0..b {
+                let row = &v[bi * l..(bi + 1) * l];
+                assert_eq!(
+                    iv[bi],
+                    nan_last_topk(row, k),
+                    "{what}: L={l} k={k} row {bi}"
+                );
+                for (j, &i) in iv[bi].iter().enumerate() {
+                    let (got, want) = (vv[bi][j], row[i as usize]);
+                    assert!(
+                        got.to_bits() == want.to_bits(),
+                        "{what}: L={l} k={k} row {bi}: value {got} at {i}, score {want}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,12 +1,13 @@
 //! Launch plan and device path of `kernels/gather_inject.cu`: one warp per output row,
-//! [`GI_ROWS_PER_BLOCK`] rows per block. One code for the CUDA device and the emulator.
+//! [`GI_ROWS_PER_BLOCK`] rows per block, 16-byte moves where every row is 16-byte aligned
+//! ([`rows_vec16`]). One code for the CUDA device and the emulator.
 // The device path runs with feature `cuda` (a GPU) or `emulate` (the tests); the plan is
 // always public.
 #![cfg_attr(not(any(feature = "cuda", feature = "emulate")), allow(dead_code))]
 
 use super::contract::{Injection, OP};
 use crate::kernel::abi::{GatherInjectArgs, GI_ROWS_PER_BLOCK};
-use crate::kernel::{entry, to_u32, AnyElem, LaunchPlan, Launcher, Ptr};
+use crate::kernel::{entry, rows_vec16, to_u32, AnyElem, LaunchPlan, Launcher, Ptr};
 use candle_core::{bail, DType, Result};
 
 /// Plan of the injection kernels over `rows` output rows (B*L forward / zero, B*Ls scatter).
@@ -76,6 +77,12 @@ pub(crate) fn launch<L: Launcher, T: crate::kernel::DevElem>(
     let p = plan(rows)?;
     let noise = x.upload(&inj.noise)?;
     let sal = x.upload(&inj.sal)?;
+    let out_ptr = x.ptr(&out).erase();
+    let vec = rows_vec16(
+        inj.d,
+        dtype.size_in_bytes(),
+        &[h.addr(), src.addr(), out_ptr.addr()],
+    );
     let args = GatherInjectArgs {
         h,
         src,
@@ -86,7 +93,8 @@ pub(crate) fn launch<L: Launcher, T: crate::kernel::DevElem>(
         ls: to_u32(inj.ls, "Ls", OP)?,
         d: to_u32(inj.d, "D", OP)?,
         k: to_u32(inj.k, "k", OP)?,
-        out: x.ptr(&out).erase(),
+        vec16: vec as u32,
+        out: out_ptr,
     };
     let name = entry::<GatherInjectArgs>(dtype)?.replacen(
         "gather_inject",
