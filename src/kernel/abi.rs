@@ -281,7 +281,7 @@ r2_abi! {
             /// [B, D] f32 pooled anchor: written by `dissonance_topk_anchor_*`, read by
             /// `dissonance_topk_*` (tokens context; unused with `anchor` = 1).
             g: mut_ptr f32,
-            /// [B] u32 per-row count of finished blocks, zeroed before the launch.
+            /// `[B]` u32 per-row count of finished blocks, zeroed before the launch.
             done: mut_ptr u32,
             /// 1: the selection runs on one warp (`r2_warp_topk`: L <= `TOPK_WARP_MAX_L`, k <=
             /// `TOPK_WARP_MAX_K`); 0: on the block (`R2Stream`).
