@@ -1162,3 +1162,97 @@ fn safe_retrieval_vars_get_gradients_in_stage_two() {
         .1;
     assert_eq!(fc1.as_tensor().dim(1).unwrap(), 3 * 16 + 2 * ROUTER_STATS);
 }
+
+/// `complete_ensemble`: in evaluation a complete row's answer probabilities are the mean
+/// of the real pair, audio recovered and visual recovered; rows with a missing modality,
+/// training forwards and models without retrieval are untouched.
+#[test]
+fn complete_rows_average_the_real_and_the_recovered_views() {
+    let s = setup();
+    let on = safe_cfg(RetrievalQuery::SameKeyAndFeatures);
+    assert!(
+        on.recovery.complete_ensemble,
+        "the safe default ensembles complete rows"
+    );
+    assert!(!RecoveryConfig::paper().complete_ensemble);
+    let off = ModelConfig {
+        recovery: RecoveryConfig {
+            complete_ensemble: false,
+            ..on.recovery.clone()
+        },
+        ..on.clone()
+    };
+    // One VarMap: both models have the same weights.
+    let m_on = s.model(&on);
+    let m_off = s.model(&off);
+    let rows: Vec<usize> = (0..10).collect();
+    let complete = s.batch(true, &rows, MissingPolicy::Complete);
+    let probs =
+        |m: &R2scp, b: &Batch| candle_nn::ops::softmax(&eval(m, b, &s.banks), D::Minus1).unwrap();
+    let views = [
+        probs(&m_off, &complete),
+        probs(
+            &m_off,
+            &s.batch(true, &rows, MissingPolicy::All(Modality::Audio)),
+        ),
+        probs(
+            &m_off,
+            &s.batch(true, &rows, MissingPolicy::All(Modality::Visual)),
+        ),
+    ];
+    let mean = ((&views[0] + &views[1]).unwrap() + &views[2]).unwrap() / 3.0;
+    let got = probs(&m_on, &complete);
+    let d = max_abs_diff(&got, &mean.unwrap());
+    assert!(
+        d < 1e-5,
+        "ensemble differs from the mean of the three views by {d}"
+    );
+    assert!(
+        max_abs_diff(&views[0], &got) > 1e-4,
+        "the ensemble changed nothing"
+    );
+    // Missing rows (also next to complete rows in one batch) keep their own answer.
+    let mixed = s.batch(
+        true,
+        &rows,
+        MissingPolicy::Simulated(MissingSim {
+            rate: 0.6,
+            kind: MissingType::Mixed,
+            seed: 5,
+        }),
+    );
+    let (l_on, l_off) = (
+        eval(&m_on, &mixed, &s.banks),
+        eval(&m_off, &mixed, &s.banks),
+    );
+    let (v_on, v_off) = (vec2(&l_on), vec2(&l_off));
+    let mut n_missing = 0;
+    for (i, miss) in mixed.missing.iter().enumerate() {
+        if *miss != Missing::None {
+            n_missing += 1;
+            assert_eq!(v_on[i], v_off[i], "row {i} ({miss:?}) changed");
+        }
+    }
+    assert!(n_missing > 0 && n_missing < rows.len());
+    // Training forwards are untouched.
+    let train = |m: &R2scp| {
+        m.set_dropout_seed(9);
+        m.forward(&complete, &s.banks, true).unwrap().logits
+    };
+    assert_eq!(max_abs_diff(&train(&m_on), &train(&m_off)), 0.0);
+    // Without retrieval there is nothing to ensemble (own VarMap: the router is narrower).
+    let s0 = setup();
+    let none_on = s0.model(&ModelConfig {
+        use_retrieval: false,
+        ..on.clone()
+    });
+    let none_off = s0.model(&ModelConfig {
+        use_retrieval: false,
+        ..off
+    });
+    let d = max_abs_diff(
+        &eval(&none_on, &complete, &s0.banks),
+        &eval(&none_off, &complete, &s0.banks),
+    );
+    assert_eq!(d, 0.0);
+}

@@ -47,6 +47,11 @@ pub struct RecoveryConfig {
     /// The router also sees, per modality, whether it was recovered and the retrieval
     /// statistics, so it can down-weight a doubtful recovery per sample.
     pub router_stats: bool,
+    /// In evaluation, a complete sample is also answered with each modality in turn
+    /// recovered as if it were missing, and its answer probabilities are the mean of the
+    /// three forwards (the real pair, audio recovered, visual recovered). Training is
+    /// unchanged: the recovered views are the paths the missing samples train.
+    pub complete_ensemble: bool,
 }
 
 impl RecoveryConfig {
@@ -57,6 +62,7 @@ impl RecoveryConfig {
             aggregate: Aggregate::Mean,
             gate: false,
             router_stats: false,
+            complete_ensemble: false,
         }
     }
 
@@ -73,6 +79,7 @@ impl Default for RecoveryConfig {
             aggregate: Aggregate::Softmax,
             gate: true,
             router_stats: true,
+            complete_ensemble: true,
         }
     }
 }

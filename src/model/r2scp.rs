@@ -756,12 +756,50 @@ impl R2scp {
     /// the null tokens); a missing modality's features and key are never read.
     /// `banks` must be built from the training split; they are only searched when
     /// retrieval is on.
+    ///
+    /// With `recovery.complete_ensemble` (retrieval on, evaluation only), the logits of a
+    /// complete row are log of the mean answer probabilities of three forwards: the real
+    /// pair, audio recovered and visual recovered; every other row and every other output
+    /// (router weights, traces) are those of the ordinary forward.
     pub fn forward_with(
         &self,
         batch: &Batch,
         banks: &Banks,
         opts: ForwardOptions,
     ) -> Result<Output> {
+        let out = self.forward_once(batch, banks, opts)?;
+        let complete: Vec<usize> = (0..batch.missing.len())
+            .filter(|&i| batch.missing[i] == Missing::None)
+            .collect();
+        let ensemble = self.cfg.use_retrieval && self.cfg.recovery.complete_ensemble;
+        if opts.train || !ensemble || complete.is_empty() {
+            return Ok(out);
+        }
+        let views = [Missing::Audio, Missing::Visual];
+        let mut probs = candle_nn::ops::softmax(&out.logits, D::Minus1)?;
+        for v in views {
+            let mut recovered = batch.clone();
+            for &i in &complete {
+                recovered.missing[i] = v;
+            }
+            let o = self.forward_once(&recovered, banks, ForwardOptions::default())?;
+            probs = (probs + candle_nn::ops::softmax(&o.logits, D::Minus1)?)?;
+        }
+        // The floor keeps log finite where every view's probability underflowed to 0.
+        let mixed = ((probs / (views.len() + 1) as f64)? + 1e-30)?.log()?;
+        let flag: Vec<f32> = batch
+            .missing
+            .iter()
+            .map(|m| f32::from(u8::from(*m == Missing::None)))
+            .collect();
+        let c = Tensor::from_vec(flag, (batch.missing.len(), 1), out.logits.device())?;
+        let logits =
+            (out.logits.broadcast_mul(&c.affine(-1.0, 1.0)?)? + mixed.broadcast_mul(&c)?)?;
+        Ok(Output { logits, ..out })
+    }
+
+    /// One forward of `batch` as its `missing` says (see [`R2scp::forward_with`]).
+    fn forward_once(&self, batch: &Batch, banks: &Banks, opts: ForwardOptions) -> Result<Output> {
         let b = self.check_batch(batch)?;
         let train = opts.train;
         let dev = batch.audio.device().clone();

@@ -136,6 +136,8 @@ impl SameViewBanks {
 /// A saved model config (JSON object) written before `recovery` existed described the
 /// paper's plain retrieval: give it `recovery = paper` explicitly, so that such a
 /// checkpoint loads as what it was and `ablate` never reuses it as a safe-retrieval run.
+/// Likewise a `recovery` table written before `complete_ensemble` existed gets
+/// `complete_ensemble = false` (complete samples answered from the real pair only).
 /// Anything else (including a non-object) is left unchanged.
 pub fn upgrade_legacy_config(model: &mut serde_json::Value) {
     if let Some(obj) = model.as_object_mut() {
@@ -143,6 +145,10 @@ pub fn upgrade_legacy_config(model: &mut serde_json::Value) {
             if let Ok(v) = serde_json::to_value(RecoveryConfig::paper()) {
                 obj.insert("recovery".into(), v);
             }
+        }
+        if let Some(rec) = obj.get_mut("recovery").and_then(|r| r.as_object_mut()) {
+            rec.entry("complete_ensemble")
+                .or_insert(serde_json::Value::Bool(false));
         }
     }
 }
@@ -376,5 +382,41 @@ impl Banks {
             visual: self.visual.to_device(device)?,
             same_view: self.same_view.to_device(device)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelConfig;
+
+    fn upgraded(mut v: serde_json::Value) -> ModelConfig {
+        upgrade_legacy_config(&mut v);
+        serde_json::from_value(v).expect("model config")
+    }
+
+    #[test]
+    fn legacy_configs_read_as_what_they_ran() {
+        let current = serde_json::to_value(ModelConfig::default()).unwrap();
+        assert_eq!(upgraded(current.clone()), ModelConfig::default());
+        // Before `recovery`: the paper's plain retrieval.
+        let mut v = current.clone();
+        v.as_object_mut().unwrap().remove("recovery");
+        assert_eq!(upgraded(v).recovery, RecoveryConfig::paper());
+        // Before `complete_ensemble`: the real pair only, the rest as written.
+        let mut v = current;
+        v["recovery"]
+            .as_object_mut()
+            .unwrap()
+            .remove("complete_ensemble");
+        let r = upgraded(v).recovery;
+        assert!(!r.complete_ensemble);
+        assert_eq!(
+            r,
+            RecoveryConfig {
+                complete_ensemble: false,
+                ..RecoveryConfig::default()
+            }
+        );
     }
 }
