@@ -40,13 +40,17 @@ impl<S: Acc> Scored<S> {
         self.score > other.score || (self.score == other.score && self.index < other.index)
     }
 
-    /// Total order: `Less` means `self` ranks above `other` (sorts first).
+    /// Total order on held (non-NaN) entries, the same as [`Scored::better_than`]: `Less`
+    /// means `self` ranks above `other` (sorts first). Equal scores, -0 and +0 included, go
+    /// by index: `total_cmp` alone would rank +0 above -0, which the selection and the
+    /// kernels tie.
     #[inline]
     pub fn rank_cmp(&self, other: &Scored<S>) -> Ordering {
-        other
-            .score
-            .total_cmp(&self.score)
-            .then(self.index.cmp(&other.index))
+        if self.score == other.score {
+            self.index.cmp(&other.index)
+        } else {
+            other.score.total_cmp(&self.score)
+        }
     }
 }
 
@@ -310,6 +314,40 @@ mod tests {
             let got = topk_desc(&scores, k);
             let want = brute(&scores, k);
             assert_eq!(got, want, "case {case}: len {len} k {k}");
+        }
+    }
+
+    /// -0 and +0 tie and go by index, in the sorted array (small k) and in the heap (large
+    /// k), offered in either order.
+    #[test]
+    fn signed_zeros_tie_by_index() {
+        for len in [6usize, 120] {
+            let scores: Vec<f32> = (0..len)
+                .map(|i| match i % 3 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    _ => -1.0,
+                })
+                .collect();
+            let want: Vec<u32> = (0..len as u32)
+                .filter(|i| i % 3 != 2)
+                .chain((0..len as u32).filter(|i| i % 3 == 2))
+                .collect();
+            for k in [1, len / 2, len] {
+                for reversed in [false, true] {
+                    let mut t = TopK::new(k, NanPolicy::Error);
+                    let order: Vec<usize> = if reversed {
+                        (0..len).rev().collect()
+                    } else {
+                        (0..len).collect()
+                    };
+                    for i in order {
+                        t.push(scores[i], i as u32);
+                    }
+                    let got: Vec<u32> = t.into_sorted().iter().map(|s| s.index).collect();
+                    assert_eq!(got, want[..k], "len {len} k {k} reversed {reversed}");
+                }
+            }
         }
     }
 

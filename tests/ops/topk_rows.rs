@@ -193,6 +193,11 @@ fn cuda_ranks_nan_last_like_the_fused_op() {
 }
 
 #[test]
+fn topk_rows_signed_zeros_and_infinities() -> Result<()> {
+    signed_zeros_and_infinities(topk_rows, "fused cpu")
+}
+
+#[test]
 fn emu_topk_rows_signed_zeros_and_infinities() -> Result<()> {
     signed_zeros_and_infinities(topk_rows_emulated, "emulated")
 }
@@ -207,8 +212,7 @@ fn cuda_topk_rows_signed_zeros_and_infinities() {
 /// The kernels' order (`r2_better`): -0 and +0 tie (lower index first), +inf first, -inf
 /// before NaN, across several register slots of the one-warp top-k (L = 256, its longest row,
 /// and L = 70) and in the block top-k (L = 257); 3 and 5 rows (the last block's second warp
-/// idle). Kernels only: the fused CPU path's final sort (`Scored::rank_cmp`, `total_cmp`)
-/// ranks +0 above -0.
+/// idle). The fused CPU path sorts its result with `Scored::rank_cmp`, which must tie them too.
 fn signed_zeros_and_infinities(op: RowsOp, what: &str) -> Result<()> {
     for (l, b) in [(70usize, 3usize), (256, 5), (257, 3)] {
         let mut v = vec![0f32; b * l];

@@ -172,6 +172,7 @@ pub(crate) fn check(
 /// Checks what a device call can check without reading data back (see [`DeviceCall`]):
 /// everything [`check`] does except the `exclude` values. `n` above M is refused here (as
 /// [`check`] words it for query 0); `n = M` with an exclusion is the kernels' `ERR_FEW_ROWS`.
+#[cfg(any(feature = "cuda", feature = "emulate"))]
 pub(crate) fn check_device_call(
     op: &str,
     queries: &Tensor,
