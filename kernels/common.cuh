@@ -102,20 +102,16 @@ __device__ __forceinline__ void r2_store16(void* p, uint4 v) {
 __device__ __forceinline__ uint4 r2_pack16(const float* x, float) {
     return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]), __float_as_uint(x[3]));
 }
-__device__ __forceinline__ uint4 r2_pack16(const float* x, __half) {
+// The bits of a 16-bit float, for r2_pack16.
+__device__ __forceinline__ unsigned r2_bits16(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ unsigned r2_bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+// T = __half or __nv_bfloat16 (f32 takes the overload above): eight values, two per word.
+template <class T>
+__device__ __forceinline__ uint4 r2_pack16(const float* x, T) {
     unsigned w[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-        w[i] = (unsigned)__half_as_ushort(__float2half(x[2 * i])) |
-               ((unsigned)__half_as_ushort(__float2half(x[2 * i + 1])) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
-}
-__device__ __forceinline__ uint4 r2_pack16(const float* x, __nv_bfloat16) {
-    unsigned w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-        w[i] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(x[2 * i])) |
-               ((unsigned)__bfloat16_as_ushort(__float2bfloat16(x[2 * i + 1])) << 16);
+        w[i] = r2_bits16(r2_from_f32<T>(x[2 * i])) | (r2_bits16(r2_from_f32<T>(x[2 * i + 1])) << 16);
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 template <class T>
