@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use r2scp::cap::{
     dissonance_topk, dissonance_topk_reference, gather_inject, gather_inject_reference, topk_rows,
-    topk_rows_reference, CapConfig, CapLayer, Context,
+    topk_rows_reference, CapConfig, CapLayer, Context, PaperInputs,
 };
 
 fn rand(shape: &[usize]) -> Tensor {
@@ -48,29 +48,27 @@ fn cap_ops(c: &mut Criterion) {
         });
         let vm = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let cfg = CapConfig {
-            dim: d,
-            heads: 8,
-            k,
-        };
+        // the paper's switches (straight-through term included), as in `r2scp bench cap`
+        let cfg = CapConfig::paper(d, 8, k);
         let fused = CapLayer::new(&cfg, vb.clone()).expect("layer");
         let reference = CapLayer::new(&cfg, vb)
             .expect("layer")
             .with_reference_ops(true);
         let q = rand(&[b, 12, d]);
+        let inputs = PaperInputs {
+            h_miss: &p,
+            h_avl: &h,
+            avl_mask: None,
+            h_com: &src,
+            com_mask: None,
+            q: &q,
+            q_mask: None,
+        };
         g.bench_function("cap_layer/fused", |bn| {
-            bn.iter(|| {
-                fused
-                    .forward(&p, &h, None, &src, None, &q, None)
-                    .expect("layer")
-            })
+            bn.iter(|| fused.forward_paper(&inputs).expect("layer"))
         });
         g.bench_function("cap_layer/reference", |bn| {
-            bn.iter(|| {
-                reference
-                    .forward(&p, &h, None, &src, None, &q, None)
-                    .expect("layer")
-            })
+            bn.iter(|| reference.forward_paper(&inputs).expect("layer"))
         });
         g.finish();
     }

@@ -121,6 +121,10 @@ struct ConfigArgs {
     /// router statistics).
     #[arg(long)]
     paper_retrieval: bool,
+    /// Purify as the paper's Eq. 5-8 as first implemented here (straight-through gate on,
+    /// scoring gradients reaching the recovered tokens), instead of the default CAP.
+    #[arg(long)]
+    paper_cap: bool,
     /// n: candidates retrieved per missing modality.
     #[arg(long, short = 'n', value_name = "N")]
     n: Option<usize>,
@@ -198,6 +202,9 @@ impl ConfigArgs {
         }
         if self.paper_retrieval {
             c.model.recovery = r2scp::model::RecoveryConfig::paper();
+        }
+        if self.paper_cap {
+            c.model.cap = r2scp::model::CapSettings::paper();
         }
         c.apply_seed();
         c.validate()?;
@@ -385,6 +392,7 @@ fn default_name(c: &TrainConfig) -> String {
             c.model.use_retrieval && c.model.recovery.is_paper(),
             "paper",
         ),
+        (c.model.use_cap && c.model.cap.is_paper(), "papercap"),
     ] {
         if off {
             s.push('-');

@@ -10,8 +10,8 @@ use r2scp::data::{
 };
 use r2scp::model::recovery::{RecoveryHead, GATE_STATS, ROUTER_STATS};
 use r2scp::model::{
-    is_expert_var, Aggregate, Banks, ForwardOptions, ModelConfig, R2scp, RecoveryConfig,
-    RetrievalQuery, EXPERT_PREFIX,
+    is_expert_var, Aggregate, Banks, CapSettings, ForwardOptions, ModelConfig, R2scp,
+    RecoveryConfig, RetrievalQuery, EXPERT_PREFIX,
 };
 use r2scp::nn::{key_bias, masked_mean, Mha};
 
@@ -43,6 +43,8 @@ fn tiny_cfg() -> ModelConfig {
         seed: 1,
         // The tests written for the paper's plain retrieval; the safe default has its own.
         recovery: RecoveryConfig::paper(),
+        // ... and for the paper's CAP (straight-through gate on).
+        cap: CapSettings::paper(),
     }
 }
 
@@ -1255,4 +1257,74 @@ fn complete_rows_average_the_real_and_the_recovered_views() {
         &eval(&none_off, &complete, &s0.banks),
     );
     assert_eq!(d, 0.0);
+}
+
+#[test]
+fn default_cap_records_its_noise_rows_and_trains_w_proj_only_through_the_detection_loss() {
+    let s = setup();
+    let cfg = ModelConfig {
+        cap: CapSettings {
+            detect_weight: 1.0,
+            ..CapSettings::default()
+        },
+        ..safe_cfg(RetrievalQuery::SameKeyAndFeatures)
+    };
+    let m = s.model(&cfg);
+    m.set_experts_frozen(true);
+    let rows: Vec<usize> = (0..12).collect();
+    let b = s.batch(false, &rows, MissingPolicy::All(Modality::Audio));
+    let out = m
+        .forward_with(
+            &b,
+            &s.banks,
+            ForwardOptions {
+                train: true,
+                rank_terms: false,
+            },
+        )
+        .unwrap();
+    // one CAP trace for the recovered audio rows, k noise rows each, next to the retrieval
+    let t = out
+        .cap
+        .iter()
+        .find(|t| t.modality == Modality::Audio && !t.negative)
+        .expect("cap trace");
+    assert_eq!(t.rows, rows);
+    assert_eq!(t.noise_idx.dims(), [12, cfg.k_purge]);
+    let r = &out.retrieval[0];
+    assert_eq!(r.rows, t.rows);
+    // training rows are in the bank: the detection loss exists and is a finite scalar
+    let det = out.detect_loss.as_ref().expect("detection loss");
+    let v = det.to_scalar::<f32>().unwrap();
+    assert!(v.is_finite() && v > 0.0, "{v}");
+    let all = vars(&s);
+    let var = |name: &str| &all.iter().find(|(k, _)| k == name).expect(name).1;
+    let g_det = det.backward().unwrap();
+    assert!(grad_norm(&g_det, var("cap.audio.w_proj.weight")) > 0.0);
+    // scoring is detached: the detection loss reaches nothing but W_proj
+    for (k, v) in &all {
+        if k != "cap.audio.w_proj.weight" {
+            assert_eq!(grad_norm(&g_det, v), 0.0, "{k} got a detection gradient");
+        }
+    }
+    // without the straight-through gate the task loss gives W_proj nothing
+    let g_task = ce(&out.logits, &b.answer).backward().unwrap();
+    assert_eq!(grad_norm(&g_task, var("cap.audio.w_proj.weight")), 0.0);
+    assert!(grad_norm(&g_task, var("cap.audio.sa.q.weight")) > 0.0);
+    // evaluation forwards carry no detection loss; test clips are not in the bank
+    let ev = m.forward(&b, &s.banks, false).unwrap();
+    assert!(ev.detect_loss.is_none());
+    let bt = s.batch(true, &[0, 1, 2], MissingPolicy::All(Modality::Visual));
+    let tr = m
+        .forward_with(
+            &bt,
+            &s.banks,
+            ForwardOptions {
+                train: true,
+                rank_terms: false,
+            },
+        )
+        .unwrap();
+    assert!(tr.detect_loss.is_none());
+    assert_eq!(tr.cap.len(), 1);
 }

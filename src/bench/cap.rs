@@ -4,7 +4,7 @@
 use super::{time_best_pair, Table};
 use crate::cap::{
     dissonance_topk, dissonance_topk_reference, gather_inject, gather_inject_reference, topk_rows,
-    topk_rows_reference, CapConfig, CapLayer, Context,
+    topk_rows_reference, CapConfig, CapLayer, Context, PaperInputs,
 };
 use anyhow::{bail, Context as _};
 use candle_core::{DType, Device, Tensor};
@@ -173,17 +173,23 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
                 if !args.skip_layer {
                     let vm = VarMap::new();
                     let vb = VarBuilder::from_varmap(&vm, dt, &dev);
-                    let cfg = CapConfig {
-                        dim: d,
-                        heads: args.heads,
-                        k,
-                    };
+                    // The paper's switches (straight-through term included): the
+                    // layer's heaviest forward, as measured in BENCHMARKS.md.
+                    let cfg = CapConfig::paper(d, args.heads, k);
                     let fused = CapLayer::new(&cfg, vb.clone())?;
                     let reference = CapLayer::new(&cfg, vb)?.with_reference_ops(true);
                     let q = rand_tensor(&[b, args.lq, d], next(), dt, &dev)?;
                     let run_layer = |layer: &CapLayer| {
                         layer
-                            .forward(&p, &h, None, &src, None, &q, None)
+                            .forward_paper(&PaperInputs {
+                                h_miss: &p,
+                                h_avl: &h,
+                                avl_mask: None,
+                                h_com: &src,
+                                com_mask: None,
+                                q: &q,
+                                q_mask: None,
+                            })
                             .map(|_| ())
                     };
                     let (f, r) = timed_pair(

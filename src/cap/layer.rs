@@ -5,68 +5,226 @@ use super::gather_inject::{gather_inject, gather_inject_reference};
 use super::topk_rows::{topk_rows, topk_rows_reference};
 use crate::nn::{key_bias, LayerNorm, Mha};
 use candle_core::{bail, DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 
 type DisFn = fn(&Tensor, Context, usize) -> Result<Dissonance>;
 type TopkFn = fn(&Tensor, usize) -> Result<(Tensor, Tensor)>;
 type InjectFn = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
 
-/// Selection score of a padded `H_com` token (below any attention sum, which is >= 0).
-const PAD_SALIENCY: f64 = -1e30;
+/// Selection score of a token that must not be chosen (a padded token; below any
+/// attention sum, which is >= 0, and below any dissonance, which is in [0, 2]).
+const UNSELECTABLE: f64 = -1e30;
 
-/// Configuration of a [`CapLayer`].
+/// Configuration of a [`CapLayer`]: sizes plus the training-time switches. Build it with
+/// [`CapConfig::new`] (the defaults below) and change a switch with the `with_*` methods,
+/// or [`CapConfig::paper`] for the paper's Eq. 5-8 as this crate first implemented them.
+///
+/// | field | default | paper |
+/// |---|---|---|
+/// | `straight_through` | `false` | `true` |
+/// | `detach_scoring` | `true` | `false` |
+/// | `residual_gate` | `false` | `false` |
+///
+/// What each switch does, and the measurements behind the defaults, are on the fields and
+/// in `docs/DESIGN.md` ("CAP that finds the noise").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CapConfig {
-    /// Token feature size D of H_miss, H_avl, H_com and the question tokens.
+    /// Token feature size D of every input.
     pub dim: usize,
     /// Attention heads of the guidance block (must divide `dim`).
     pub heads: usize,
-    /// Purification budget k (Algorithm 1): rows replaced per sample; needs k <= L and k <= Lc.
+    /// Purification budget k (Algorithm 1): rows replaced per sample; needs k <= L and
+    /// k <= the source's token count.
     pub k: usize,
+    /// Straight-through gate: the hard top-k of phase 1 gives `W_proj` no gradient; with
+    /// the gate the output adds a term that is exactly zero in value and whose backward
+    /// gives d loss / d delta_i = <d loss / d out_i, C_i - x_i> (C_i: what replacing row
+    /// i brings), so the task loss trains the scoring. Off by default: in both the AVQA
+    /// model and the noisy-token classifier it made detection worse, not better (the task
+    /// gradient rewards replacing any row the source improves, noise or not).
+    pub straight_through: bool,
+    /// Phase 1 scores detached inputs: `delta` carries a gradient to `W_proj` only, never
+    /// to the sequence or the context it compares (so no loss on `delta`, e.g. the
+    /// straight-through term or a detection loss, reshapes the features the rest of the
+    /// model reads).
+    pub detach_scoring: bool,
+    /// A learned residual gate a = sigmoid(`gate`) in (0, 1) (var `gate` [1], starts at
+    /// 0.5): a noise row becomes x_i + a (s_j - x_i) instead of s_j, so training can leave
+    /// recovered rows untouched (a -> 0) or replace them fully (a -> 1).
+    pub residual_gate: bool,
 }
 
 impl CapConfig {
-    /// `CapConfig { dim, heads, k }`.
+    /// `dim`, `heads`, `k` with the default switches (table above).
     pub fn new(dim: usize, heads: usize, k: usize) -> Self {
-        Self { dim, heads, k }
+        Self {
+            dim,
+            heads,
+            k,
+            straight_through: false,
+            detach_scoring: true,
+            residual_gate: false,
+        }
+    }
+
+    /// The paper's Eq. 5-8 as first implemented here: hard replacement, the
+    /// straight-through gate on, scoring gradients reaching the inputs.
+    pub fn paper(dim: usize, heads: usize, k: usize) -> Self {
+        Self {
+            straight_through: true,
+            detach_scoring: false,
+            residual_gate: false,
+            ..Self::new(dim, heads, k)
+        }
+    }
+
+    /// Sets [`CapConfig::straight_through`].
+    pub fn with_straight_through(mut self, on: bool) -> Self {
+        self.straight_through = on;
+        self
+    }
+
+    /// Sets [`CapConfig::detach_scoring`].
+    pub fn with_detach_scoring(mut self, on: bool) -> Self {
+        self.detach_scoring = on;
+        self
+    }
+
+    /// Sets [`CapConfig::residual_gate`].
+    pub fn with_residual_gate(mut self, on: bool) -> Self {
+        self.residual_gate = on;
+        self
     }
 }
 
-/// Output of [`CapLayer::forward`].
+/// Output of [`CapLayer::purify`] and [`CapLayer::forward_paper`].
 #[derive(Clone, Debug)]
 pub struct CapOutput {
-    /// [B, L, D] H_miss with its k noise rows replaced by salient guided rows (Eq. 8-9), plus
-    /// the straight-through term that is exactly zero in value (see [`CapLayer`]).
+    /// [B, L, D] the sequence with its k noise rows replaced by salient guided rows (Eq.
+    /// 8-9; with the residual gate, moved towards them), in the input dtype.
     pub purified: Tensor,
-    /// [B, k] u32 noise rows of H_miss, delta descending, ties to the lower index.
+    /// [B, k] u32 noise rows of the sequence, delta descending, ties to the lower index;
+    /// padded rows (sequence mask 0) only when fewer than k rows are valid.
     pub noise_idx: Tensor,
-    /// [B, k] u32 salient rows of H_guided, saliency descending, ties to the lower index.
+    /// [B, k] u32 salient rows of the guided source, saliency descending, ties to the
+    /// lower index.
     pub salient_idx: Tensor,
-    /// [B, L] f32 (f64 for an f64 layer) dissonance delta, differentiable.
+    /// [B, L] f32 (f64 for an f64 layer) dissonance delta = 1 - cos(x_i (I + W_proj), g).
+    /// Differentiable: w.r.t. `W_proj` always, w.r.t. the inputs unless
+    /// [`CapConfig::detach_scoring`].
     pub delta: Tensor,
-    /// [B, Lc] f32 (f64 for an f64 layer) saliency: attention each H_com token receives,
-    /// summed over heads and valid query positions of the self-attention and of the
-    /// question-to-H_com attention; 0 for padded tokens. No gradient.
+    /// [B, Ls] f32 (f64 for an f64 layer) saliency: attention each source token receives,
+    /// summed over heads and valid query positions of the self-attention and (with a
+    /// question) of the question-to-source attention; 0 for padded tokens. No gradient.
     pub saliency: Tensor,
 }
 
-/// CAP as a drop-in layer (paper section 3.3, Algorithm 1).
+/// What [`CapLayer::purify`] purifies a sequence against.
+#[derive(Clone, Copy, Debug)]
+pub enum CapContext<'a> {
+    /// Another token sequence `tokens` [B, Lc, D] with an optional `mask` [B, Lc] (f32 or
+    /// u8, 1 = valid): its masked mean is the anchor of phase 1 and its tokens, through
+    /// the guidance block, are what replaces the noise rows (needs k <= Lc).
+    Tokens {
+        /// [B, Lc, D] context tokens.
+        tokens: &'a Tensor,
+        /// [B, Lc] f32 or u8, 1 = valid; None = all valid.
+        mask: Option<&'a Tensor>,
+    },
+    /// A pooled context vector [B, D]: the anchor of phase 1; the replacement rows are the
+    /// sequence's own non-noise rows through the guidance block.
+    Pooled(&'a Tensor),
+    /// No outside context (what `Module::forward` uses): the anchor is the masked mean of
+    /// the sequence itself and the replacement rows are its own non-noise rows.
+    Own,
+}
+
+impl<'a> CapContext<'a> {
+    /// [`CapContext::Tokens`] without a mask.
+    pub fn tokens(tokens: &'a Tensor) -> Self {
+        Self::Tokens { tokens, mask: None }
+    }
+}
+
+/// The paper's four inputs (Algorithm 1) with their masks, for [`CapLayer::forward_paper`].
+/// Masks are [B, n] f32 or u8, 1 = valid; None = all valid.
+#[derive(Clone, Copy, Debug)]
+pub struct PaperInputs<'a> {
+    /// [B, L, D] recovered tokens of the missing modality (the sequence purified).
+    pub h_miss: &'a Tensor,
+    /// [B, La, D] tokens of the available modality (the anchor of phase 1, Eq. 2).
+    pub h_avl: &'a Tensor,
+    /// [B, La] mask of `h_avl`.
+    pub avl_mask: Option<&'a Tensor>,
+    /// [B, Lc, D] common representation H_com = E_miss(F_avl) (Eq. 6): the source of the
+    /// injected rows; needs k <= Lc.
+    pub h_com: &'a Tensor,
+    /// [B, Lc] mask of `h_com`.
+    pub com_mask: Option<&'a Tensor>,
+    /// [B, Lq, D] question tokens H_t (cross-attention of the guidance block).
+    pub q: &'a Tensor,
+    /// [B, Lq] mask of `q`.
+    pub q_mask: Option<&'a Tensor>,
+}
+
+/// CAP as a layer (paper section 3.3, Algorithm 1): purifies a token sequence against a
+/// context.
 ///
-/// Phase 1: P = H_miss (I + W_proj), delta and noise indices by [`dissonance_topk`] against
-/// the masked mean of H_avl. `W_proj` starts at zero, so at initialisation the dissonance is
-/// measured in the shared feature space and the learned part is a correction. Phase 2: the guidance block, H1 = LN(H_com + SA(H_com)) and
-/// H_guided = LN(H1 + MCA(Q: H1, K/V: question)); saliency as in [`CapOutput::saliency`];
-/// salient indices by [`topk_rows`]. Phase 3: [`gather_inject`] of H_guided rows into H_miss.
+/// - Phase 1 (noise profiling, Eq. 2-5): P = x (I + W_proj), delta_i = 1 - cos(P_i, g)
+///   against the context anchor g (masked mean of the context tokens, or the given pooled
+///   vector), the k rows of largest delta are the noise rows ([`dissonance_topk`]).
+///   `W_proj` starts at zero, so at initialisation the dissonance is measured in the
+///   shared feature space and the learned part is a correction.
+/// - Phase 2 (guidance, Eq. 6-7): over the source tokens S (the context tokens, or the
+///   sequence itself), H1 = LN(S + SA(S)) and, with a question, H_guided = LN(H1 + MCA(Q:
+///   H1, K/V: question)); saliency = attention each source token receives
+///   ([`CapOutput::saliency`]); the k most salient rows by [`topk_rows`]. When the
+///   sequence is its own source, its noise rows are never salient.
+/// - Phase 3 (injection, Eq. 8-9): noise row `noise_idx[j]` becomes guided row
+///   `salient_idx[j]` ([`gather_inject`]); with the residual gate it moves a learned
+///   fraction of the way.
 ///
-/// Straight-through gate (on by default): the hard top-k gives `W_proj` no gradient, so the
-/// output adds `(delta - stop_grad(delta))[b, i] * stop_grad(C - H_miss)[b, i, :]`, exactly 0
-/// in value, where C is the injected output for noise rows and, for the other rows, the mean
-/// of the k injected salient rows (what replacing that row would have brought). The backward
-/// gives d loss / d delta_i = <d loss / d out_i, C_i - H_miss_i>, which reaches `W_proj`
-/// through the differentiable delta.
+/// Entry points: [`CapLayer::purify`] (a sequence against a [`CapContext`], optional
+/// masks, an optional question), `Module::forward` (self-purification of one [B, L, D]
+/// tensor, no mask) and [`CapLayer::forward_paper`] (the paper's four inputs, what the
+/// R2ScP model calls). All tensors in the layer's dtype and device.
 ///
-/// Variables (under the caller's prefix): `w_proj.weight` [D, D]; `sa.{q,k,v,o}.{weight,bias}`;
-/// `sa_norm.{weight,bias}`; `ca.{q,k,v,o}.{weight,bias}`; `ca_norm.{weight,bias}`.
+/// NaN: a NaN or infinite value in the sequence or the anchor makes a dissonance NaN, and
+/// one in the source or the question a saliency NaN; the layer then returns an error
+/// naming the batch row and token (like retrieval), instead of ranking the row silently.
+///
+/// Variables (under the caller's prefix): `w_proj.weight` [D, D]; `sa.{q,k,v,o}.{weight,
+/// bias}`; `sa_norm.{weight,bias}`; `ca.{q,k,v,o}.{weight,bias}`; `ca_norm.{weight,bias}`;
+/// `gate` [1] with the residual gate. The cross-attention vars exist (and are trained)
+/// only when a question is given.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use r2scp::cap::{CapConfig, CapContext, CapLayer};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+/// // D = 16, 4 heads, replace k = 2 rows per sample
+/// let cap = CapLayer::new(&CapConfig::new(16, 4, 2), vb.pp("cap"))?;
+///
+/// let xs = Tensor::randn(0f32, 1.0, (3, 10, 16), &dev)?; // [B, L, D]
+/// let ctx = Tensor::randn(0f32, 1.0, (3, 6, 16), &dev)?; // [B, Lc, D]
+///
+/// // purify against another sequence: which rows were noise, what replaced them
+/// let out = cap.purify(&xs, None, CapContext::tokens(&ctx), None)?;
+/// assert_eq!(out.purified.dims(), &[3, 10, 16]);
+/// assert_eq!(out.noise_idx.dims(), &[3, 2]);
+///
+/// // or self-purification, as any candle Module
+/// let ys = cap.forward(&xs)?;
+/// assert_eq!(ys.dims(), xs.dims());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
 pub struct CapLayer {
     cfg: CapConfig,
     w_proj: Linear,
@@ -74,7 +232,8 @@ pub struct CapLayer {
     sa_norm: LayerNorm,
     ca: Mha,
     ca_norm: LayerNorm,
-    straight_through: bool,
+    gate: Option<Tensor>,
+    centered_st: bool,
     reference_ops: bool,
 }
 
@@ -104,8 +263,44 @@ fn mask_or_ones(
     }
 }
 
+/// `[B, n, D]` with the layer's D and batch `b`, or an error naming `what`.
+fn dims_of(t: &Tensor, what: &str, b: usize, d: usize) -> Result<usize> {
+    let (tb, n, td) = t.dims3().map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "CapLayer: {what} has shape {:?}, expected [B, n, D = {d}]",
+            t.dims()
+        ))
+    })?;
+    if td != d {
+        bail!("CapLayer: {what} has feature dim {td}, expected dim = {d}");
+    }
+    if tb != b {
+        bail!("CapLayer: {what} has batch size {tb}, expected B = {b} (the sequence's)");
+    }
+    Ok(n)
+}
+
+/// First (row, column) of a [B, n] tensor holding a NaN or an infinity, if any.
+fn first_non_finite(t: &Tensor) -> Result<Option<(usize, usize)>> {
+    let v = t.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    Ok(v.iter()
+        .enumerate()
+        .find_map(|(b, row)| row.iter().position(|x| !x.is_finite()).map(|i| (b, i))))
+}
+
+/// The inputs of one run of the three phases.
+struct Run<'a> {
+    xs: &'a Tensor,
+    xs_mask: Option<&'a Tensor>,
+    anchor: Context<'a>,
+    /// Replacement source [B, Ls, D] and its mask; `None` = the sequence itself.
+    source: Option<(&'a Tensor, Option<&'a Tensor>)>,
+    query: Option<(&'a Tensor, Option<&'a Tensor>)>,
+}
+
 impl CapLayer {
-    /// Builds the layer; `cfg.heads` must divide `cfg.dim`, `cfg.k >= 1`.
+    /// Builds the layer from `vb` (candle-nn convention); `cfg.heads` must divide
+    /// `cfg.dim`, `cfg.k >= 1`.
     pub fn new(cfg: &CapConfig, vb: VarBuilder) -> Result<Self> {
         if cfg.dim == 0 || cfg.heads == 0 || !cfg.dim.is_multiple_of(cfg.heads) {
             bail!(
@@ -118,26 +313,39 @@ impl CapLayer {
             bail!("CapLayer: k = 0, expected k >= 1");
         }
         let d = cfg.dim;
+        let gate = cfg
+            .residual_gate
+            .then(|| vb.get_with_hints(1, "gate", Init::Const(0.0)))
+            .transpose()?;
         Ok(Self {
             cfg: *cfg,
             w_proj: Linear::new(
                 vb.pp("w_proj")
-                    .get_with_hints((d, d), "weight", candle_nn::Init::Const(0.0))?,
+                    .get_with_hints((d, d), "weight", Init::Const(0.0))?,
                 None,
             ),
             sa: Mha::new(d, cfg.heads, vb.pp("sa"))?,
             sa_norm: LayerNorm::new(d, vb.pp("sa_norm"))?,
             ca: Mha::new(d, cfg.heads, vb.pp("ca"))?,
             ca_norm: LayerNorm::new(d, vb.pp("ca_norm"))?,
-            straight_through: true,
+            gate,
+            centered_st: false,
             reference_ops: false,
         })
     }
 
-    /// Turns the straight-through gate on (default) or off. Off, `W_proj` gets no gradient and
-    /// every gradient is the exact derivative of the (piecewise smooth) forward.
+    /// Turns the straight-through gate on or off (see [`CapConfig::straight_through`]).
     pub fn with_straight_through(mut self, on: bool) -> Self {
-        self.straight_through = on;
+        self.cfg.straight_through = on;
+        self
+    }
+
+    /// Experiment switch: the straight-through gradient of a row is taken relative to the
+    /// row's mean over the sequence (the top-k does not change when every delta of a row
+    /// moves together, so that component of the gradient carries no selection signal).
+    #[doc(hidden)]
+    pub fn with_centered_straight_through(mut self, on: bool) -> Self {
+        self.centered_st = on;
         self
     }
 
@@ -153,38 +361,83 @@ impl CapLayer {
         &self.cfg
     }
 
-    /// CAP forward. Shapes: `h_miss` [B, L, D] (retrieved, missing modality), `h_avl`
-    /// [B, La, D] with `avl_mask` [B, La], `h_com` [B, Lc, D] with `com_mask` [B, Lc], `q`
-    /// [B, Lq, D] question tokens with `q_mask` [B, Lq]; masks f32 or u8, 1 = valid, None = all
-    /// valid. All tensors in the layer's dtype and device. Needs k <= L and k <= Lc.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
+    /// The residual gate's current value a in (0, 1) (None without the gate).
+    pub fn residual_gate(&self) -> Result<Option<f64>> {
+        self.gate
+            .as_ref()
+            .map(|g| {
+                candle_nn::ops::sigmoid(&g.to_dtype(DType::F64)?)?
+                    .squeeze(0)?
+                    .to_scalar::<f64>()
+            })
+            .transpose()
+    }
+
+    /// Purifies `xs` [B, L, D] (optional `xs_mask` [B, L], 1 = valid: padded rows are
+    /// chosen as noise only when fewer than k rows are valid) against `context`, with an
+    /// optional question `query` = (tokens [B, Lq, D], mask [B, Lq]) guiding the choice
+    /// of replacement rows (cross-attention). Masks are f32 or u8. Needs k <= L, and
+    /// k <= Lc for a token context.
+    pub fn purify(
         &self,
-        h_miss: &Tensor,
-        h_avl: &Tensor,
-        avl_mask: Option<&Tensor>,
-        h_com: &Tensor,
-        com_mask: Option<&Tensor>,
-        q: &Tensor,
-        q_mask: Option<&Tensor>,
+        xs: &Tensor,
+        xs_mask: Option<&Tensor>,
+        context: CapContext<'_>,
+        query: Option<(&Tensor, Option<&Tensor>)>,
     ) -> Result<CapOutput> {
+        let (anchor, source) = match context {
+            CapContext::Tokens { tokens, mask } => (
+                Context::Tokens {
+                    h_avl: tokens,
+                    mask,
+                },
+                Some((tokens, mask)),
+            ),
+            CapContext::Pooled(g) => (Context::Anchor(g), None),
+            CapContext::Own => (
+                Context::Tokens {
+                    h_avl: xs,
+                    mask: xs_mask,
+                },
+                None,
+            ),
+        };
+        self.run(Run {
+            xs,
+            xs_mask,
+            anchor,
+            source,
+            query,
+        })
+    }
+
+    /// The paper's form (Algorithm 1): `h_miss` purified against the masked mean of
+    /// `h_avl`, noise rows replaced by salient rows of `h_com` guided by the question `q`.
+    /// This is what the R2ScP model calls. Needs k <= L and k <= Lc.
+    pub fn forward_paper(&self, x: &PaperInputs<'_>) -> Result<CapOutput> {
+        self.run(Run {
+            xs: x.h_miss,
+            xs_mask: None,
+            anchor: Context::Tokens {
+                h_avl: x.h_avl,
+                mask: x.avl_mask,
+            },
+            source: Some((x.h_com, x.com_mask)),
+            query: Some((x.q, x.q_mask)),
+        })
+    }
+
+    fn run(&self, r: Run<'_>) -> Result<CapOutput> {
         let d = self.cfg.dim;
         let k = self.cfg.k;
-        let (b, l, dm) = h_miss.dims3()?;
-        let (cb, lc, cd) = h_com.dims3()?;
-        let (qb, lq, qd) = q.dims3()?;
-        if dm != d || cd != d || qd != d {
-            bail!("CapLayer: feature dims h_miss {dm}, h_com {cd}, q {qd}; expected dim = {d}");
+        let (b, l, dm) = r.xs.dims3()?;
+        if dm != d {
+            bail!("CapLayer: the sequence has feature dim {dm}, expected dim = {d}");
         }
-        if cb != b || qb != b {
-            bail!("CapLayer: batch sizes h_miss {b}, h_com {cb}, q {qb} differ");
+        if k > l {
+            bail!("CapLayer: k = {k} exceeds the L = {l} tokens of the sequence");
         }
-        if k > lc {
-            bail!("CapLayer: k = {k} exceeds the Lc = {lc} common tokens");
-        }
-        let dt = h_miss.dtype();
-        // Phase 1: consistency-based noise profiling.
-        let p = (h_miss + self.w_proj.forward(h_miss)?)?; // P = H_miss (I + W_proj)
+        let dt = r.xs.dtype();
         let (dis_op, topk_op, inject_op) = if self.reference_ops {
             (
                 dissonance_topk_reference as DisFn,
@@ -198,76 +451,161 @@ impl CapLayer {
                 gather_inject as InjectFn,
             )
         };
-        let dis = dis_op(
-            &p,
-            Context::Tokens {
-                h_avl,
-                mask: avl_mask,
-            },
-            k,
-        )?;
+        let acc = super::dissonance_topk::acc_dtype(dt);
+        let xm = r
+            .xs_mask
+            .map(|m| mask_or_ones(Some(m), b, l, acc, r.xs, "sequence mask"))
+            .transpose()?;
 
-        // Phase 2: guidance block.
-        let cm = mask_or_ones(com_mask, b, lc, dt, h_com, "com_mask")?;
-        let qm = mask_or_ones(q_mask, b, lq, dt, q, "q_mask")?;
-        let cbias = key_bias(&cm, dt)?; // [B, 1, 1, Lc]
-        let qbias = key_bias(&qm, dt)?; // [B, 1, 1, Lq]
+        // Phase 1: consistency-based noise profiling.
+        let detach = self.cfg.detach_scoring;
+        let xs_s = if detach { r.xs.detach() } else { r.xs.clone() };
+        let p = (&xs_s + self.w_proj.forward(&xs_s)?)?; // P = x (I + W_proj)
+        let anchor_d;
+        let anchor = match r.anchor {
+            Context::Anchor(g) if detach => {
+                anchor_d = g.detach();
+                Context::Anchor(&anchor_d)
+            }
+            Context::Tokens { h_avl, mask } if detach => {
+                anchor_d = h_avl.detach();
+                Context::Tokens {
+                    h_avl: &anchor_d,
+                    mask,
+                }
+            }
+            c => c,
+        };
+        let dis = dis_op(&p, anchor, k)?;
+        if let Some((bi, i)) = first_non_finite(&dis.delta)? {
+            bail!(
+                "CapLayer: the dissonance of token {i} of batch row {bi} is not finite (a NaN \
+                 or infinite value in the sequence, its context or W_proj)"
+            );
+        }
+        let noise_idx = match &xm {
+            // padded rows are selected last
+            Some(m) => {
+                let sel = (dis.delta.detach() + ((1.0 - m)? * UNSELECTABLE)?)?;
+                topk_op(&sel, k)?.1
+            }
+            None => dis.noise_idx.clone(),
+        };
 
-        let sa_logits = self.sa.logits(h_com, h_com)?.broadcast_add(&cbias)?;
-        let a_self = candle_nn::ops::softmax(&sa_logits, D::Minus1)?; // [B, H, Lc, Lc]
+        // Phase 2: guidance block over the source.
+        let own = r.source.is_none();
+        let (src, src_mask) = match r.source {
+            Some((s, m)) => (s.clone(), m.cloned()),
+            None => (r.xs.clone(), r.xs_mask.cloned()),
+        };
+        let ls = dims_of(&src, "the context tokens", b, d)?;
+        if k > ls {
+            bail!("CapLayer: k = {k} exceeds the Lc = {ls} tokens of the context");
+        }
+        let cm = mask_or_ones(src_mask.as_ref(), b, ls, dt, &src, "context mask")?;
+        let cbias = key_bias(&cm, dt)?; // [B, 1, 1, Ls]
+        let sa_logits = self.sa.logits(&src, &src)?.broadcast_add(&cbias)?;
+        let a_self = candle_nn::ops::softmax(&sa_logits, D::Minus1)?; // [B, H, Ls, Ls]
         let h1 = self
             .sa_norm
-            .forward(&(h_com + self.sa.mix(&a_self, h_com)?)?)?;
-
-        let ca_logits = self.ca.logits(&h1, q)?; // [B, H, Lc, Lq]
-        let a_cross = candle_nn::ops::softmax(&ca_logits.broadcast_add(&qbias)?, D::Minus1)?;
-        let h_guided = self.ca_norm.forward(&(&h1 + self.ca.mix(&a_cross, q)?)?)?;
-
-        // Saliency: attention received by each H_com token (no gradient).
-        let acc = super::dissonance_topk::acc_dtype(dt);
+            .forward(&(&src + self.sa.mix(&a_self, &src)?)?)?;
         let cm_a = cm.to_dtype(acc)?;
-        let qm_a = qm.to_dtype(acc)?;
         let recv_self = a_self
             .detach()
             .to_dtype(acc)?
             .broadcast_mul(&cm_a.unsqueeze(1)?.unsqueeze(3)?)? // valid query rows
             .sum(2)?
-            .sum(1)?; // [B, Lc]
-        let q2c = candle_nn::ops::softmax(
-            &ca_logits
-                .detach()
-                .to_dtype(acc)?
-                .broadcast_add(&cbias.to_dtype(acc)?.reshape((b, 1, lc, 1))?)?,
-            2,
-        )?; // [B, H, Lc, Lq], softmax over the H_com axis
-        let recv_cross = q2c
-            .broadcast_mul(&qm_a.unsqueeze(1)?.unsqueeze(1)?)? // valid question tokens
-            .sum(3)?
-            .sum(1)?;
-        let saliency = ((recv_self + recv_cross)? * &cm_a)?;
-        let select = (&saliency + ((1.0 - &cm_a)? * PAD_SALIENCY)?)?;
+            .sum(1)?; // [B, Ls]
+        let (h_guided, saliency) = match r.query {
+            None => (h1, (recv_self * &cm_a)?),
+            Some((q, q_mask)) => {
+                let lq = dims_of(q, "the question", b, d)?;
+                let qm = mask_or_ones(q_mask, b, lq, dt, q, "question mask")?;
+                let qbias = key_bias(&qm, dt)?; // [B, 1, 1, Lq]
+                let ca_logits = self.ca.logits(&h1, q)?; // [B, H, Ls, Lq]
+                let a_cross =
+                    candle_nn::ops::softmax(&ca_logits.broadcast_add(&qbias)?, D::Minus1)?;
+                let h_guided = self.ca_norm.forward(&(&h1 + self.ca.mix(&a_cross, q)?)?)?;
+                let q2c = candle_nn::ops::softmax(
+                    &ca_logits
+                        .detach()
+                        .to_dtype(acc)?
+                        .broadcast_add(&cbias.to_dtype(acc)?.reshape((b, 1, ls, 1))?)?,
+                    2,
+                )?; // [B, H, Ls, Lq], softmax over the source axis
+                let recv_cross = q2c
+                    .broadcast_mul(&qm.to_dtype(acc)?.unsqueeze(1)?.unsqueeze(1)?)? // valid question tokens
+                    .sum(3)?
+                    .sum(1)?;
+                (h_guided, ((recv_self + recv_cross)? * &cm_a)?)
+            }
+        };
+        if let Some((bi, i)) = first_non_finite(&saliency)? {
+            bail!(
+                "CapLayer: the saliency of context token {i} of batch row {bi} is not finite \
+                 (a NaN or infinite value in the context or the question)"
+            );
+        }
+        let mut select = (&saliency + ((1.0 - &cm_a)? * UNSELECTABLE)?)?;
+        if own {
+            // A row replaced by (a guided copy of) itself or another noise row is not
+            // purified: the salient rows come from the sequence's non-noise rows.
+            let noise_rows = Tensor::zeros((b, l), acc, r.xs.device())?.scatter_add(
+                &noise_idx,
+                &Tensor::ones((b, k), acc, r.xs.device())?,
+                1,
+            )?;
+            select = (select + (noise_rows * UNSELECTABLE)?)?;
+        }
         let (_, salient_idx) = topk_op(&select, k)?;
 
         // Phase 3: selective injection.
-        let mut purified = inject_op(h_miss, &h_guided, &dis.noise_idx, &salient_idx)?;
-        if self.straight_through {
+        let injected = inject_op(r.xs, &h_guided, &noise_idx, &salient_idx)?;
+        let gate = self
+            .gate
+            .as_ref()
+            .map(|g| candle_nn::ops::sigmoid(&g.to_dtype(dt)?))
+            .transpose()?;
+        let mut purified = match &gate {
+            // x + a (injected - x): only the noise rows differ from x
+            Some(a) => (r.xs + (injected - r.xs)?.broadcast_mul(a)?)?,
+            None => injected,
+        };
+        if self.cfg.straight_through {
             let sal_rows = salient_idx
                 .unsqueeze(2)?
                 .broadcast_as((b, k, d))?
                 .contiguous()?;
-            let mean_inj = h_guided.detach().gather(&sal_rows, 1)?.mean_keepdim(1)?; // [B, 1, D]
+            let hg = h_guided.detach();
+            let mean_inj = hg.gather(&sal_rows, 1)?.mean_keepdim(1)?; // [B, 1, D]
             let fill = mean_inj.broadcast_as((b, l, d))?.contiguous()?;
-            let counter = inject_op(&fill, &h_guided.detach(), &dis.noise_idx, &salient_idx)?;
-            let diff = (counter - h_miss.detach())?;
-            let gate = (&dis.delta - dis.delta.detach())?.to_dtype(dt)?; // 0 in value
-            purified = (purified + diff.broadcast_mul(&gate.unsqueeze(2)?)?)?;
+            let counter = inject_op(&fill, &hg, &noise_idx, &salient_idx)?;
+            let mut diff = (counter - r.xs.detach())?;
+            if let Some(a) = &gate {
+                diff = diff.broadcast_mul(&a.detach())?;
+            }
+            let delta = if self.centered_st {
+                dis.delta.broadcast_sub(&dis.delta.mean_keepdim(1)?)?
+            } else {
+                dis.delta.clone()
+            };
+            let st = (&delta - delta.detach())?.to_dtype(dt)?; // 0 in value
+            purified = (purified + diff.broadcast_mul(&st.unsqueeze(2)?)?)?;
         }
         Ok(CapOutput {
             purified,
-            noise_idx: dis.noise_idx,
+            noise_idx,
             salient_idx,
             delta: dis.delta,
             saliency,
         })
+    }
+}
+
+/// Self-purification: `xs` [B, L, D] against its own mean, noise rows replaced by its own
+/// guided non-noise rows; returns the purified [B, L, D]. Needs 1 <= k <= L.
+impl Module for CapLayer {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(self.purify(xs, None, CapContext::Own, None)?.purified)
     }
 }

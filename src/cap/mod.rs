@@ -28,7 +28,7 @@ pub use gather_inject::{gather_inject, gather_inject_reference};
 #[cfg(feature = "emulate")]
 #[doc(hidden)]
 pub use gather_inject::{gather_inject_backward_emulated, gather_inject_emulated};
-pub use layer::{CapConfig, CapLayer, CapOutput};
+pub use layer::{CapConfig, CapContext, CapLayer, CapOutput, PaperInputs};
 #[cfg(feature = "emulate")]
 #[doc(hidden)]
 pub use topk_rows::topk_rows_emulated;

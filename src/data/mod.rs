@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 pub use avqa::{load_music_avqa, load_music_avqa_with, AvqaOptions, UnknownAnswer};
 pub use batch::{batches, Batch, Batches};
 pub use missing::{MissingPolicy, MissingSim};
-pub use synthetic::{generate, generate_with_meta, SyntheticConfig, SyntheticMeta};
+pub use synthetic::{
+    generate, generate_with_meta, noise_tokens, SyntheticConfig, SyntheticMeta, TokenContent,
+};
 
 /// One of the two perceptual modalities (the question text is always present).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

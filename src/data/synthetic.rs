@@ -230,6 +230,47 @@ pub struct SyntheticMeta {
     pub val_prototypes: Vec<u32>,
     /// Prototype of each test clip.
     pub test_prototypes: Vec<u32>,
+    /// What every token of every train clip renders.
+    pub train_content: TokenContent,
+    /// What every token of every val clip renders.
+    pub val_content: TokenContent,
+    /// What every token of every test clip renders.
+    pub test_content: TokenContent,
+}
+
+/// What each token of each clip of a split renders, as a code per token: two tokens at
+/// the same position render the same latent (before the feature noise) exactly when their
+/// codes are equal. Visual token `j` (column `j * 3 / Lv`): 0 for an empty column, else
+/// 1 + the class of the source standing there. Audio token `t`: 1 + 4 * class +
+/// (loudness - 1) of the source playing at step `t`, or 0 for none.
+///
+/// **Noise token.** A recovered token (position `i` of the missing modality of a query
+/// clip, recovered from n retrieved clips) is *noise* when fewer than half of the n
+/// retrieved clips have the query's own code at position `i` (`2 * matches < n`): the
+/// retrieved evidence there shows another instrument, another loudness, an instrument
+/// where there is none or nothing where there is one. [`noise_tokens`] computes it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenContent {
+    /// Audio codes `[C * La]` (row-major, clip by clip).
+    pub audio: Vec<u32>,
+    /// Visual codes `[C * Lv]` (row-major, clip by clip).
+    pub visual: Vec<u32>,
+}
+
+/// The noise tokens (see [`TokenContent`]) of one recovered sequence: `own` are the
+/// query clip's codes `[L]`, `retrieved` the codes `[L]` of each of its n retrieved clips.
+/// Returns `[L]`, true = noise. With no retrieved clip every token is noise.
+pub fn noise_tokens(own: &[u32], retrieved: &[&[u32]]) -> Vec<bool> {
+    let n = retrieved.len();
+    (0..own.len())
+        .map(|i| {
+            let matches = retrieved
+                .iter()
+                .filter(|r| r.get(i) == Some(&own[i]))
+                .count();
+            2 * matches < n || n == 0
+        })
+        .collect()
 }
 
 /// Generate the three splits (deterministic in `cfg`).
@@ -251,13 +292,13 @@ pub fn generate_with_meta(cfg: &SyntheticConfig) -> Result<(Splits, SyntheticMet
         (3, cfg.n_test_clips),
     ] {
         let mut rng = rng_stream(cfg.seed, stream);
-        let (ds, protos) = world.split(&mut rng, n, id_base, &vocab, &answer_vocab)?;
+        let (ds, protos, content) = world.split(&mut rng, n, id_base, &vocab, &answer_vocab)?;
         id_base += n as u32;
-        out.push((ds, protos));
+        out.push((ds, protos, content));
     }
-    let (test, test_prototypes) = out.pop().expect("three splits");
-    let (val, val_prototypes) = out.pop().expect("three splits");
-    let (train, train_prototypes) = out.pop().expect("three splits");
+    let (test, test_prototypes, test_content) = out.pop().expect("three splits");
+    let (val, val_prototypes, val_content) = out.pop().expect("three splits");
+    let (train, train_prototypes, train_content) = out.pop().expect("three splits");
     let splits = Splits { train, val, test };
     splits.validate()?;
     Ok((
@@ -266,6 +307,9 @@ pub fn generate_with_meta(cfg: &SyntheticConfig) -> Result<(Splits, SyntheticMet
             train_prototypes,
             val_prototypes,
             test_prototypes,
+            train_content,
+            val_content,
+            test_content,
         },
     ))
 }
@@ -870,13 +914,50 @@ impl World {
     ) -> Vec<f32> {
         let lv = self.cfg.lv;
         self.render(&self.proj_v, lv, self.cfg.dv, rng, noise, |j, h| {
-            let col = j * 3 / lv;
-            h.copy_from_slice(&self.col_emb[col]);
+            h.copy_from_slice(&self.col_emb[j * 3 / lv]);
             axpy(h, 0.5, &self.tok_emb[j]);
-            if let Some(s) = scene.at(col) {
+            if let Some(s) = self.visual_source(scene, j) {
                 axpy(h, 1.0, &self.cls_vis[s.class]);
             }
         })
+    }
+
+    /// The source visual token `j` shows: the one standing in its column `j * 3 / Lv`.
+    fn visual_source<'s>(&self, scene: &'s Scene, j: usize) -> Option<&'s Source> {
+        scene.at(j * 3 / self.cfg.lv)
+    }
+
+    /// The source playing at audio step `t`: the sounding source of onset rank
+    /// `t * n_sounding / La`.
+    fn audio_source<'s>(&self, scene: &'s Scene, t: usize) -> Option<&'s Source> {
+        let ns = scene.n_sounding().max(1);
+        let active = t * ns / self.cfg.la;
+        scene
+            .sources
+            .iter()
+            .zip(scene.onset_ranks())
+            .find(|(_, r)| *r == Some(active))
+            .map(|(s, _)| s)
+    }
+
+    /// Visual content codes `[Lv]` of a scene (see [`TokenContent`]).
+    fn visual_content(&self, scene: &Scene) -> Vec<u32> {
+        (0..self.cfg.lv)
+            .map(|j| {
+                self.visual_source(scene, j)
+                    .map_or(0, |s| 1 + s.class as u32)
+            })
+            .collect()
+    }
+
+    /// Audio content codes `[La]` of a scene (see [`TokenContent`]).
+    fn audio_content(&self, scene: &Scene) -> Vec<u32> {
+        (0..self.cfg.la)
+            .map(|t| {
+                self.audio_source(scene, t)
+                    .map_or(0, |s| 1 + 4 * s.class as u32 + u32::from(s.loud) - 1)
+            })
+            .collect()
     }
 
     /// Audio tokens `[La * Da]`: the sounding sources play one after another in onset order;
@@ -889,17 +970,9 @@ impl World {
         noise: bool,
     ) -> Vec<f32> {
         let la = self.cfg.la;
-        let ranks = scene.onset_ranks();
-        let ns = scene.n_sounding().max(1);
         self.render(&self.proj_a, la, self.cfg.da, rng, noise, |t, h| {
             h.copy_from_slice(&self.time_emb[t]);
-            let active = t * ns / la;
-            if let Some((s, _)) = scene
-                .sources
-                .iter()
-                .zip(&ranks)
-                .find(|(_, r)| **r == Some(active))
-            {
+            if let Some(s) = self.audio_source(scene, t) {
                 axpy(h, 1.0, &self.cls_aud[s.class]);
                 axpy(h, 1.0, &self.loud_emb[usize::from(s.loud) - 1]);
             }
@@ -969,7 +1042,7 @@ impl World {
         id_base: u32,
         vocab: &Vocab,
         answer_vocab: &Vocab,
-    ) -> Result<(Dataset, Vec<u32>)> {
+    ) -> Result<(Dataset, Vec<u32>, TokenContent)> {
         let cfg = &self.cfg;
         let lq = max_question_len();
         let mut audio = Vec::with_capacity(n * cfg.la * cfg.da);
@@ -977,6 +1050,7 @@ impl World {
         let mut audio_key = Vec::with_capacity(n * cfg.dk);
         let mut visual_key = Vec::with_capacity(n * cfg.dk);
         let mut protos = Vec::with_capacity(n);
+        let mut content = TokenContent::default();
         let nq = n * cfg.questions_per_clip;
         let mut questions = Vec::with_capacity(nq * lq);
         let mut question_len = Vec::with_capacity(nq);
@@ -987,6 +1061,8 @@ impl World {
         for c in 0..n {
             let scene = self.sample_scene(rng);
             protos.push(scene.proto as u32);
+            content.audio.extend(self.audio_content(&scene));
+            content.visual.extend(self.visual_content(&scene));
             audio.extend(self.render_audio(&scene, rng, true));
             visual.extend(self.render_visual(&scene, rng, true));
             audio_key.extend(self.key(&scene, true, rng, true));
@@ -1053,7 +1129,7 @@ impl World {
             vocab: vocab.clone(),
             answer_vocab: answer_vocab.clone(),
         };
-        Ok((ds, protos))
+        Ok((ds, protos, content))
     }
 }
 
@@ -1160,6 +1236,63 @@ mod tests {
             a_changed as f32 > 0.7 * n as f32,
             "audio changed {a_changed}/{n}"
         );
+    }
+
+    #[test]
+    fn equal_content_codes_mean_equal_noise_free_tokens() {
+        // The noise-token labels rest on this: at one position, two clips' tokens render
+        // the same latent exactly when their codes are equal.
+        let (w, mut rng) = world();
+        let scenes: Vec<Scene> = (0..60).map(|_| w.sample_scene(&mut rng)).collect();
+        let (la, da, lv, dv) = (w.cfg.la, w.cfg.da, w.cfg.lv, w.cfg.dv);
+        // (audio tokens, visual tokens, audio codes, visual codes) per scene
+        type Rendered = (Vec<f32>, Vec<f32>, Vec<u32>, Vec<u32>);
+        let rendered: Vec<Rendered> = scenes
+            .iter()
+            .map(|s| {
+                (
+                    w.render_audio(s, &mut rng, false),
+                    w.render_visual(s, &mut rng, false),
+                    w.audio_content(s),
+                    w.visual_content(s),
+                )
+            })
+            .collect();
+        let (mut same, mut differ) = (0, 0);
+        for a in &rendered {
+            for b in &rendered {
+                for t in 0..la {
+                    let eq = a.0[t * da..(t + 1) * da] == b.0[t * da..(t + 1) * da];
+                    assert_eq!(eq, a.2[t] == b.2[t], "audio step {t}");
+                    same += usize::from(eq);
+                    differ += usize::from(!eq);
+                }
+                for j in 0..lv {
+                    let eq = a.1[j * dv..(j + 1) * dv] == b.1[j * dv..(j + 1) * dv];
+                    assert_eq!(eq, a.3[j] == b.3[j], "visual token {j}");
+                }
+            }
+        }
+        assert!(same > 0 && differ > 0, "{same} equal, {differ} different");
+    }
+
+    #[test]
+    fn noise_tokens_are_the_positions_most_retrieved_clips_get_wrong() {
+        let own = [1, 2, 3, 0];
+        let r1 = [1, 2, 9, 9];
+        let r2 = [1, 5, 3, 9];
+        let r3 = [7, 5, 9, 0];
+        assert_eq!(
+            noise_tokens(&own, &[&r1[..], &r2[..], &r3[..]]),
+            [false, true, true, true]
+        );
+        assert_eq!(noise_tokens(&own, &[&r1[..]]), [false, false, true, true]);
+        // two clips: one match of two is not "fewer than half"
+        assert_eq!(
+            noise_tokens(&own, &[&r1[..], &r3[..]]),
+            [false, false, true, false]
+        );
+        assert_eq!(noise_tokens(&own, &[]), [true; 4]);
     }
 
     #[test]

@@ -84,6 +84,58 @@ impl Default for RecoveryConfig {
     }
 }
 
+/// CAP's switches in the model (`[model.cap]`); sizes come from [`ModelConfig`]
+/// (`dim`, `heads`, `k_purge`). [`CapSettings::paper`] is the paper's Eq. 5-8 as this crate
+/// first implemented them (`--paper-cap`); the measurements behind the defaults are in
+/// `docs/DESIGN.md` ("CAP that finds the noise").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CapSettings {
+    /// The straight-through gate of the layer (`CapConfig::straight_through`).
+    pub straight_through: bool,
+    /// Phase 1 scores detached inputs (`CapConfig::detach_scoring`).
+    pub detach_scoring: bool,
+    /// The layer's learned residual gate (`CapConfig::residual_gate`).
+    pub residual_gate: bool,
+    /// Straight-through gradient taken relative to the row mean (experiment switch).
+    pub centered_straight_through: bool,
+    /// Weight of the detection loss (0 = off): on training rows whose own clip is in the
+    /// bank, the recovered tokens farthest from the clip's real tokens are the noise CAP
+    /// should find, and a listwise cross-entropy pulls `delta`'s softmax towards them.
+    pub detect_weight: f64,
+}
+
+impl CapSettings {
+    /// The paper's Eq. 5-8 as first implemented here (hard replacement, straight-through
+    /// gate, scoring gradients into the inputs, no detection loss).
+    pub fn paper() -> Self {
+        Self {
+            straight_through: true,
+            detach_scoring: false,
+            residual_gate: false,
+            centered_straight_through: false,
+            detect_weight: 0.0,
+        }
+    }
+
+    /// True when this is exactly [`CapSettings::paper`].
+    pub fn is_paper(&self) -> bool {
+        *self == Self::paper()
+    }
+}
+
+impl Default for CapSettings {
+    fn default() -> Self {
+        Self {
+            straight_through: false,
+            detach_scoring: true,
+            residual_gate: false,
+            centered_straight_through: false,
+            detect_weight: 0.0,
+        }
+    }
+}
+
 /// Model hyper-parameters. Every field has a default (`#[serde(default)]`), so a
 /// TOML table may name only what it changes. Defaults are sized for the built-in
 /// synthetic data set on 2 CPU cores.
@@ -120,6 +172,8 @@ pub struct ModelConfig {
     /// Safeguards of retrieval-based recovery (`[model.recovery]`); the paper's plain
     /// version is [`RecoveryConfig::paper`].
     pub recovery: RecoveryConfig,
+    /// CAP's switches (`[model.cap]`); [`CapSettings::paper`] is the paper's version.
+    pub cap: CapSettings,
 }
 
 impl Default for ModelConfig {
@@ -138,6 +192,7 @@ impl Default for ModelConfig {
             com_adapter: false,
             seed: 0,
             recovery: RecoveryConfig::default(),
+            cap: CapSettings::default(),
         }
     }
 }
@@ -165,6 +220,12 @@ impl ModelConfig {
         }
         if self.n_retrieved == 0 {
             candle_core::bail!("ModelConfig: n_retrieved = 0, expected >= 1");
+        }
+        if !(self.cap.detect_weight.is_finite() && self.cap.detect_weight >= 0.0) {
+            candle_core::bail!(
+                "ModelConfig: cap.detect_weight = {}, expected a finite value >= 0",
+                self.cap.detect_weight
+            );
         }
         if self.k_purge == 0 {
             candle_core::bail!("ModelConfig: k_purge = 0, expected >= 1");

@@ -9,7 +9,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 use super::config::ModelConfig;
 use super::expert::{AvExpert, ExpertSizes, TextExpert};
 use super::recovery::{self, Banks, RecoveryHead, ROUTER_STATS};
-use crate::cap::{CapConfig, CapLayer};
+use crate::cap::{CapConfig, CapLayer, PaperInputs};
 use crate::data::{Batch, DataDims, Missing, Modality};
 use crate::nn::{index_tensor, masked_mean, DropoutRng, LayerNorm, Mha, TransformerEncoder};
 
@@ -72,6 +72,19 @@ pub struct RetrievalTrace {
     pub scores: Tensor,
 }
 
+/// The rows CAP chose as noise when purifying the recovered `modality` in one forward.
+#[derive(Clone, Debug)]
+pub struct CapTrace {
+    /// The missing modality that was purified.
+    pub modality: Modality,
+    /// Purification of the negative retrieval (ranking loss).
+    pub negative: bool,
+    /// Batch rows \[M\].
+    pub rows: Vec<usize>,
+    /// Noise rows of the recovered tokens [M, k] u32 (phase 1, Eq. 5).
+    pub noise_idx: Tensor,
+}
+
 /// Result of [`R2scp::forward`].
 #[derive(Clone, Debug)]
 pub struct Output {
@@ -84,6 +97,21 @@ pub struct Output {
     pub rank: Option<RankTerms>,
     /// One trace per retrieval made (positive and, with rank terms, negative).
     pub retrieval: Vec<RetrievalTrace>,
+    /// One trace per CAP purification made (positive and, with rank terms, negative).
+    pub cap: Vec<CapTrace>,
+    /// Training forwards with `cap.detect_weight > 0`, retrieval and CAP on: the
+    /// detection loss (scalar, unweighted) over the recovered rows whose own clip is in
+    /// the bank; else None.
+    pub detect_loss: Option<Tensor>,
+}
+
+/// What one forward records besides its logits.
+#[derive(Default)]
+struct Traces {
+    retrieval: Vec<RetrievalTrace>,
+    cap: Vec<CapTrace>,
+    /// (per-row detection losses [R], R) of each recovered group.
+    detect: Vec<Tensor>,
 }
 
 /// Options of [`R2scp::forward_with`].
@@ -145,7 +173,14 @@ impl Recovery {
                 .use_retrieval
                 .then(|| RecoveryHead::new(&cfg.recovery, vb_null.clone()))
                 .transpose()?,
-            cap: CapLayer::new(&CapConfig::new(cfg.dim, cfg.heads, cfg.k_purge), vb_cap)?,
+            cap: CapLayer::new(
+                &CapConfig::new(cfg.dim, cfg.heads, cfg.k_purge)
+                    .with_straight_through(cfg.cap.straight_through)
+                    .with_detach_scoring(cfg.cap.detach_scoring)
+                    .with_residual_gate(cfg.cap.residual_gate),
+                vb_cap,
+            )?
+            .with_centered_straight_through(cfg.cap.centered_straight_through),
         })
     }
 }
@@ -658,7 +693,7 @@ impl R2scp {
         qm: &Tensor,
         negative: bool,
         train: bool,
-        traces: &mut Vec<RetrievalTrace>,
+        traces: &mut Traces,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let dev = batch.audio.device();
         let mrows = rows.len();
@@ -666,7 +701,7 @@ impl R2scp {
         let l = self.len_of(m);
         let idx = index_tensor(rows, dev)?;
         let rec = self.recovery(m);
-        let (h_miss, stats) = match rec.head.as_ref() {
+        let (h_miss, stats, mixed) = match rec.head.as_ref() {
             Some(head) => {
                 let n = self.cfg.n_retrieved;
                 // The query comes from the AVAILABLE modality only (key or raw tokens).
@@ -676,20 +711,21 @@ impl R2scp {
                     self.detach_if_frozen(self.bank_tokens(banks, m, &ret.indices, dev, train)?);
                 // Eq. 4 ([M, n, L, D] -> [M, L, D]) or its safe variants.
                 let c = head.combine(&h, &ret.scores, &rec.null)?;
-                traces.push(RetrievalTrace {
+                traces.retrieval.push(RetrievalTrace {
                     modality: m,
                     negative,
                     rows: as_usize(rows),
                     indices: ret.indices.to_device(dev)?,
                     scores: ret.scores.to_device(dev)?,
                 });
-                (c.h, Some(c.router_stats))
+                (c.h, Some(c.router_stats), Some(c.mixed))
             }
             None => (
                 rec.null
                     .unsqueeze(0)?
                     .broadcast_as((mrows, l, d))?
                     .contiguous()?,
+                None,
                 None,
             ),
         };
@@ -711,11 +747,88 @@ impl R2scp {
         let h_com =
             self.com_encoder(m)
                 .forward(&f_avl, None, &self.drop, self.p_expert(), train)?;
-        let out = rec
-            .cap
-            .forward(&h_miss, h_avl, None, &h_com, None, ht, Some(qm))?;
+        let out = rec.cap.forward_paper(&PaperInputs {
+            h_miss: &h_miss,
+            h_avl,
+            avl_mask: None,
+            h_com: &h_com,
+            com_mask: None,
+            q: ht,
+            q_mask: Some(qm),
+        })?;
+        let weight = self.cfg.cap.detect_weight;
+        if let (true, false, true, Some(mixed)) = (train, negative, weight > 0.0, mixed.as_ref()) {
+            if let Some(l) = self.detect_loss(banks, m, batch, rows, mixed, &out.delta, train)? {
+                traces.detect.push(l);
+            }
+        }
+        traces.cap.push(CapTrace {
+            modality: m,
+            negative,
+            rows: as_usize(rows),
+            noise_idx: out.noise_idx.clone(),
+        });
         Ok((out.purified, stats))
     }
+
+    /// Detection loss of the recovered rows `rows` missing `m` whose own clip is in the
+    /// bank: per row, the k tokens of `mixed` [M, L, D] (the retrieved combination before
+    /// the gate) farthest (1 - cosine) from the clip's real expert tokens are the noise;
+    /// the loss is the cross-entropy between the uniform distribution over them and
+    /// softmax(delta / [`Self::DETECT_TAU`]) over the row. Returns the per-row losses [R]
+    /// (None when no row's clip is in the bank).
+    #[allow(clippy::too_many_arguments)]
+    fn detect_loss(
+        &self,
+        banks: &Banks,
+        m: Modality,
+        batch: &Batch,
+        rows: &[u32],
+        mixed: &Tensor,
+        delta: &Tensor,
+        train: bool,
+    ) -> Result<Option<Tensor>> {
+        let dev = batch.audio.device();
+        let bank = banks.get(m);
+        let mut pos = Vec::new();
+        let mut brows = Vec::new();
+        for (p, &r) in rows.iter().enumerate() {
+            if let Some(br) = bank.row_of(batch.clip_ids[r as usize]) {
+                pos.push(p as u32);
+                brows.push(br as u32);
+            }
+        }
+        if pos.is_empty() {
+            return Ok(None);
+        }
+        let k = self.cfg.k_purge;
+        let n = brows.len();
+        let bidx = Tensor::from_vec(brows, (n, 1), bank.keys().device())?;
+        let gt = self
+            .bank_tokens(banks, m, &bidx, dev, train)?
+            .squeeze(1)?
+            .detach(); // [R, L, D]
+        let pidx = index_tensor(&pos, dev)?;
+        let rec = mixed.detach().index_select(&pidx, 0)?;
+        let dot = (&rec * &gt)?.sum(D::Minus1)?;
+        let norms = (rec.sqr()?.sum(D::Minus1)?.sqrt()? * gt.sqr()?.sum(D::Minus1)?.sqrt()?)?;
+        let dev_tok = (1.0 - (dot / (norms + 1e-8)?)?)?; // [R, L]
+        let (_, noisy) = crate::cap::topk_rows(&dev_tok, k)?;
+        let target = Tensor::zeros(dev_tok.dims(), DType::F32, dev)?.scatter_add(
+            &noisy,
+            &Tensor::full(1.0 / k as f32, (n, k), dev)?,
+            1,
+        )?;
+        let logp = candle_nn::ops::log_softmax(
+            &(delta.index_select(&pidx, 0)?.to_dtype(DType::F32)? / Self::DETECT_TAU)?,
+            D::Minus1,
+        )?;
+        Ok(Some((target * logp)?.sum(D::Minus1)?.neg()?))
+    }
+
+    /// Temperature of the detection loss's softmax over delta (a dissonance is in [0, 2];
+    /// rows of recovered tokens differ by tenths).
+    pub const DETECT_TAU: f64 = 0.1;
 
     /// Router (Eq. 11) + Z_joint (Eq. 12) + decoder on assembled expert tokens.
     /// ha [B, La, D], hv [B, Lv, D], ht [B, Lq, D], qm [B, Lq] -> (logits [B, A], alpha [B, 3]).
@@ -826,7 +939,7 @@ impl R2scp {
         ];
         let present = [&a_present, &v_present];
         let absent = [&a_absent, &v_absent];
-        let mut traces = Vec::new();
+        let mut traces = Traces::default();
         let mut full = Vec::new();
         let mut stats = Vec::new();
         for (mi, m) in Modality::ALL.into_iter().enumerate() {
@@ -865,6 +978,11 @@ impl R2scp {
             )?);
         }
         let stats = Tensor::cat(&stats, 1)?;
+        let detect_loss = match traces.detect.len() {
+            0 => None,
+            1 => Some(traces.detect[0].mean_all()?),
+            _ => Some(Tensor::cat(&traces.detect, 0)?.mean_all()?),
+        };
         let (logits, alpha) = self.decode(&full[0], &full[1], &ht, qmask, &stats, train)?;
         let rank = if opts.rank_terms && self.cfg.use_retrieval {
             self.rank_terms(
@@ -885,7 +1003,9 @@ impl R2scp {
             logits,
             router_weights: alpha,
             rank,
-            retrieval: traces,
+            retrieval: traces.retrieval,
+            cap: traces.cap,
+            detect_loss,
         })
     }
 
@@ -919,7 +1039,7 @@ impl R2scp {
         ht: &Tensor,
         negative: bool,
         train: bool,
-        traces: &mut Vec<RetrievalTrace>,
+        traces: &mut Traces,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let dev = batch.audio.device();
         let real_other = real_other.ok_or_else(|| {
@@ -957,7 +1077,7 @@ impl R2scp {
         real: &[Option<Tensor>; 2],
         logits: &Tensor,
         train: bool,
-        traces: &mut Vec<RetrievalTrace>,
+        traces: &mut Traces,
     ) -> Result<Option<RankTerms>> {
         let dev = batch.audio.device().clone();
         // Rows (ascending) that qualify, and per modality (row, bank row of its own clip).

@@ -136,6 +136,8 @@ impl SameViewBanks {
 /// A saved model config (JSON object) written before `recovery` existed described the
 /// paper's plain retrieval: give it `recovery = paper` explicitly, so that such a
 /// checkpoint loads as what it was and `ablate` never reuses it as a safe-retrieval run.
+/// A config written before `cap` existed ran the paper's CAP: it gets
+/// `cap = CapSettings::paper()`.
 /// Likewise a `recovery` table written before `complete_ensemble` existed gets
 /// `complete_ensemble = false` (complete samples answered from the real pair only).
 /// Anything else (including a non-object) is left unchanged.
@@ -144,6 +146,12 @@ pub fn upgrade_legacy_config(model: &mut serde_json::Value) {
         if !obj.contains_key("recovery") {
             if let Ok(v) = serde_json::to_value(RecoveryConfig::paper()) {
                 obj.insert("recovery".into(), v);
+            }
+        }
+        // Before `cap`: the paper's CAP as first implemented (straight-through gate on).
+        if !obj.contains_key("cap") {
+            if let Ok(v) = serde_json::to_value(super::config::CapSettings::paper()) {
+                obj.insert("cap".into(), v);
             }
         }
         if let Some(rec) = obj.get_mut("recovery").and_then(|r| r.as_object_mut()) {
@@ -239,6 +247,9 @@ pub struct RecoveryHead {
 pub struct Combined {
     /// H_miss [R, L, D].
     pub h: Tensor,
+    /// The candidates' combination before the reliability gate [R, L, D] (= `h` without
+    /// a gate): what the retrieved clips say, token by token.
+    pub mixed: Tensor,
     /// Router statistics [R, ROUTER_STATS] f32 (recovered flag first); constants.
     pub router_stats: Tensor,
 }
@@ -310,7 +321,7 @@ impl RecoveryHead {
             }
         };
         let (h_miss, g) = match &self.gate {
-            None => (mixed, Tensor::ones((r, 1), DType::F32, h.device())?),
+            None => (mixed.clone(), Tensor::ones((r, 1), DType::F32, h.device())?),
             Some((fc1, fc2)) => {
                 let g = candle_nn::ops::sigmoid(&fc2.forward(&fc1.forward(&stats)?.gelu()?)?)?; // [R, 1]
                 let g3 = g.reshape((r, 1, 1))?;
@@ -323,6 +334,7 @@ impl RecoveryHead {
         let flag = Tensor::ones((r, 1), DType::F32, h.device())?;
         Ok(Combined {
             h: h_miss,
+            mixed,
             router_stats: Tensor::cat(&[flag, stats, g], 1)?,
         })
     }
@@ -403,6 +415,10 @@ mod tests {
         let mut v = current.clone();
         v.as_object_mut().unwrap().remove("recovery");
         assert_eq!(upgraded(v).recovery, RecoveryConfig::paper());
+        // Before `cap`: the paper's CAP (straight-through gate on), as it ran.
+        let mut v = current.clone();
+        v.as_object_mut().unwrap().remove("cap");
+        assert_eq!(upgraded(v).cap, crate::model::CapSettings::paper());
         // Before `complete_ensemble`: the real pair only, the rest as written.
         let mut v = current;
         v["recovery"]

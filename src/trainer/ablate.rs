@@ -22,13 +22,14 @@ use super::checkpoint::{atomic_write, load_tensors, save_tensors, write_json};
 use super::config::TrainConfig;
 use super::eval::{missing_avg, EvalResult};
 use super::metrics::{read_metrics, MetricsWriter};
+use super::noise_detection::{self, DetectionPair};
 use super::plot::{Figures, Labels, Series, NOT_DRAWN};
 use super::retrieval_quality::{self, RetrievalQuality};
 use super::stage::Stage;
 use super::state::{checkpoint_dir, read_state, STATE_FORMAT};
 use super::training::{load_data, train, RunOptions, Session};
 use crate::data::{MissingPolicy, MissingSim, MissingType};
-use crate::model::{is_expert_var, Banks, RecoveryConfig, RetrievalQuery};
+use crate::model::{is_expert_var, Banks, CapSettings, RecoveryConfig, RetrievalQuery};
 
 /// One ablation study.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -45,16 +46,20 @@ pub enum Study {
     K,
     /// Missing rate 30/50/70% (full model vs. no retrieval/CAP).
     Rate,
+    /// CAP's switches one at a time on top of the default model (straight-through gate,
+    /// detached scoring, detection loss, residual gate), next to the paper's CAP.
+    Cap,
 }
 
 impl Study {
     /// All studies in report order.
-    pub const ALL: [Study; 5] = [
+    pub const ALL: [Study; 6] = [
         Study::Table2,
         Study::Strategy,
         Study::N,
         Study::K,
         Study::Rate,
+        Study::Cap,
     ];
 }
 
@@ -79,12 +84,44 @@ pub struct AblateOptions {
 pub const N_VALUES: [usize; 4] = [1, 3, 5, 10];
 /// k values of the k study.
 pub const K_VALUES: [usize; 5] = [1, 3, 5, 7, 9];
+/// (id, description, change) of a CAP-study variant.
+pub type CapVariant = (&'static str, &'static str, fn(&mut CapSettings));
+
+/// Variants of the CAP study: (id, what it changes, the change) on top of the base
+/// config; `full` (the base) and `full-papercap` (the paper's CAP) run next to them.
+pub const CAP_VARIANTS: [CapVariant; 4] = [
+    (
+        "cap-st",
+        "straight-through gate on (scoring detached)",
+        |c| {
+            c.straight_through = true;
+            c.detach_scoring = true;
+        },
+    ),
+    (
+        "cap-st-centered",
+        "straight-through gate on, centred per row (scoring detached)",
+        |c| {
+            c.straight_through = true;
+            c.centered_straight_through = true;
+            c.detach_scoring = true;
+        },
+    ),
+    ("cap-detect", "detection loss (weight 1)", |c| {
+        c.detect_weight = 1.0
+    }),
+    ("cap-gate", "residual gate", |c| c.residual_gate = true),
+];
 /// Missing rates of the rate study.
 pub const RATES: [f32; 3] = [0.3, 0.5, 0.7];
 /// Table 2 variant: the paper's plain retrieval (`RecoveryConfig::paper`), no CAP.
 pub const PAPER_CMR_ONLY: &str = "cmr1-cap0-paper";
-/// Table 2 variant: the paper's plain retrieval with CAP.
+/// Table 2 variant: the paper's model, its plain retrieval with its CAP
+/// (`CapSettings::paper`).
 pub const PAPER_FULL: &str = "full-paper";
+/// Table 2 variant: the default safe retrieval with the paper's CAP (`CapSettings::paper`),
+/// next to `full` (safe retrieval with the default CAP).
+pub const PAPER_CAP: &str = "full-papercap";
 
 #[derive(Debug, Clone)]
 struct Variant {
@@ -111,6 +148,10 @@ pub struct VariantResult {
     /// The search `retrieval` was measured with.
     #[serde(default)]
     pub retrieval_query: Option<RetrievalQuery>,
+    /// CAP's noise detection at initialisation and after training (synthetic set,
+    /// variants with retrieval and CAP).
+    #[serde(default)]
+    pub detection: Option<DetectionPair>,
 }
 
 fn quick_cfg(c: &mut TrainConfig) {
@@ -165,10 +206,51 @@ fn variants(base: &TrainConfig, studies: &[Study]) -> (Vec<Variant>, Vec<String>
                                 c.model.use_retrieval = true;
                                 c.model.use_cap = p;
                                 c.model.recovery = RecoveryConfig::paper();
+                                if p {
+                                    c.model.cap = CapSettings::paper();
+                                }
                             },
                             None,
                         );
                     }
+                }
+                // The paper's CAP next to the default one (same retrieval, same stage I).
+                if !base.model.cap.is_paper() {
+                    add(
+                        PAPER_CAP.into(),
+                        &|c: &mut TrainConfig| {
+                            c.model.use_retrieval = true;
+                            c.model.use_cap = true;
+                            c.model.cap = CapSettings::paper();
+                        },
+                        None,
+                    );
+                }
+            }
+            Study::Cap => {
+                add(
+                    "cmr1-cap0".into(),
+                    &|c: &mut TrainConfig| {
+                        c.model.use_retrieval = true;
+                        c.model.use_cap = false;
+                    },
+                    None,
+                );
+                add(
+                    PAPER_CAP.into(),
+                    &|c: &mut TrainConfig| c.model.cap = CapSettings::paper(),
+                    None,
+                );
+                for (id, _, f) in CAP_VARIANTS {
+                    add(
+                        id.into(),
+                        &move |c: &mut TrainConfig| {
+                            c.model.use_retrieval = true;
+                            c.model.use_cap = true;
+                            f(&mut c.model.cap);
+                        },
+                        None,
+                    );
                 }
             }
             Study::Strategy => {
@@ -340,6 +422,7 @@ fn run_variant(
                     sim: st.test_extra.and_then(|e| e.into_iter().next()),
                     retrieval: Vec::new(),
                     retrieval_query: None,
+                    detection: None,
                 });
             }
             resume = !st.finished;
@@ -371,6 +454,7 @@ fn run_variant(
         sim: s.extra.into_iter().next(),
         retrieval: Vec::new(),
         retrieval_query: None,
+        detection: None,
     })
 }
 
@@ -412,6 +496,41 @@ fn add_retrieval_quality(
     Ok(())
 }
 
+/// CAP's noise detection (at initialisation and trained) of every variant with retrieval
+/// and CAP, on the synthetic set only (real data records no noise tokens).
+fn add_noise_detection(
+    cfg: &TrainConfig,
+    vars: &[Variant],
+    results: &mut [VariantResult],
+    sdir: &Path,
+    s1dir: &Path,
+    opts: &AblateOptions,
+) -> Result<()> {
+    let mut data = None;
+    for r in results.iter_mut() {
+        let Some(v) = vars.iter().find(|v| v.id == r.id) else {
+            continue;
+        };
+        let m = &v.cfg.model;
+        if !(m.use_retrieval && m.use_cap && v.cfg.stage2_enabled && v.cfg.stage1_enabled) {
+            continue;
+        }
+        if data.is_none() {
+            data = noise_detection::synthetic_with_meta(cfg)?;
+        }
+        let Some(d) = data.as_ref() else {
+            return Ok(());
+        };
+        let s1 = read_state(&checkpoint_dir(s1dir).join("state.json"))?;
+        let s1file = checkpoint_dir(s1dir).join(&s1.model_file);
+        r.detection = Some(
+            noise_detection::measure_run(&sdir.join(&v.id), &s1file, d, &opts.device)
+                .with_context(|| format!("noise detection of variant {}", v.id))?,
+        );
+    }
+    Ok(())
+}
+
 /// Trains every variant of the chosen studies for every seed (reusing finished ones) and
 /// writes `results.json` and the report; returns the path of the markdown report.
 pub fn run_studies(base: &TrainConfig, opts: &AblateOptions) -> Result<PathBuf> {
@@ -436,8 +555,10 @@ pub fn run_studies(base: &TrainConfig, opts: &AblateOptions) -> Result<PathBuf> 
         let mut s1 = b.clone();
         s1.stage2_enabled = false;
         s1.stage1_enabled = true;
-        // Stage I never uses the retrieval safeguards: one stage I serves every setting.
+        // Stage I never uses the retrieval safeguards or CAP's switches: one stage I
+        // serves every setting.
         s1.model.recovery = RecoveryConfig::default();
+        s1.model.cap = CapSettings::default();
         let s1v = Variant {
             id: "wo-stage2".into(),
             cfg: s1,
@@ -457,6 +578,7 @@ pub fn run_studies(base: &TrainConfig, opts: &AblateOptions) -> Result<PathBuf> 
             results.push(r);
         }
         add_retrieval_quality(&b, &vars, &mut results[first..], opts)?;
+        add_noise_detection(&b, &vars, &mut results[first..], &sdir, &s1dir, opts)?;
     }
     write_json(&opts.out_dir.join("results.json"), &results)?;
     let path = write_report(opts, &results, &notes, t0.elapsed().as_secs_f64())?;
@@ -471,16 +593,20 @@ fn paper_rows_and_quality(agg: &Agg, results: &[VariantResult]) -> String {
         let _ = writeln!(
             md,
             "\nRetrieval as in the paper (cross-modal key search, mean of Eq. 4, no gate, no router \
-             statistics) against the default safe retrieval:\n\n\
+             statistics) and CAP as in the paper (Eq. 5-8 with the straight-through gate, \
+             `--paper-cap`) against the defaults:\n\n\
              | retrieval | CAP | missing audio | missing visual | complete | missing avg |\n|---|---|---:|---:|---:|---:|"
         );
         for (id, r, c) in [
             (PAPER_CMR_ONLY, "paper", ""),
-            (PAPER_FULL, "paper", "✓"),
+            (PAPER_FULL, "paper", "paper"),
             ("cmr1-cap0", "safe", ""),
-            ("full", "safe", "✓"),
+            (PAPER_CAP, "safe", "paper"),
+            ("full", "safe", "default"),
         ] {
-            let _ = writeln!(md, "| {r} | {c} | {} |", agg.setting_cells(id));
+            if agg.has(id) {
+                let _ = writeln!(md, "| {r} | {c} | {} |", agg.setting_cells(id));
+            }
         }
     }
     let mut rows: Vec<(String, RetrievalQuery, Vec<Vec<RetrievalQuality>>)> = Vec::new();
@@ -496,6 +622,34 @@ fn paper_rows_and_quality(agg: &Agg, results: &[VariantResult]) -> String {
         md.push_str(&retrieval_quality::report_section(&rows));
     }
     md
+}
+
+/// CAP noise detection of every variant that has it, in variant order.
+fn detection_section(results: &[VariantResult]) -> String {
+    let mut rows: Vec<(String, String, Vec<DetectionPair>)> = Vec::new();
+    for r in results {
+        let Some(d) = r.detection.as_ref() else {
+            continue;
+        };
+        match rows.iter_mut().find(|x| x.0 == r.id) {
+            Some(x) => x.2.push(d.clone()),
+            None => rows.push((r.id.clone(), variant_label(&r.id), vec![d.clone()])),
+        }
+    }
+    noise_detection::report_section(&rows)
+}
+
+/// What a Table 2 variant with CAP is, in words.
+fn variant_label(id: &str) -> String {
+    match id {
+        "full" => "safe retrieval + CAP".into(),
+        PAPER_FULL => "paper retrieval + paper CAP".into(),
+        PAPER_CAP => "safe retrieval + paper CAP".into(),
+        other => CAP_VARIANTS
+            .iter()
+            .find(|(id, _, _)| *id == other)
+            .map_or_else(|| other.into(), |(_, what, _)| (*what).into()),
+    }
 }
 
 /// Mean and sample standard deviation.
@@ -579,6 +733,13 @@ fn write_report(
     if opts.studies.contains(&Study::Table2) {
         table2_section(&mut md, &agg, &figures)?;
         md.push_str(&paper_rows_and_quality(&agg, results));
+        md.push_str(&detection_section(results));
+    }
+    if opts.studies.contains(&Study::Cap) {
+        cap_section(&mut md, &agg);
+        if !opts.studies.contains(&Study::Table2) {
+            md.push_str(&detection_section(results));
+        }
     }
     if opts.studies.contains(&Study::Strategy) {
         strategy_section(&mut md, &agg);
@@ -695,6 +856,30 @@ fn table2_section(md: &mut String, agg: &Agg, figures: &Figures) -> Result<()> {
         .collect();
     let title = "CMR/CAP: 0 none, 1 CAP only, 2 CMR only, 3 both";
     accuracy_plot(md, figures, "table2", title, "variant", &series)
+}
+
+/// The CAP study: accuracy of each CAP switch against the default CAP, the paper's CAP
+/// and no CAP (all with the base retrieval).
+fn cap_section(md: &mut String, agg: &Agg) {
+    let _ = writeln!(
+        md,
+        "## CAP switches
+
+| variant | CAP | missing audio | missing visual | complete | missing avg |
+         |---|---|---:|---:|---:|---:|"
+    );
+    let mut rows: Vec<(&str, &str)> = vec![
+        ("cmr1-cap0", "none"),
+        ("full", "default"),
+        (PAPER_CAP, "paper (`--paper-cap`)"),
+    ];
+    rows.extend(CAP_VARIANTS.iter().map(|(id, what, _)| (*id, *what)));
+    for (id, what) in rows {
+        if agg.has(id) {
+            let _ = writeln!(md, "| {id} | {what} | {} |", agg.setting_cells(id));
+        }
+    }
+    md.push('\n');
 }
 
 /// Table 3: the full model against each training strategy left out.

@@ -15,6 +15,7 @@
 //! - [`config`]: [`TrainConfig`] (TOML + CLI).
 //! - [`progress`]: the progress bar of an epoch.
 //! - [`retrieval_quality`]: how often the top-1 retrieved clip shares the answer.
+//! - [`noise_detection`]: how many of the tokens CAP picks as noise are noise (synthetic set).
 //!
 //! Dependencies point one way: `ablate` -> `training` -> `report` -> `state` ->
 //! `config` / `eval` / `stage`. Progress bars, plots and TOML need the `cli` feature;
@@ -27,6 +28,7 @@ pub mod eval;
 pub mod init;
 pub mod loss;
 pub mod metrics;
+pub mod noise_detection;
 pub mod optim;
 pub mod plot;
 pub mod progress;

@@ -735,7 +735,8 @@ impl Trainer<'_> {
     }
 
     /// Stage-II loss of one batch: L_task, plus lambda (L_rank+ + L_rank-) when
-    /// `use_rank` (Eq. 15). Adds the parts and the router weights to `win`; returns the
+    /// `use_rank` (Eq. 15), plus `model.cap.detect_weight` times CAP's detection loss
+    /// when the model returns one. Adds the parts and the router weights to `win`; returns the
     /// loss and the correct count.
     fn mixing_loss(
         &self,
@@ -766,6 +767,10 @@ impl Trainer<'_> {
             win.add_part("rank_pos", rp.to_scalar::<f32>()? as f64);
             win.add_part("rank_neg", rn.to_scalar::<f32>()? as f64);
             loss = (loss + ((rp + rn)? * cfg.lambda_rank)?)?;
+        }
+        if let Some(d) = out.detect_loss.as_ref() {
+            win.add_part("detect", d.to_scalar::<f32>()? as f64);
+            loss = (loss + (d * cfg.model.cap.detect_weight)?)?;
         }
         let w = out.router_weights.sum(0)?.to_vec1::<f32>()?;
         for (acc, v) in win.router.iter_mut().zip(&w) {
