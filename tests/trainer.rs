@@ -319,6 +319,10 @@ fn ablation_shares_stage_one_and_reports() {
         "Retrieval quality",
         "| full | same_key_and_features |",
         "| full-paper | cross_key |",
+        "| full-papercap | same_key_and_features |",
+        "### CAP noise detection",
+        "| full (safe retrieval + CAP) | missing-audio |",
+        "| full-papercap (safe retrieval + paper CAP) | missing-visual |",
     ] {
         assert!(md.contains(w), "{w} missing from report:\n{md}");
     }
@@ -341,6 +345,7 @@ fn ablation_shares_stage_one_and_reports() {
         "wo-rank",
         "cmr1-cap0-paper",
         "full-paper",
+        "full-papercap",
     ] {
         let st = read_state(&checkpoint_dir(&sdir.join(v)).join("state.json")).unwrap();
         assert!(st.finished, "{v} not finished");

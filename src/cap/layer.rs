@@ -48,7 +48,7 @@ pub struct CapConfig {
     /// straight-through term or a detection loss, reshapes the features the rest of the
     /// model reads).
     pub detach_scoring: bool,
-    /// A learned residual gate a = sigmoid(`gate`) in (0, 1) (var `gate` [1], starts at
+    /// A learned residual gate a = sigmoid(`gate`) in (0, 1) (var `gate` \[1\], starts at
     /// 0.5): a noise row becomes x_i + a (s_j - x_i) instead of s_j, so training can leave
     /// recovered rows untouched (a -> 0) or replace them fully (a -> 1).
     pub residual_gate: bool,
@@ -195,7 +195,7 @@ pub struct PaperInputs<'a> {
 ///
 /// Variables (under the caller's prefix): `w_proj.weight` [D, D]; `sa.{q,k,v,o}.{weight,
 /// bias}`; `sa_norm.{weight,bias}`; `ca.{q,k,v,o}.{weight,bias}`; `ca_norm.{weight,bias}`;
-/// `gate` [1] with the residual gate. The cross-attention vars exist (and are trained)
+/// `gate` \[1\] with the residual gate. The cross-attention vars exist (and are trained)
 /// only when a question is given.
 ///
 /// ```
