@@ -33,11 +33,15 @@ fn bounds(data: &Data, query: RetrievalQuery, m: Modality) -> anyhow::Result<[f6
     } = data;
     let dev = Device::Cpu;
     let (l, train_c, test_c) = match m {
-        Modality::Audio => (cfg.la, &meta.train_content.audio, &meta.test_content.audio),
+        Modality::Audio => (
+            cfg.la,
+            &meta.train_content.audio,
+            &meta.test_content.audio_scene,
+        ),
         Modality::Visual => (
             cfg.lv,
             &meta.train_content.visual,
-            &meta.test_content.visual,
+            &meta.test_content.visual_scene,
         ),
     };
     let (k, n) = (2, 3);
@@ -77,7 +81,7 @@ fn bounds(data: &Data, query: RetrievalQuery, m: Modality) -> anyhow::Result<[f6
                 agreed += usize::from(2 * top > n);
                 if m == Modality::Audio {
                     // classes in the query's picture (visual code = 1 + class, 0 = empty)
-                    let seen: Vec<u32> = meta.test_content.visual
+                    let seen: Vec<u32> = meta.test_content.visual_scene
                         [clip * cfg.lv..(clip + 1) * cfg.lv]
                         .iter()
                         .filter(|&&v| v > 0)

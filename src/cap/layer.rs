@@ -39,9 +39,14 @@ pub struct CapConfig {
     /// Straight-through gate: the hard top-k of phase 1 gives `W_proj` no gradient; with
     /// the gate the output adds a term that is exactly zero in value and whose backward
     /// gives d loss / d delta_i = <d loss / d out_i, C_i - x_i> (C_i: what replacing row
-    /// i brings), so the task loss trains the scoring. Off by default: in both the AVQA
-    /// model and the noisy-token classifier it made detection worse, not better (the task
-    /// gradient rewards replacing any row the source improves, noise or not).
+    /// i brings), so the task loss trains the scoring. It rewards replacing whatever row
+    /// the injected rows improve, noise or not. Turn it on only when the replacement
+    /// source is clean (it cannot hold the noise itself) and the task loss should shape
+    /// `W_proj`; leave it off (the default) when the source may hold the noise, or when
+    /// the selection should stay fixed while the layers around it learn. Measured: with a
+    /// source holding the noise it cut the share of `noise_idx` on the noise from 87.6% to
+    /// 77.5% in the noisy-token classifier; in the R2ScP model it found no more noise and
+    /// did not help accuracy (`docs/DESIGN.md`, "CAP that finds the noise").
     pub straight_through: bool,
     /// Phase 1 scores detached inputs: `delta` carries a gradient to `W_proj` only, never
     /// to the sequence or the context it compares (so no loss on `delta`, e.g. the

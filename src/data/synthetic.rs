@@ -101,6 +101,15 @@ pub struct SyntheticConfig {
     /// Weight of the clip content (instrument classes) in the key latent, next to the prototype
     /// latent (weight 1).
     pub key_content_weight: f32,
+    /// Background events (0 = none, the default): every prototype has an audio background
+    /// (one of 4 event types, e.g. applause, over `max(1, La / 4)` consecutive time steps)
+    /// and a visual one (one of 4 occluders over one column); each clip shows its
+    /// prototype's audio background with this probability and, independently, its visual
+    /// one. A covered token renders the event instead of the scene. Clips of a prototype
+    /// therefore often share a background the query clip does not have: retrieved noise
+    /// that contradicts the available modality, as in the paper's example of recalled
+    /// applause. Drawn from their own random streams: 0 leaves every other value as before.
+    pub background_prob: f32,
 }
 
 impl Default for SyntheticConfig {
@@ -128,6 +137,7 @@ impl Default for SyntheticConfig {
             key_noise: 1.0,
             key_misalignment: 0.7,
             key_content_weight: 0.5,
+            background_prob: 0.0,
         }
     }
 }
@@ -198,6 +208,7 @@ impl SyntheticConfig {
         for (name, v) in [
             ("variation", self.variation),
             ("identity_variation", self.identity_variation),
+            ("background_prob", self.background_prob),
             ("silent_prob", self.silent_prob),
         ] {
             ensure!(
@@ -242,23 +253,32 @@ pub struct SyntheticMeta {
 /// the same position render the same latent (before the feature noise) exactly when their
 /// codes are equal. Visual token `j` (column `j * 3 / Lv`): 0 for an empty column, else
 /// 1 + the class of the source standing there. Audio token `t`: 1 + 4 * class +
-/// (loudness - 1) of the source playing at step `t`, or 0 for none.
+/// (loudness - 1) of the source playing at step `t`, or 0 for none. A token covered by a
+/// background event (`background_prob`) renders event `e`: code 1 + K + e (visual) or
+/// 1 + 4 K + e (audio), K = `n_instruments`; the `*_scene` codes are what the scene puts
+/// at each token, as if no event covered it (equal to the rendered codes without events).
 ///
 /// **Noise token.** A recovered token (position `i` of the missing modality of a query
 /// clip, recovered from n retrieved clips) is *noise* when fewer than half of the n
-/// retrieved clips have the query's own code at position `i` (`2 * matches < n`): the
+/// retrieved clips render the query's scene code at position `i` (`2 * matches < n`): the
 /// retrieved evidence there shows another instrument, another loudness, an instrument
-/// where there is none or nothing where there is one. [`noise_tokens`] computes it.
+/// where there is none, nothing where there is one, or a background event.
+/// [`noise_tokens`] computes it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TokenContent {
-    /// Audio codes `[C * La]` (row-major, clip by clip).
+    /// Rendered audio codes `[C * La]` (row-major, clip by clip).
     pub audio: Vec<u32>,
-    /// Visual codes `[C * Lv]` (row-major, clip by clip).
+    /// Rendered visual codes `[C * Lv]` (row-major, clip by clip).
     pub visual: Vec<u32>,
+    /// Audio scene codes `[C * La]`.
+    pub audio_scene: Vec<u32>,
+    /// Visual scene codes `[C * Lv]`.
+    pub visual_scene: Vec<u32>,
 }
 
 /// The noise tokens (see [`TokenContent`]) of one recovered sequence: `own` are the
-/// query clip's codes `[L]`, `retrieved` the codes `[L]` of each of its n retrieved clips.
+/// query clip's scene codes `[L]`, `retrieved` the rendered codes `[L]` of each of its n
+/// retrieved clips.
 /// Returns `[L]`, true = noise. With no retrieved clip every token is noise.
 pub fn noise_tokens(own: &[u32], retrieved: &[&[u32]]) -> Vec<bool> {
     let n = retrieved.len();
@@ -292,7 +312,10 @@ pub fn generate_with_meta(cfg: &SyntheticConfig) -> Result<(Splits, SyntheticMet
         (3, cfg.n_test_clips),
     ] {
         let mut rng = rng_stream(cfg.seed, stream);
-        let (ds, protos, content) = world.split(&mut rng, n, id_base, &vocab, &answer_vocab)?;
+        // background decisions: streams 5-7, so the clips themselves do not depend on them
+        let mut bg_rng = rng_stream(cfg.seed, 4 + stream);
+        let (ds, protos, content) =
+            world.split(&mut rng, &mut bg_rng, n, id_base, &vocab, &answer_vocab)?;
         id_base += n as u32;
         out.push((ds, protos, content));
     }
@@ -369,6 +392,10 @@ pub(crate) struct Source {
 pub(crate) struct Scene {
     pub proto: usize,
     pub sources: Vec<Source>,
+    /// The clip shows its prototype's audio background (`background_prob`).
+    pub bg_audio: bool,
+    /// The clip shows its prototype's visual background.
+    pub bg_visual: bool,
 }
 
 impl Scene {
@@ -712,6 +739,55 @@ pub(crate) struct World {
     /// Prototype latents `[P][ds]` and scenes.
     proto_latent: Vec<Vec<f32>>,
     protos: Vec<Scene>,
+    /// Background events (`background_prob`).
+    bg: Backgrounds,
+}
+
+/// Event types of the background events.
+const BACKGROUND_EVENTS: usize = 4;
+
+/// The background events of the world: embeddings `[BACKGROUND_EVENTS][ds]` per modality
+/// and, per prototype, where its events fall and which they are.
+struct Backgrounds {
+    audio_emb: Vec<Vec<f32>>,
+    visual_emb: Vec<Vec<f32>>,
+    /// Per prototype: first covered audio step, audio event, covered column, visual event.
+    per_proto: Vec<(usize, usize, usize, usize)>,
+}
+
+impl Backgrounds {
+    /// Audio steps covered by a background: `max(1, La / 4)`.
+    fn audio_len(la: usize) -> usize {
+        (la / 4).max(1)
+    }
+
+    fn new(cfg: &SyntheticConfig) -> Self {
+        // stream 4: independent of the world (stream 0) and the splits (1-3)
+        let mut rng = rng_stream(cfg.seed, 4);
+        let ds = cfg.latent_dim;
+        let audio_emb = (0..BACKGROUND_EVENTS)
+            .map(|_| normal_vec(&mut rng, ds, 1.0))
+            .collect();
+        let visual_emb = (0..BACKGROUND_EVENTS)
+            .map(|_| normal_vec(&mut rng, ds, 1.0))
+            .collect();
+        let span = cfg.la - Self::audio_len(cfg.la) + 1;
+        let per_proto = (0..cfg.n_prototypes)
+            .map(|_| {
+                (
+                    rng.random_range(0..span),
+                    rng.random_range(0..BACKGROUND_EVENTS),
+                    rng.random_range(0..3),
+                    rng.random_range(0..BACKGROUND_EVENTS),
+                )
+            })
+            .collect();
+        Self {
+            audio_emb,
+            visual_emb,
+            per_proto,
+        }
+    }
 }
 
 impl World {
@@ -736,6 +812,7 @@ impl World {
         let proto_latent = embs(cfg.n_prototypes, &mut rng);
         let protos = Self::prototypes(cfg, &mut rng);
         let loud_emb = embs(4, &mut rng);
+        let bg = Backgrounds::new(cfg);
         World {
             cfg: cfg.clone(),
             cls_vis,
@@ -752,6 +829,7 @@ impl World {
             key_gv,
             proto_latent,
             protos,
+            bg,
         }
     }
 
@@ -779,7 +857,12 @@ impl World {
                 order: orders[i],
             })
             .collect();
-        let mut scene = Scene { proto: p, sources };
+        let mut scene = Scene {
+            proto: p,
+            sources,
+            bg_audio: false,
+            bg_visual: false,
+        };
         scene.fix_sounding(rng);
         scene
     }
@@ -916,10 +999,25 @@ impl World {
         self.render(&self.proj_v, lv, self.cfg.dv, rng, noise, |j, h| {
             h.copy_from_slice(&self.col_emb[j * 3 / lv]);
             axpy(h, 0.5, &self.tok_emb[j]);
-            if let Some(s) = self.visual_source(scene, j) {
+            if let Some(e) = self.visual_background(scene, j) {
+                axpy(h, 1.0, &self.bg.visual_emb[e]);
+            } else if let Some(s) = self.visual_source(scene, j) {
                 axpy(h, 1.0, &self.cls_vis[s.class]);
             }
         })
+    }
+
+    /// The background event covering visual token `j` of `scene`, if any.
+    fn visual_background(&self, scene: &Scene, j: usize) -> Option<usize> {
+        let (_, _, col, e) = self.bg.per_proto[scene.proto];
+        (scene.bg_visual && j * 3 / self.cfg.lv == col).then_some(e)
+    }
+
+    /// The background event covering audio step `t` of `scene`, if any.
+    fn audio_background(&self, scene: &Scene, t: usize) -> Option<usize> {
+        let (start, e, _, _) = self.bg.per_proto[scene.proto];
+        let len = Backgrounds::audio_len(self.cfg.la);
+        (scene.bg_audio && (start..start + len).contains(&t)).then_some(e)
     }
 
     /// The source visual token `j` shows: the one standing in its column `j * 3 / Lv`.
@@ -940,22 +1038,30 @@ impl World {
             .map(|(s, _)| s)
     }
 
-    /// Visual content codes `[Lv]` of a scene (see [`TokenContent`]).
-    fn visual_content(&self, scene: &Scene) -> Vec<u32> {
+    /// Visual content codes `[Lv]` of a clip (see [`TokenContent`]): what its tokens
+    /// render (`rendered`, background events included) or what its scene puts there.
+    fn visual_content(&self, scene: &Scene, rendered: bool) -> Vec<u32> {
+        let k = self.cfg.n_instruments as u32;
         (0..self.cfg.lv)
-            .map(|j| {
-                self.visual_source(scene, j)
-                    .map_or(0, |s| 1 + s.class as u32)
+            .map(|j| match self.visual_background(scene, j) {
+                Some(e) if rendered => 1 + k + e as u32,
+                _ => self
+                    .visual_source(scene, j)
+                    .map_or(0, |s| 1 + s.class as u32),
             })
             .collect()
     }
 
-    /// Audio content codes `[La]` of a scene (see [`TokenContent`]).
-    fn audio_content(&self, scene: &Scene) -> Vec<u32> {
+    /// Audio content codes `[La]` of a clip (see [`TokenContent`]), as
+    /// [`World::visual_content`].
+    fn audio_content(&self, scene: &Scene, rendered: bool) -> Vec<u32> {
+        let k = self.cfg.n_instruments as u32;
         (0..self.cfg.la)
-            .map(|t| {
-                self.audio_source(scene, t)
-                    .map_or(0, |s| 1 + 4 * s.class as u32 + u32::from(s.loud) - 1)
+            .map(|t| match self.audio_background(scene, t) {
+                Some(e) if rendered => 1 + 4 * k + e as u32,
+                _ => self
+                    .audio_source(scene, t)
+                    .map_or(0, |s| 1 + 4 * s.class as u32 + u32::from(s.loud) - 1),
             })
             .collect()
     }
@@ -972,7 +1078,9 @@ impl World {
         let la = self.cfg.la;
         self.render(&self.proj_a, la, self.cfg.da, rng, noise, |t, h| {
             h.copy_from_slice(&self.time_emb[t]);
-            if let Some(s) = self.audio_source(scene, t) {
+            if let Some(e) = self.audio_background(scene, t) {
+                axpy(h, 1.0, &self.bg.audio_emb[e]);
+            } else if let Some(s) = self.audio_source(scene, t) {
                 axpy(h, 1.0, &self.cls_aud[s.class]);
                 axpy(h, 1.0, &self.loud_emb[usize::from(s.loud) - 1]);
             }
@@ -1038,6 +1146,7 @@ impl World {
     fn split(
         &self,
         rng: &mut ChaCha8Rng,
+        bg_rng: &mut ChaCha8Rng,
         n: usize,
         id_base: u32,
         vocab: &Vocab,
@@ -1059,10 +1168,21 @@ impl World {
         let mut clip_of = Vec::with_capacity(nq);
         let mut per_type = [0usize; 9];
         for c in 0..n {
-            let scene = self.sample_scene(rng);
+            let mut scene = self.sample_scene(rng);
+            if cfg.background_prob > 0.0 {
+                let p = f64::from(cfg.background_prob);
+                scene.bg_audio = bg_rng.random_bool(p);
+                scene.bg_visual = bg_rng.random_bool(p);
+            }
             protos.push(scene.proto as u32);
-            content.audio.extend(self.audio_content(&scene));
-            content.visual.extend(self.visual_content(&scene));
+            content.audio.extend(self.audio_content(&scene, true));
+            content.visual.extend(self.visual_content(&scene, true));
+            content
+                .audio_scene
+                .extend(self.audio_content(&scene, false));
+            content
+                .visual_scene
+                .extend(self.visual_content(&scene, false));
             audio.extend(self.render_audio(&scene, rng, true));
             visual.extend(self.render_visual(&scene, rng, true));
             audio_key.extend(self.key(&scene, true, rng, true));
@@ -1242,8 +1362,18 @@ mod tests {
     fn equal_content_codes_mean_equal_noise_free_tokens() {
         // The noise-token labels rest on this: at one position, two clips' tokens render
         // the same latent exactly when their codes are equal.
-        let (w, mut rng) = world();
-        let scenes: Vec<Scene> = (0..60).map(|_| w.sample_scene(&mut rng)).collect();
+        let w = World::new(&SyntheticConfig {
+            background_prob: 0.5,
+            ..SyntheticConfig::default()
+        });
+        let mut rng = rng_stream(7, 9);
+        let scenes: Vec<Scene> = (0..60)
+            .map(|_| {
+                let mut s = w.sample_scene(&mut rng);
+                (s.bg_audio, s.bg_visual) = (rng.random_bool(0.5), rng.random_bool(0.5));
+                s
+            })
+            .collect();
         let (la, da, lv, dv) = (w.cfg.la, w.cfg.da, w.cfg.lv, w.cfg.dv);
         // (audio tokens, visual tokens, audio codes, visual codes) per scene
         type Rendered = (Vec<f32>, Vec<f32>, Vec<u32>, Vec<u32>);
@@ -1253,8 +1383,8 @@ mod tests {
                 (
                     w.render_audio(s, &mut rng, false),
                     w.render_visual(s, &mut rng, false),
-                    w.audio_content(s),
-                    w.visual_content(s),
+                    w.audio_content(s, true),
+                    w.visual_content(s, true),
                 )
             })
             .collect();
@@ -1274,6 +1404,56 @@ mod tests {
             }
         }
         assert!(same > 0 && differ > 0, "{same} equal, {differ} different");
+    }
+
+    #[test]
+    fn background_events_change_only_the_tokens_they_cover() {
+        let base = SyntheticConfig {
+            n_train_clips: 60,
+            n_val_clips: 10,
+            n_test_clips: 10,
+            ..SyntheticConfig::default()
+        };
+        let (plain, pm) = generate_with_meta(&base).unwrap();
+        let bg = SyntheticConfig {
+            background_prob: 0.5,
+            ..base.clone()
+        };
+        let (with, wm) = generate_with_meta(&bg).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // keys, questions and answers do not depend on the events
+        assert_eq!(v(&plain.train.audio_key), v(&with.train.audio_key));
+        assert_eq!(plain.train.answers, with.train.answers);
+        assert_eq!(pm.train_content.audio, pm.train_content.audio_scene);
+        assert_eq!(pm.train_content.audio_scene, wm.train_content.audio_scene);
+        assert_eq!(pm.train_content.visual_scene, wm.train_content.visual_scene);
+        for (x, y, codes, scene, d) in [
+            (
+                &plain.train.audio,
+                &with.train.audio,
+                &wm.train_content.audio,
+                &wm.train_content.audio_scene,
+                base.da,
+            ),
+            (
+                &plain.train.visual,
+                &with.train.visual,
+                &wm.train_content.visual,
+                &wm.train_content.visual_scene,
+                base.dv,
+            ),
+        ] {
+            let (x, y) = (v(x), v(y));
+            let mut covered = 0;
+            for (t, (c, s)) in codes.iter().zip(scene).enumerate() {
+                let same = x[t * d..(t + 1) * d] == y[t * d..(t + 1) * d];
+                // a token differs exactly when an event covers it
+                assert_eq!(same, c == s, "token {t}");
+                covered += usize::from(c != s);
+            }
+            let share = covered as f64 / codes.len() as f64;
+            assert!((0.05..0.3).contains(&share), "covered share {share}");
+        }
     }
 
     #[test]

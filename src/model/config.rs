@@ -103,6 +103,11 @@ pub struct CapSettings {
     /// bank, the recovered tokens farthest from the clip's real tokens are the noise CAP
     /// should find, and a listwise cross-entropy pulls `delta`'s softmax towards them.
     pub detect_weight: f64,
+    /// At most this share of a recovered sequence is replaced: the layer purifying a
+    /// modality of L tokens uses k = min(`k_purge`, max(1, floor(L * share))). 1 = always
+    /// `k_purge` (the paper). The paper's budget, k = 5 of about 60 tokens, replaces 8%;
+    /// k = 2 of UCI's 4 audio tokens would replace half of what retrieval found.
+    pub max_purge_share: f64,
 }
 
 impl CapSettings {
@@ -115,7 +120,15 @@ impl CapSettings {
             residual_gate: false,
             centered_straight_through: false,
             detect_weight: 0.0,
+            max_purge_share: 1.0,
         }
+    }
+
+    /// The purification budget for a sequence of `len` tokens (see
+    /// [`CapSettings::max_purge_share`]).
+    pub fn budget(&self, k_purge: usize, len: usize) -> usize {
+        let cap = ((len as f64 * self.max_purge_share).floor() as usize).max(1);
+        k_purge.min(cap)
     }
 
     /// True when this is exactly [`CapSettings::paper`].
@@ -132,6 +145,7 @@ impl Default for CapSettings {
             residual_gate: false,
             centered_straight_through: false,
             detect_weight: 0.0,
+            max_purge_share: 0.25,
         }
     }
 }
@@ -157,7 +171,8 @@ pub struct ModelConfig {
     /// n: candidates retrieved per missing modality (CMR, Eq. 4).
     pub n_retrieved: usize,
     /// k: CAP purification budget (tokens replaced, Eq. 5/7); must be <= the
-    /// token counts of both modalities.
+    /// token counts of both modalities. Each modality's layer uses
+    /// `cap.budget(k_purge, L)`, at most `cap.max_purge_share` of its L tokens.
     pub k_purge: usize,
     /// CMR on: a missing modality is recovered from retrieved real features;
     /// off: it is a learned null token sequence.
@@ -225,6 +240,12 @@ impl ModelConfig {
             candle_core::bail!(
                 "ModelConfig: cap.detect_weight = {}, expected a finite value >= 0",
                 self.cap.detect_weight
+            );
+        }
+        if !(self.cap.max_purge_share > 0.0 && self.cap.max_purge_share <= 1.0) {
+            candle_core::bail!(
+                "ModelConfig: cap.max_purge_share = {}, expected a share in (0, 1]",
+                self.cap.max_purge_share
             );
         }
         if self.k_purge == 0 {

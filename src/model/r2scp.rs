@@ -110,7 +110,7 @@ pub struct Output {
 struct Traces {
     retrieval: Vec<RetrievalTrace>,
     cap: Vec<CapTrace>,
-    /// (per-row detection losses [R], R) of each recovered group.
+    /// Per-row detection losses [R] of each recovered group (training only).
     detect: Vec<Tensor>,
 }
 
@@ -174,7 +174,7 @@ impl Recovery {
                 .then(|| RecoveryHead::new(&cfg.recovery, vb_null.clone()))
                 .transpose()?,
             cap: CapLayer::new(
-                &CapConfig::new(cfg.dim, cfg.heads, cfg.k_purge)
+                &CapConfig::new(cfg.dim, cfg.heads, cfg.cap.budget(cfg.k_purge, len))
                     .with_straight_through(cfg.cap.straight_through)
                     .with_detach_scoring(cfg.cap.detach_scoring)
                     .with_residual_gate(cfg.cap.residual_gate),
@@ -801,7 +801,7 @@ impl R2scp {
         if pos.is_empty() {
             return Ok(None);
         }
-        let k = self.cfg.k_purge;
+        let k = self.cfg.cap.budget(self.cfg.k_purge, self.len_of(m));
         let n = brows.len();
         let bidx = Tensor::from_vec(brows, (n, 1), bank.keys().device())?;
         let gt = self

@@ -137,7 +137,8 @@ impl SameViewBanks {
 /// paper's plain retrieval: give it `recovery = paper` explicitly, so that such a
 /// checkpoint loads as what it was and `ablate` never reuses it as a safe-retrieval run.
 /// A config written before `cap` existed ran the paper's CAP: it gets
-/// `cap = CapSettings::paper()`.
+/// `cap = CapSettings::paper()`; one written before `cap.max_purge_share` replaced
+/// `k_purge` tokens whatever the length: it gets `max_purge_share = 1`.
 /// Likewise a `recovery` table written before `complete_ensemble` existed gets
 /// `complete_ensemble = false` (complete samples answered from the real pair only).
 /// Anything else (including a non-object) is left unchanged.
@@ -153,6 +154,11 @@ pub fn upgrade_legacy_config(model: &mut serde_json::Value) {
             if let Ok(v) = serde_json::to_value(super::config::CapSettings::paper()) {
                 obj.insert("cap".into(), v);
             }
+        }
+        // Before `max_purge_share`: k_purge tokens whatever the length.
+        if let Some(cap) = obj.get_mut("cap").and_then(|c| c.as_object_mut()) {
+            cap.entry("max_purge_share")
+                .or_insert(serde_json::Value::from(1.0));
         }
         if let Some(rec) = obj.get_mut("recovery").and_then(|r| r.as_object_mut()) {
             rec.entry("complete_ensemble")

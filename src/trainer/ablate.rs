@@ -90,6 +90,9 @@ pub type CapVariant = (&'static str, &'static str, fn(&mut CapSettings));
 /// Variants of the CAP study: (id, what it changes, the change) on top of the base
 /// config; `full` (the base) and `full-papercap` (the paper's CAP) run next to them.
 pub const CAP_VARIANTS: [CapVariant; 4] = [
+    ("cap-detect", "detection loss (weight 1)", |c| {
+        c.detect_weight = 1.0
+    }),
     (
         "cap-st",
         "straight-through gate on (scoring detached)",
@@ -107,9 +110,6 @@ pub const CAP_VARIANTS: [CapVariant; 4] = [
             c.detach_scoring = true;
         },
     ),
-    ("cap-detect", "detection loss (weight 1)", |c| {
-        c.detect_weight = 1.0
-    }),
     ("cap-gate", "residual gate", |c| c.residual_gate = true),
 ];
 /// Missing rates of the rate study.
@@ -293,7 +293,11 @@ fn variants(base: &TrainConfig, studies: &[Study]) -> (Vec<Variant>, Vec<String>
                         continue;
                     }
                     if k != base.model.k_purge {
-                        let set_k = move |c: &mut TrainConfig| c.model.k_purge = k;
+                        // the budget as given, not capped by the sequence length
+                        let set_k = move |c: &mut TrainConfig| {
+                            c.model.k_purge = k;
+                            c.model.cap.max_purge_share = 1.0;
+                        };
                         add(format!("k{k}"), &set_k, None);
                     }
                 }

@@ -1,9 +1,9 @@
 //! CAP's noise detection on the synthetic set: how many of the rows phase 1 picks
 //! (`noise_idx`) are noise tokens, per missing setting.
 //!
-//! A recovered token is noise when fewer than half of the clips retrieved for it show the
-//! query clip's own content at its position ([`crate::data::TokenContent`]: the generator's
-//! record of what each token renders). For every test question with a modality missing,
+//! A recovered token is noise when fewer than half of the clips retrieved for it render the
+//! query clip's own scene content at its position ([`crate::data::TokenContent`]: the
+//! generator's record of what each token renders). For every test question with a modality missing,
 //! the model's own retrieval (the bank rows of its positive search) and its CAP's
 //! `noise_idx` are read off one evaluation forward; precision = noise tokens among the
 //! picked ones, recall = picked noise tokens among all noise tokens, chance = the share of
@@ -23,7 +23,7 @@ use super::config::TrainConfig;
 use super::state::{checkpoint_dir, read_state};
 use super::training::Session;
 use crate::data::{batches, generate_with_meta, noise_tokens, MissingPolicy, Modality};
-use crate::data::{Splits, SyntheticMeta, TokenContent};
+use crate::data::{Splits, SyntheticMeta};
 use crate::model::{is_expert_var, Banks, R2scp};
 
 /// Noise detection of one missing setting.
@@ -107,13 +107,11 @@ pub fn measure(
             Modality::Audio => dims.la,
             Modality::Visual => dims.lv,
         };
-        let codes = |c: &'_ TokenContent| -> Vec<u32> {
-            match m {
-                Modality::Audio => c.audio.clone(),
-                Modality::Visual => c.visual.clone(),
-            }
+        // retrieved clips: what their tokens render; the query: what its scene holds
+        let (train_codes, test_codes): (&[u32], &[u32]) = match m {
+            Modality::Audio => (&train_c.audio, &test_c.audio_scene),
+            Modality::Visual => (&train_c.visual, &test_c.visual_scene),
         };
-        let (train_codes, test_codes) = (codes(train_c), codes(test_c));
         let policy = MissingPolicy::All(m);
         let mut r = NoiseDetection {
             setting: policy.name(),
