@@ -526,14 +526,26 @@ impl R2scp {
             candle_core::bail!("R2scp: empty batch");
         }
         let d = &self.dims;
-        let checks: [(&str, &Tensor, Vec<usize>); 6] = [
+        let checks: [(&str, &Tensor, Vec<usize>); 4] = [
             ("audio", &batch.audio, vec![b, d.la, d.da]),
             ("visual", &batch.visual, vec![b, d.lv, d.dv]),
             ("audio_key", &batch.audio_key, vec![b, d.dk]),
             ("visual_key", &batch.visual_key, vec![b, d.dk]),
-            ("question", &batch.question, vec![b, d.lq]),
-            ("question_mask", &batch.question_mask, vec![b, d.lq]),
         ];
+        // Questions are padded per batch: any width from 1 to the model's Lq.
+        let lb = batch.question.dims().get(1).copied().unwrap_or(0);
+        for (name, t) in [
+            ("question", &batch.question),
+            ("question_mask", &batch.question_mask),
+        ] {
+            if t.rank() != 2 || t.dims()[0] != b || t.dims()[1] != lb || lb == 0 || lb > d.lq {
+                candle_core::bail!(
+                    "R2scp: batch.{name} has shape {:?}, expected [{b}, 1..={}] (the same width for both)",
+                    t.dims(),
+                    d.lq
+                );
+            }
+        }
         for (name, t, want) in checks.iter() {
             if t.dims() != want.as_slice() {
                 candle_core::bail!(
