@@ -14,6 +14,7 @@
 //!   `CapLayer`.
 //! - [`trainer`]: two-stage training, evaluation, ablations, checkpoints.
 //! - [`io`]: bounded readers of every file taken from a user or an earlier run.
+//! - [`memory`]: the memory limit, and refusing sizes that would exceed it.
 //! - [`mod@bench`]: measuring helpers, and the side-by-side benchmarks behind `r2scp bench`.
 //!
 //! Features: `cli` (default) adds what only the `r2scp` binary needs: clap, TOML config
@@ -29,6 +30,7 @@ pub mod data;
 mod elem;
 pub mod io;
 pub mod kernel;
+pub mod memory;
 pub mod model;
 pub mod nn;
 pub mod retrieve;
