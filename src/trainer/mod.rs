@@ -11,6 +11,8 @@
 //! - [`optim`]: AdamW with persistent moments and the warmup + decay schedule.
 //! - [`init`]: seeded parameter initialisation (candle's CPU RNG cannot be seeded).
 //! - [`checkpoint`]: atomic file writes; [`metrics`]: `metrics.jsonl`.
+//! - [`run_dir`]: the run directory's marker and lock ([`run_dir::RunDir`]).
+//! - [`footprint`]: the memory a run will need, checked before anything is allocated.
 //! - [`report`], [`plot`]: `report.md` and PNG plots; [`ablate`]: the ablation study.
 //! - [`config`]: [`TrainConfig`] (TOML + CLI).
 //! - [`progress`]: the progress bar of an epoch.
@@ -24,6 +26,7 @@ pub mod ablate;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod footprint;
 pub mod init;
 pub mod loss;
 pub mod metrics;
@@ -32,6 +35,7 @@ pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod retrieval_quality;
+pub mod run_dir;
 pub mod stage;
 pub mod state;
 pub mod training;
@@ -40,4 +44,4 @@ pub use config::{StageConfig, TrainConfig};
 pub use eval::{evaluate, evaluate_table, format_table1, EvalResult, Predictor};
 pub use stage::Stage;
 pub use state::TrainState;
-pub use training::{evaluate_checkpoint, train, RunOptions, RunSummary, Session};
+pub use training::{evaluate_checkpoint, train, CheckpointEval, RunOptions, RunSummary, Session};
