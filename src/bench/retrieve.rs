@@ -73,6 +73,74 @@ pub struct Args {
     pub seed: u64,
 }
 
+impl Args {
+    /// The sizes of every cell (defaults applied): M, D.
+    fn sizes(&self) -> (Vec<usize>, Vec<usize>) {
+        let ms = self.m.clone().unwrap_or(if self.quick {
+            vec![20_000, 100_000]
+        } else {
+            vec![100_000, 1_000_000]
+        });
+        let ds = self.d.clone().unwrap_or(if self.quick {
+            vec![64, 256]
+        } else {
+            vec![256, 1024]
+        });
+        (ms, ds)
+    }
+
+    /// Every size at least 1, `--n` at most every `--m`, and the largest cell's bank (and
+    /// the reference's B x M scores) within the memory limit ([`crate::memory`]).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let (ms, ds) = self.sizes();
+        for (flag, list) in [("--m", &ms), ("--d", &ds), ("--b", &self.b)] {
+            if list.is_empty() {
+                bail!("bench retrieve {flag}: expected at least one size");
+            }
+            if list.contains(&0) {
+                bail!("bench retrieve {flag} 0: expected sizes of at least 1");
+            }
+        }
+        for (flag, v) in [("--n", self.n), ("--reps", self.reps)] {
+            if v == 0 {
+                bail!("bench retrieve {flag} 0: expected at least 1");
+            }
+        }
+        if let Some(&m) = ms.iter().find(|&&m| m < self.n) {
+            bail!(
+                "bench retrieve --n {} exceeds --m {m}: a search returns at most M results",
+                self.n
+            );
+        }
+        let (m, d, b) = (
+            *ms.iter().max().expect("checked") as u128,
+            *ds.iter().max().expect("checked") as u128,
+            *self.b.iter().max().expect("checked") as u128,
+        );
+        // f32 keys on the host and as a tensor, one converted copy, and the reference's
+        // B x M scores and their sort.
+        let reference = if self.skip_reference {
+            0
+        } else {
+            2 * b * m * 4
+        };
+        crate::memory::check(
+            3 * m * d * 4 + reference,
+            || {
+                format!(
+                    "bench retrieve --m {m} --d {d} --b {b}: the bank (M x D f32 keys, their copies{})",
+                    if self.skip_reference {
+                        ""
+                    } else {
+                        " and the reference's B x M scores"
+                    }
+                )
+            },
+            "; lower --m or --d",
+        )
+    }
+}
+
 fn dtype_of(s: &str) -> anyhow::Result<DType> {
     Ok(match s {
         "f32" => DType::F32,
@@ -161,25 +229,9 @@ fn tempfile_dir(peer: &str) -> anyhow::Result<PathBuf> {
     Ok(base)
 }
 
-/// A peer script: next to the running executable (the GPU lane's bundle puts it there),
-/// else in this source tree's `scripts/`.
+/// A peer script ([`super::peer_script`]).
 fn peer_script(name: &str) -> anyhow::Result<PathBuf> {
-    let beside_exe = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join(name)));
-    let in_tree = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("scripts")
-        .join(name);
-    beside_exe
-        .into_iter()
-        .chain([in_tree.clone()])
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "peer script {name} found neither next to the executable nor at {}",
-                in_tree.display()
-            )
-        })
+    super::peer_script(name)
 }
 
 /// The last non-empty line of a peer's stderr (its one-line error), or `(no stderr)`.
@@ -270,21 +322,13 @@ fn parse_torch_lines(stdout: &str) -> anyhow::Result<HashMap<(String, usize), Du
 /// Times the fused `cosine_topk` against its reference (and FAISS when asked) for every
 /// size and dtype, with the bank's streaming-read time beside it, and prints one table.
 pub fn compare(args: &Args) -> anyhow::Result<()> {
+    args.validate()?;
     let dev = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0).context("bench retrieve --device cuda")?,
         other => bail!("bench retrieve: device `{other}` is not cpu or cuda"),
     };
-    let ms = args.m.clone().unwrap_or(if args.quick {
-        vec![20_000, 100_000]
-    } else {
-        vec![100_000, 1_000_000]
-    });
-    let ds = args.d.clone().unwrap_or(if args.quick {
-        vec![64, 256]
-    } else {
-        vec![256, 1024]
-    });
+    let (ms, ds) = args.sizes();
     let dtypes: Vec<DType> = args
         .dtypes
         .iter()
