@@ -375,12 +375,12 @@ fn without_backtrace(text: &str) -> &str {
                 .is_none_or(|next| next.trim_start().starts_with("at "))
     };
     let mut end = 0;
-    for i in 0..lines.len() {
-        let t = lines[i].trim_start();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
         if i > 0 && (t.starts_with("stack backtrace:") || is_frame(i)) {
             break;
         }
-        end += lines[i].len();
+        end += line.len();
     }
     &text[..end]
 }
