@@ -7,9 +7,9 @@ use crate::nn::{key_bias, LayerNorm, Mha};
 use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-type DisFn = fn(&Tensor, Context, usize) -> Result<Dissonance>;
-type TopkFn = fn(&Tensor, usize) -> Result<(Tensor, Tensor)>;
-type InjectFn = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+type DisFn = fn(&Tensor, Context, usize) -> crate::Result<Dissonance>;
+type TopkFn = fn(&Tensor, usize) -> crate::Result<(Tensor, Tensor)>;
+type InjectFn = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> crate::Result<Tensor>;
 
 /// Selection score of a padded `H_com` token (below any attention sum, which is >= 0).
 const PAD_SALIENCY: f64 = -1e30;

@@ -418,7 +418,9 @@ impl R2scp {
             None => {
                 let mut tokens = Vec::new();
                 for mm in Modality::ALL {
-                    let vals = banks.get(mm).values();
+                    let vals = banks.get(mm).values().ok_or_else(|| {
+                        candle_core::Error::Msg(format!("R2scp: the {mm} bank carries no values"))
+                    })?;
                     let rows = vals.dim(0)?;
                     let mut parts = Vec::new();
                     let chunk = 256;

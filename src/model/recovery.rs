@@ -219,9 +219,9 @@ pub fn search(
         .map(|&r| Some(batch.clip_ids[r as usize]))
         .collect();
     if negative {
-        bank.search_negative(&q, n, Some(&excl))
+        Ok(bank.search_rows_negative(&q, n, Some(&excl))?)
     } else {
-        bank.search(&q, n, Some(&excl))
+        Ok(bank.search_rows(&q, n, Some(&excl))?)
     }
 }
 
