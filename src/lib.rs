@@ -20,7 +20,8 @@
 //! candle-core = "0.11.1"
 //!
 //! # Debug builds leave dependencies unoptimised, and the fused CPU paths then run many
-//! # times slower: optimise r2scp in debug builds too (`"*"` for candle as well).
+//! # times slower (a bank search 24x, README): optimise r2scp in debug builds too (`"*"`
+//! # for candle as well).
 //! [profile.dev.package.r2scp]
 //! opt-level = 3
 //! ```
@@ -127,6 +128,11 @@ pub use cap::{
 };
 pub use error::{Error, Result};
 pub use retrieve::{cosine_topk, cosine_topk_deferred, key_norms, PendingTopN};
+
+/// The README's Rust examples, compiled and run by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
 
 /// What a user of the ops, the bank and the CAP layer needs: `use r2scp::prelude::*;`.
 pub mod prelude {

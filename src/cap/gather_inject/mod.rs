@@ -57,6 +57,20 @@ pub fn gather_inject(
 /// A NaN in `h` or `src` spreads wider here than in [`gather_inject`]: the one-hot matmul
 /// multiplies every row of `src` (and `0 * NaN` is NaN), which is one reason the fused op
 /// copies rows instead.
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// # use r2scp::cap::{gather_inject, gather_inject_reference};
+/// let dev = Device::Cpu;
+/// let h = Tensor::randn(0f32, 1., (2, 5, 3), &dev)?;
+/// let src = Tensor::randn(0f32, 1., (2, 4, 3), &dev)?;
+/// let noise = Tensor::new(&[[4u32, 1], [0, 2]], &dev)?;
+/// let salient = Tensor::new(&[[3u32, 3], [1, 0]], &dev)?;
+/// let a = gather_inject(&h, &src, &noise, &salient)?;
+/// let b = gather_inject_reference(&h, &src, &noise, &salient)?;
+/// assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn gather_inject_reference(
     h: &Tensor,
     src: &Tensor,

@@ -403,6 +403,17 @@ const CPU_REFERENCE_MAX_ELEMS: usize = 1 << 28;
 /// fits candle's CUDA `arg_sort` ([`CUDA_SORT_MAX_COLS`]): this works for any M (10M rows in
 /// about 1200 chunks), and n >= 8192 is an error saying so. candle's CUDA sort is a bitonic
 /// sort, not stable: there equal scores may come in either index order.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use r2scp::retrieve::{cosine_topk, cosine_topk_reference};
+/// let keys = Tensor::randn(0f32, 1., (300, 16), &Device::Cpu)?;
+/// let q = Tensor::randn(0f32, 1., (3, 16), &Device::Cpu)?;
+/// let (_, fused) = cosine_topk(&q, &keys, None, 8, None)?;
+/// let (_, plain) = cosine_topk_reference(&q, &keys, None, 8, None)?;
+/// assert_eq!(fused.to_vec2::<u32>()?, plain.to_vec2::<u32>()?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn cosine_topk_reference(
     queries: &Tensor,
     keys: &Tensor,
