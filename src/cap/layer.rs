@@ -3,8 +3,9 @@
 use super::dissonance_topk::{dissonance_topk, dissonance_topk_reference, Context, Dissonance};
 use super::gather_inject::{gather_inject, gather_inject_reference};
 use super::topk_rows::{topk_rows, topk_rows_reference};
+use crate::error::bail;
 use crate::nn::{key_bias, LayerNorm, Mha};
-use candle_core::{bail, DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 type DisFn = fn(&Tensor, Context, usize) -> crate::Result<Dissonance>;
