@@ -122,7 +122,7 @@ impl DropoutRng {
             return Ok(x.clone());
         }
         if p >= 1.0 {
-            candle_core::bail!("dropout: p = {p} must be in [0, 1)");
+            crate::error::bail!("dropout: p = {p} must be in [0, 1)");
         }
         let mut shape = x.dims().to_vec();
         let l = shape.get(1).copied().unwrap_or(0);
@@ -183,7 +183,7 @@ impl Mha {
     /// `dim` must be divisible by `heads`.
     pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
         if heads == 0 || !dim.is_multiple_of(heads) {
-            candle_core::bail!("Mha: dim = {dim} must be a positive multiple of heads = {heads}");
+            crate::error::bail!("Mha: dim = {dim} must be a positive multiple of heads = {heads}");
         }
         Ok(Self {
             q: candle_nn::linear(dim, dim, vb.pp("q"))?,
@@ -233,7 +233,7 @@ impl Mha {
         let (b, _, d) = xq.dims3()?;
         let (b2, _, d2) = xkv.dims3()?;
         if b != b2 || d != d2 {
-            candle_core::bail!(
+            crate::error::bail!(
                 "Mha: query {:?} and key/value {:?} disagree in batch or dim",
                 xq.shape(),
                 xkv.shape()

@@ -1037,7 +1037,7 @@ fn memory_bank_reader_survives_mutations() {
     fs::write(&target, st_join(&h, &d, h.len() as u64)).unwrap();
     let e = MemoryBank::load(&target, &cpu).unwrap_err().to_string();
     assert!(
-        e.contains("clip id 10 appears twice") && e.contains("bank.safetensors"),
+        e.contains("id 10 appears twice") && e.contains("bank.safetensors"),
         "{e}"
     );
 }

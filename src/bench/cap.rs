@@ -195,22 +195,38 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
                 let (f, r) = timed_pair(
                     args.reps,
                     &dev,
-                    || dissonance_topk(&p, ctx, k).map(|_| ()),
-                    || dissonance_topk_reference(&p, ctx, k).map(|_| ()),
+                    || dissonance_topk(&p, ctx, k).map(|_| ()).map_err(Into::into),
+                    || {
+                        dissonance_topk_reference(&p, ctx, k)
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    },
                 )?;
                 add("dissonance_topk", f, r);
                 let (f, r) = timed_pair(
                     args.reps,
                     &dev,
-                    || gather_inject(&p, &src, &noise, &sal).map(|_| ()),
-                    || gather_inject_reference(&p, &src, &noise, &sal).map(|_| ()),
+                    || {
+                        gather_inject(&p, &src, &noise, &sal)
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    },
+                    || {
+                        gather_inject_reference(&p, &src, &noise, &sal)
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    },
                 )?;
                 add("gather_inject", f, r);
                 let (f, r) = timed_pair(
                     args.reps,
                     &dev,
-                    || topk_rows(&scores, k).map(|_| ()),
-                    || topk_rows_reference(&scores, k).map(|_| ()),
+                    || topk_rows(&scores, k).map(|_| ()).map_err(Into::into),
+                    || {
+                        topk_rows_reference(&scores, k)
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    },
                 )?;
                 add("topk_rows", f, r);
                 if !args.skip_layer {

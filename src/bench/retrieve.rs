@@ -427,10 +427,7 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
                         match r {
                             Ok(_) => Some(t),
                             Err(e) => {
-                                println!(
-                                    "reference failed at M={m} D={d} B={b}: {}",
-                                    crate::io::candle_text(&e)
-                                );
+                                println!("reference failed at M={m} D={d} B={b}: {e}");
                                 None
                             }
                         }

@@ -1,6 +1,7 @@
 //! Batching: deterministic order, [`Batch`] tensors on a device, missing modalities zeroed.
 
-use candle_core::{bail, Device, Result, Tensor};
+use crate::error::bail;
+use candle_core::{Device, Result, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

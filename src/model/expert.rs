@@ -45,7 +45,7 @@ impl FeatureEncoder {
     pub fn forward(&self, raw: &Tensor) -> Result<Tensor> {
         let (_, l, d) = raw.dims3()?;
         if l != self.len || d != self.in_dim {
-            candle_core::bail!(
+            crate::error::bail!(
                 "FeatureEncoder: raw features {:?} do not match the expected [B, {}, {}]",
                 raw.shape(),
                 self.len,
@@ -92,7 +92,7 @@ impl TokenEncoder {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (_, l) = ids.dims2()?;
         if l == 0 || l > self.len {
-            candle_core::bail!(
+            crate::error::bail!(
                 "TokenEncoder: question ids {:?} do not match the expected [B, 1..={}]",
                 ids.shape(),
                 self.len

@@ -23,20 +23,31 @@
 //! without it training runs the same, silently, and reports say their plots were not drawn.
 
 pub mod ablate;
+#[doc(hidden)]
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+#[doc(hidden)]
 pub mod footprint;
+#[doc(hidden)]
 pub mod init;
+#[doc(hidden)]
 pub mod loss;
+#[doc(hidden)]
 pub mod metrics;
+#[doc(hidden)]
 pub mod optim;
+#[doc(hidden)]
 pub mod plot;
+#[doc(hidden)]
 pub mod progress;
+#[doc(hidden)]
 pub mod report;
+#[doc(hidden)]
 pub mod retrieval_quality;
 pub mod run_dir;
 pub mod stage;
+#[doc(hidden)]
 pub mod state;
 pub mod training;
 

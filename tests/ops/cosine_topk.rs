@@ -28,7 +28,7 @@ type Op = fn(
     Option<&Tensor>,
     usize,
     Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)>;
+) -> r2scp::Result<(Tensor, Tensor)>;
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -410,7 +410,7 @@ fn nan_is_error(op: Op, what: &str) {
 fn error_paths(op: Op, what: &str) {
     let k = cpu(vec![1.0; 5 * 4], (5, 4));
     let q = cpu(vec![1.0; 2 * 4], (2, 4));
-    let err = |r: candle_core::Result<(Tensor, Tensor)>, needle: &str| {
+    let err = |r: r2scp::Result<(Tensor, Tensor)>, needle: &str| {
         let e = r.unwrap_err().to_string();
         assert!(
             e.contains(needle),
@@ -450,14 +450,8 @@ fn error_paths(op: Op, what: &str) {
         "keys dtype F64",
     );
     err(
-        op(
-            &q.to_dtype(DType::BF16).unwrap(),
-            &k.to_dtype(DType::F16).unwrap(),
-            None,
-            1,
-            None,
-        ),
-        "queries dtype BF16",
+        op(&q.to_dtype(DType::U32).unwrap(), &k, None, 1, None),
+        "queries dtype U32 is not a float dtype, expected f32 (or any float: convert with `queries.to_dtype(DType::F32)`)",
     );
     let kn = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
     err(
@@ -563,7 +557,7 @@ fn reference_chunks_1(
     kn: Option<&Tensor>,
     n: usize,
     ex: Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     cosine_topk_reference_chunked(q, k, kn, n, ex, 1)
 }
 
@@ -573,7 +567,7 @@ fn reference_chunks_7(
     kn: Option<&Tensor>,
     n: usize,
     ex: Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     cosine_topk_reference_chunked(q, k, kn, n, ex, 7)
 }
 
@@ -583,7 +577,7 @@ fn reference_chunks_64(
     kn: Option<&Tensor>,
     n: usize,
     ex: Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     cosine_topk_reference_chunked(q, k, kn, n, ex, 64)
 }
 
@@ -710,13 +704,8 @@ fn emu_error_paths() {
 }
 
 /// A deferred call: [`r2scp::retrieve::cosine_topk_deferred`]'s signature.
-type DeferredOp = fn(
-    &Tensor,
-    &Tensor,
-    Option<&Tensor>,
-    usize,
-    Option<&Tensor>,
-) -> candle_core::Result<PendingTopN>;
+type DeferredOp =
+    fn(&Tensor, &Tensor, Option<&Tensor>, usize, Option<&Tensor>) -> r2scp::Result<PendingTopN>;
 
 #[test]
 fn emu_deferred_calls_keep_errors_loud() {
@@ -792,7 +781,7 @@ fn tc(
     kn: Option<&Tensor>,
     n: usize,
     ex: Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     cosine_topk_emulated_with(q, k, kn, n, ex, Kernel::TensorCore, TcOverrides::default())
 }
 
@@ -802,7 +791,7 @@ fn bandwidth(
     kn: Option<&Tensor>,
     n: usize,
     ex: Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     cosine_topk_emulated_with(q, k, kn, n, ex, Kernel::Bandwidth, TcOverrides::default())
 }
 

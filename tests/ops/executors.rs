@@ -79,7 +79,7 @@ pub fn cosine_topk_cuda(
     key_norms: Option<&Tensor>,
     n: usize,
     exclude: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     let (s, i) = r2scp::retrieve::cosine_topk(
         &to_cuda(queries)?,
         &to_cuda(keys)?,
@@ -99,7 +99,7 @@ pub fn cosine_topk_deferred_cuda(
     key_norms: Option<&Tensor>,
     n: usize,
     exclude: Option<&Tensor>,
-) -> Result<r2scp::retrieve::PendingTopN> {
+) -> r2scp::Result<r2scp::retrieve::PendingTopN> {
     r2scp::retrieve::cosine_topk_deferred(
         &to_cuda(queries)?,
         &to_cuda(keys)?,
@@ -110,7 +110,7 @@ pub fn cosine_topk_deferred_cuda(
 }
 
 /// `r2scp::cap::dissonance_topk` on CUDA device 0.
-pub fn dissonance_topk_cuda(p: &Tensor, ctx: Context, k: usize) -> Result<Dissonance> {
+pub fn dissonance_topk_cuda(p: &Tensor, ctx: Context, k: usize) -> r2scp::Result<Dissonance> {
     let p = to_cuda(p)?;
     let out = match ctx {
         Context::Anchor(g) => r2scp::cap::dissonance_topk(&p, Context::Anchor(&to_cuda(g)?), k)?,
@@ -135,7 +135,7 @@ pub fn dissonance_topk_cuda(p: &Tensor, ctx: Context, k: usize) -> Result<Disson
 }
 
 /// `r2scp::cap::topk_rows` on CUDA device 0.
-pub fn topk_rows_cuda(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+pub fn topk_rows_cuda(scores: &Tensor, k: usize) -> r2scp::Result<(Tensor, Tensor)> {
     let (v, i) = r2scp::cap::topk_rows(&to_cuda(scores)?, k)?;
     Ok((to_host(&v)?, to_host(&i)?))
 }
@@ -146,11 +146,11 @@ pub fn gather_inject_cuda(
     src: &Tensor,
     noise_idx: &Tensor,
     salient_idx: &Tensor,
-) -> Result<Tensor> {
-    to_host(&r2scp::cap::gather_inject(
+) -> r2scp::Result<Tensor> {
+    Ok(to_host(&r2scp::cap::gather_inject(
         &to_cuda(h)?,
         &to_cuda(src)?,
         &to_cuda(noise_idx)?,
         &to_cuda(salient_idx)?,
-    )?)
+    )?)?)
 }

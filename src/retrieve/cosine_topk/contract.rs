@@ -90,7 +90,14 @@ fn check_inputs(
     if d == 0 {
         bail!("{op}: vectors must have D >= 1, got D = 0");
     }
-    check_dtype(keys.dtype(), &KEY_FLOATS, "keys", "f32, f16 or bf16", op)?;
+    check_dtype(
+        keys.dtype(),
+        &KEY_FLOATS,
+        "keys",
+        "f32, f16 or bf16 (convert the bank once with `keys.to_dtype(DType::F32)`)",
+        op,
+    )?;
+    // The public ops convert other float queries to f32 before this check.
     if queries.dtype() != DType::F32 && queries.dtype() != keys.dtype() {
         bail!(
             "{op}: queries dtype {:?} must be f32 or the keys' dtype {:?}",
