@@ -1271,3 +1271,8 @@ fn cuda_empty_narrowed_batch_gives_empty_output() {
         empty_narrowed_batch_gives_empty_output(cosine_topk_cuda, "cuda")
     });
 }
+
+// The GEMM + select path and the exact stage it shares with the tensor-core path: a child
+// module, so it reuses this file's cases and helpers.
+#[path = "cosine_topk_gemm_select.rs"]
+mod gemm_select;
