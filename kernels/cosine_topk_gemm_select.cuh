@@ -51,6 +51,15 @@ __device__ __forceinline__ float cosine_topk_gs_prefilter(float th) {
     return th > -R2_INF ? th - fabsf(th) * 0x1p-20f : -R2_INF;
 }
 
+// The approximate score S / d (d = |k| + COS_EPS / |q| > 0) by the fast division (at most
+// 2 ulp off in the normal range, no subroutine; the error bound's slack covers it), a huge d
+// scaled down first so that the fast division does not return 0; an infinite or NaN d gives
+// NaN for a non-finite S, 0 for a finite one (the exact score's behaviour).
+__device__ __forceinline__ float cosine_topk_gs_score(float S, float d) {
+    const float sc = d >= 0x1p126f ? 0x1p-64f : 1.f;
+    return __fdividef(S * sc, d * sc);
+}
+
 // Warp-parallel insertion of (v, r) (warp-uniform) into the list (L, R) of n entries, scores
 // descending, nl = n rounded up to 32; the entry at n - 1 falls out. Called by all 32 lanes.
 __device__ __forceinline__ void cosine_topk_gs_insert(float* L, unsigned* R, unsigned n, unsigned nl, float v,
@@ -123,7 +132,6 @@ __device__ __forceinline__ void cosine_topk_gemm_select_impl(const CosineTopkGem
     const float* __restrict__ S = a.scores + (size_t)b * a.ld;
     const float* __restrict__ K = a.key_norms + a.r0;
     const unsigned c0 = s * a.span, c1 = min(a.rows, c0 + a.span);
-    const bool vec = a.vec16 != 0;
 
     // One row through the slow path (v = s~, r its bank row; warp-uniform).
     auto offer = [&](float v, unsigned r) {
@@ -144,36 +152,65 @@ __device__ __forceinline__ void cosine_topk_gemm_select_impl(const CosineTopkGem
         }
     };
 
-    for (unsigned c = c0 + 4 * lane; c < c1 + 4 * lane; c += 128) {  // warp-uniform trip count
-        float sv[4], kv[4];
-        if (vec && c + 4 <= c1) {
-            r2_unpack16<float>(r2_load16(S + c), sv);
-            r2_unpack16<float>(r2_load16(K + c), kv);
+    // Steps of 128 columns (4 per lane): `full` of them with every column inside the unit's
+    // range, then at most one ragged step, whose missing columns load as zero and are masked
+    // out (`tail`), so the full steps carry no per-column guard.
+    const unsigned width = c1 > c0 ? c1 - c0 : 0;
+    const unsigned full = width / 128, steps = (width + 127) / 128;
+    const unsigned cl = c0 + full * 128 + 4 * lane;  // this lane's first column of the ragged step
+    const unsigned tail = (1u << min(4u, c1 > cl ? c1 - cl : 0u)) - 1u;
+    // This lane's next columns (running pointers: no 64-bit index arithmetic per step; both
+    // rows are 16-byte aligned, the host sees to the norms').
+    const float* __restrict__ ns = S + c0 + 4 * lane;
+    const float* __restrict__ nk = K + c0 + 4 * lane;
+    auto load = [&](unsigned t, float* sv, float* kv) {
+        if (t < full) {
+            r2_unpack16<float>(r2_load16(ns), sv);
+            r2_unpack16<float>(r2_load16(nk), kv);
         } else {
 #pragma unroll
             for (unsigned e = 0; e < 4; ++e) {
-                sv[e] = c + e < c1 ? S[c + e] : 0.f;
-                kv[e] = c + e < c1 ? K[c + e] : 0.f;
+                sv[e] = (tail >> e) & 1u ? ns[e] : 0.f;
+                kv[e] = (tail >> e) & 1u ? nk[e] : 0.f;
             }
         }
-        bool hit[4];
-        bool any = false;
+        ns += 128;
+        nk += 128;
+    };
+    // The next step's loads are issued before this step is compared: two steps in flight.
+    float nsv[4], nkv[4];
+    if (steps > 0) load(0, nsv, nkv);
+    for (unsigned t = 0; t < steps; ++t) {  // warp-uniform trip count
+        float sv[4], kv[4];
 #pragma unroll
         for (unsigned e = 0; e < 4; ++e) {
-            // A NaN passes, and so does an infinite norm (s~ may be NaN: inf / inf).
-            hit[e] = c + e < c1 && (!(sv[e] < thp * (kv[e] + qe)) || !(kv[e] < R2_INF));
-            any |= hit[e];
+            sv[e] = nsv[e];
+            kv[e] = nkv[e];
         }
-        if (!__any_sync(R2_GS_FULL, any)) continue;
+        if (t + 1 < steps) load(t + 1, nsv, nkv);
+        // Bit e: column e of the step passes the prefilter. A NaN passes, and so does an
+        // infinite norm (s~ may then be NaN: inf / inf).
+        unsigned pend = 0;
 #pragma unroll
-        for (unsigned e = 0; e < 4; ++e) {
-            const float v = sv[e] * __frcp_rn(kv[e] + qe);
-            unsigned m = __ballot_sync(R2_GS_FULL, hit[e]);
-            while (m) {
-                const int src = __ffs(m) - 1;
-                m &= m - 1;
-                offer(__shfl_sync(R2_GS_FULL, v, src), a.r0 + __shfl_sync(R2_GS_FULL, c + e, src));
-            }
+        for (unsigned e = 0; e < 4; ++e)
+            pend |= (unsigned)(!(sv[e] < thp * (kv[e] + qe)) || !(kv[e] < R2_INF)) << e;
+        pend &= t < full ? 15u : tail;
+        unsigned lanes = __ballot_sync(R2_GS_FULL, pend != 0);
+        if (lanes == 0) continue;
+        // The rare rows that pass: s~ for the lane's four columns, then one row at a time,
+        // lowest lane first (one call site of the slow path: inlined, no spills).
+        const unsigned c = c0 + t * 128 + 4 * lane;
+        float rv[4];
+#pragma unroll
+        for (unsigned e = 0; e < 4; ++e) rv[e] = cosine_topk_gs_score(sv[e], kv[e] + qe);
+        for (; lanes != 0; lanes = __ballot_sync(R2_GS_FULL, pend != 0)) {
+            const int src = __ffs(lanes) - 1;
+            const unsigned e = __ffs(pend) - 1;  // meaningful on lane src
+            const float ve = e == 0 ? rv[0] : e == 1 ? rv[1] : e == 2 ? rv[2] : rv[3];
+            const float v = __shfl_sync(R2_GS_FULL, ve, src);
+            const unsigned col = __shfl_sync(R2_GS_FULL, c + e, src);
+            if (lane == (unsigned)src) pend &= pend - 1;
+            offer(v, a.r0 + col);
         }
     }
 

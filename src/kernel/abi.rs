@@ -248,7 +248,7 @@ r2_abi! {
             ld: u32,
             /// \[B\] f32 `COS_EPS / |q|`.
             qeps: ptr f32,
-            /// \[M\] f32 key norms (of the whole bank).
+            /// \[M\] f32 key norms (of the whole bank), 16-byte aligned.
             key_norms: ptr f32,
             /// \[B\] bank row each query skips (`PAD_INDEX` = none); null = no exclusion.
             exclude: ptr u32,
@@ -268,8 +268,6 @@ r2_abi! {
             first: u32,
             /// 1 at the last chunk (the lists are flushed into the candidates).
             last: u32,
-            /// 1: `key_norms` is 16-byte aligned (16-byte loads of the norms).
-            vec16: u32,
             /// Candidate capacity per query.
             capq: u32,
             /// Twice the bound on |approximate - exact score| (docs/DESIGN.md).

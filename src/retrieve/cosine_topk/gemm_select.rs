@@ -272,6 +272,14 @@ pub(crate) fn run_on<L: Launcher + Gemm + Workspaces>(
     const OP: &str = "cosine_topk";
     let dtype = keys.dtype();
     let ex = super::kernel::device_exclude(c, keys.device())?;
+    // The select kernel reads the norms 16 bytes at a time: a view that starts off a 16-byte
+    // boundary is copied (device allocations are 256-byte aligned).
+    let aligned = crate::kernel::tensor_ptr(key_norms, OP)?
+        .0
+        .addr()
+        .is_multiple_of(16);
+    let norms_copy = (!aligned).then(|| key_norms.copy()).transpose()?;
+    let key_norms = norms_copy.as_ref().unwrap_or(key_norms);
     let (qp, _q) = crate::kernel::tensor_ptr(q, OP)?;
     let (kp, _k) = crate::kernel::tensor_ptr(keys, OP)?;
     let (np, _n) = crate::kernel::tensor_ptr(key_norms, OP)?;
@@ -308,7 +316,6 @@ pub(crate) fn run_on<L: Launcher + Gemm + Workspaces>(
         to_u32(c.n, "n", OP)?,
     );
     let err = x.zeros::<u32>(3)?;
-    let norms_vec16 = np.addr().is_multiple_of(16);
     let top = x.with_workspace(carve.bytes(), |ws| {
         launch_prep(x, c, &inp, op_dtype, b, d, ws, &shared, x.ptr(&err))?;
         for chunk in 0..p.chunks {
@@ -347,7 +354,6 @@ pub(crate) fn run_on<L: Launcher + Gemm + Workspaces>(
                 span: p.span,
                 first: (chunk == 0) as u32,
                 last: (chunk + 1 == p.chunks) as u32,
-                vec16: norms_vec16 as u32,
                 capq: p.capq,
                 margin: p.margin,
                 list_s: at(ws, list_s),
