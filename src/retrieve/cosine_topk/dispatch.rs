@@ -231,6 +231,33 @@ pub fn table_path(gpu: &GpuId) -> Option<PathBuf> {
     })
 }
 
+/// Writes `table` to `path` (directories created): to a temporary file beside it, then renamed
+/// over it, so a crash never leaves half a table. A file already at `path` is replaced only
+/// when it is a dispatch table (r2scp's own); anything else is left alone and is an error.
+pub fn save_table(table: &DispatchTable, path: &Path) -> Result<(), String> {
+    if path.exists() {
+        let own = std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() <= MAX_TABLE_BYTES)
+            && std::fs::read_to_string(path)
+                .ok()
+                .is_some_and(|t| DispatchTable::from_json(&t).is_ok());
+        if !own {
+            return Err(format!(
+                "{} exists and is not a dispatch table r2scp wrote; not overwriting it (remove it or choose another path)",
+                path.display()
+            ));
+        }
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("json.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, table.to_json()).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("moving {} to {}: {e}", tmp.display(), path.display())
+    })
+}
+
 /// A table read for one GPU, or why the default rule applies (one line).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Loaded {
@@ -491,6 +518,30 @@ mod tests {
             Loaded::Table(table(&gpu))
         );
         warn(load(&gpu, Some(&missing), &shipped[..1]));
+    }
+
+    #[test]
+    fn saving_replaces_only_own_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = table(&h200());
+        let p = dir.path().join("sub").join("t.json");
+        save_table(&t, &p).unwrap();
+        assert_eq!(load(&h200(), Some(&p), &[]), Loaded::Table(t.clone()));
+        let mut t2 = t.clone();
+        t2.cells.truncate(1);
+        save_table(&t2, &p).unwrap();
+        assert_eq!(load(&h200(), Some(&p), &[]), Loaded::Table(t2));
+        // A file r2scp did not write stays as it was.
+        let other = dir.path().join("notes.json");
+        std::fs::write(&other, "my notes").unwrap();
+        let e = save_table(&t, &other).unwrap_err();
+        assert!(e.contains("not overwriting"), "{e}");
+        assert_eq!(std::fs::read_to_string(&other).unwrap(), "my notes");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "no temporary left"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod kernel;
 mod qlanes;
 pub mod rescore;
 pub mod tensor_core;
-#[cfg(all(feature = "cuda", feature = "cli"))]
+#[cfg(feature = "cuda")]
 pub mod tune;
 
 use crate::kernel::abi::COS_EPS;
