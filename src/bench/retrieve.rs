@@ -110,11 +110,11 @@ fn paths_of(names: &[String]) -> anyhow::Result<Vec<Kernel>> {
 
 /// Best device time (CUDA events) and best host time of `reps` runs of the queued call `f`
 /// after a warm-up, its last result checked; `None` on the CPU.
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables, unused_mut))]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn device_best(
     dev: &Device,
     reps: usize,
-    mut f: impl FnMut() -> candle_core::Result<PendingTopN>,
+    f: impl FnMut() -> candle_core::Result<PendingTopN>,
 ) -> candle_core::Result<Option<(Duration, Duration)>> {
     #[cfg(feature = "cuda")]
     {

@@ -174,7 +174,7 @@ impl DispatchTable {
             &["keys", "D", "B", "M"]
                 .iter()
                 .copied()
-                .chain(paths.iter().map(|p| *p))
+                .chain(paths.iter().copied())
                 .chain(["fastest"])
                 .collect::<Vec<_>>(),
         );

@@ -400,7 +400,7 @@ mod tests {
         let none = GemmOverrides::default();
         // B = 1024, D = 1024 bf16: scores 4 KiB and keys 2 KiB per row.
         let p = plan(1024, 1 << 20, 1024, 8, DType::BF16, H200, &none).unwrap();
-        assert_eq!(p.chunk_rows % SELECT_STEP, 0);
+        assert!(p.chunk_rows.is_multiple_of(SELECT_STEP));
         let per_row = 4 * 1024 + 2048;
         assert!(p.chunk_rows as u64 * per_row <= H200.l2_bytes / 2);
         assert!((p.chunk_rows + SELECT_STEP) as u64 * per_row > H200.l2_bytes / 2);
@@ -410,7 +410,7 @@ mod tests {
         assert_eq!(p.math, GemmMath::Tf32);
         assert!(p.chunk_rows as u64 * 64 <= H200.l2_bytes / 2);
         assert!(16 * p.splits >= 132 * SELECT_WARPS_PER_SM);
-        assert!(p.span >= MIN_SPAN && p.span % SELECT_STEP == 0);
+        assert!(p.span >= MIN_SPAN && p.span.is_multiple_of(SELECT_STEP));
         assert!(p.span * p.splits >= p.chunk_rows);
         // A bank smaller than a chunk is one chunk.
         let p = plan(64, 1000, 64, 5, DType::F16, H200, &none).unwrap();

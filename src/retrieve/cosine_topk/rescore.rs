@@ -199,6 +199,7 @@ impl SharedScratch {
 
 /// Queues `cosine_topk_prep_<dt>`: `rows` rows (>= B) of `d_pad` unit-query columns in the
 /// operand type `dt` at `qhat`, and the per-call resets.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_prep<L: Launcher>(
     x: &L,
     c: &DeviceCall,
