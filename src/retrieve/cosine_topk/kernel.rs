@@ -21,10 +21,12 @@
 //! when they choose, and meanwhile every score of a failed call is NaN, so a consumer of the
 //! scores sees the failure.
 //!
-//! These are the bandwidth kernels ([`Kernel::Bandwidth`]); large batches take the
-//! tensor-core path of `tensor_core.rs` ([`Kernel::TensorCore`]) by the rule [`choose`], under
-//! the same contract (one error word per call, exclusions checked on the device, NaN scores
-//! after a failure) with one documented synchronisation: it reads its overflow flags.
+//! These are the bandwidth kernels ([`Kernel::Bandwidth`]). Larger batches take the GEMM +
+//! select path of `gemm_select.rs` ([`Kernel::Gemm`]) by the default rule [`choose`], or the
+//! path the GPU's measured dispatch table names (`dispatch.rs`; the tensor-core path of
+//! `tensor_core.rs`, [`Kernel::TensorCore`], only so), all under the same contract (one error
+//! word per call, exclusions checked on the device, NaN scores after a failure, nothing read
+//! back).
 // The device path runs with feature `cuda` (a GPU) or `emulate` (the tests); the plan is
 // always public.
 #![cfg_attr(not(any(feature = "cuda", feature = "emulate")), allow(dead_code))]
