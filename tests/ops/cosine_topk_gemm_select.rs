@@ -526,3 +526,65 @@ fn emu_gemm_is_the_default_from_b16() {
         );
     }
 }
+
+/// Inputs the select's 16-byte loads and the rescoring's cannot take as they are: keys 4 bytes
+/// past a 16-byte boundary, key norms likewise (copied by the host to an aligned buffer), and an
+/// odd D (rows of the keys and queries misaligned: element loads in the exact dot).
+fn unaligned_inputs(op: PathOp, what: &str) {
+    let (b, m) = (6usize, 500usize);
+    let mut r = ChaCha8Rng::seed_from_u64(61);
+    for d in [32usize, 33] {
+        let all = cpu(
+            (0..(m + 1) * d)
+                .map(|_| r.random_range(-1.0..1.0f32))
+                .collect(),
+            ((m + 1) * d, 1),
+        );
+        let keys = all.narrow(0, 1, m * d).unwrap().reshape((m, d)).unwrap();
+        let q = cpu(
+            (0..b * d).map(|_| r.random_range(-1.0..1.0f32)).collect(),
+            (b, d),
+        );
+        let kn_all = key_norms(
+            &all.narrow(0, 0, (m + 1) * d)
+                .unwrap()
+                .reshape((m + 1, d))
+                .unwrap(),
+        )
+        .unwrap();
+        let kn = key_norms(&keys).unwrap();
+        // The same norms, seen through a view one element into a longer buffer.
+        let kn_view = Tensor::cat(&[&kn_all.narrow(0, 0, 1).unwrap(), &kn], 0)
+            .unwrap()
+            .narrow(0, 1, m)
+            .unwrap();
+        let g = knobs(GemmOverrides {
+            chunk_rows: Some(128),
+            ..GemmOverrides::default()
+        });
+        let want = op(
+            &q,
+            &keys,
+            Some(&kn),
+            7,
+            None,
+            Kernel::Bandwidth,
+            Knobs::default(),
+        )
+        .unwrap();
+        let got = op(&q, &keys, Some(&kn_view), 7, None, Kernel::Gemm, g).unwrap();
+        assert_same(&got, &want, &format!("{what} D = {d} unaligned"));
+    }
+}
+
+#[test]
+fn emu_gemm_unaligned_inputs() {
+    unaligned_inputs(emu_path, "emulated");
+}
+
+#[test]
+fn cuda_gemm_unaligned_inputs() {
+    on_cuda("cuda_gemm_unaligned_inputs", || {
+        unaligned_inputs(cosine_topk_cuda_on_path, "cuda")
+    });
+}
