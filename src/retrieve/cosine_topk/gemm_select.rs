@@ -280,24 +280,7 @@ pub(crate) fn run_on<L: Launcher + Gemm + Workspaces>(
         .is_multiple_of(16);
     let norms_copy = (!aligned).then(|| key_norms.copy()).transpose()?;
     let key_norms = norms_copy.as_ref().unwrap_or(key_norms);
-    let (qp, _q) = crate::kernel::tensor_ptr(q, OP)?;
-    let (kp, _k) = crate::kernel::tensor_ptr(keys, OP)?;
-    let (np, _n) = crate::kernel::tensor_ptr(key_norms, OP)?;
-    let ex_ptr = match &ex {
-        Some(t) => Some(crate::kernel::tensor_ptr(t, OP)?),
-        None => None,
-    };
-    let inp = CallInputs {
-        q: Ptr::new(qp.addr()),
-        keys: kp,
-        key_dtype: dtype,
-        key_norms: Ptr::new(np.addr()),
-        exclude: ex_ptr
-            .as_ref()
-            .map_or_else(Ptr::null, |(p, _)| Ptr::new(p.addr())),
-        vec16: crate::kernel::rows_vec16(c.d, dtype.size_in_bytes(), &[kp.addr()])
-            && crate::kernel::rows_vec16(c.d, 4, &[qp.addr()]),
-    };
+    let (inp, _guards) = CallInputs::of(c, q, keys, key_norms, ex.as_ref())?;
     let gpu = GemmGpu {
         sm_count: x.sm_count()?,
         l2_bytes: x.l2_bytes()?,

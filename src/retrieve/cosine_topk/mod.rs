@@ -58,6 +58,19 @@ pub struct PendingTopN {
 }
 
 impl PendingTopN {
+    /// A device call's outputs, its error word unread.
+    #[cfg(any(feature = "cuda", feature = "emulate"))]
+    fn of_device(r: contract::DeviceTopN, op: &'static str, m: usize, n: usize) -> Self {
+        PendingTopN {
+            scores: r.scores,
+            indices: r.indices,
+            status: Some(r.status),
+            op,
+            m,
+            n,
+        }
+    }
+
     /// Reads the error word (one device synchronisation on CUDA) and returns `(scores [B, n]
     /// f32, indices [B, n] u32)`, or the call's error: the first NaN score met (query and bank
     /// row) or the offending `exclude` entry, worded as the CPU path words it.
@@ -119,14 +132,7 @@ pub fn cosine_topk_deferred(
                 None => self::key_norms(keys)?,
             };
             let r = kernel::cosine_topk_cuda(queries, keys, &kn, &c)?;
-            Ok(PendingTopN {
-                scores: r.scores,
-                indices: r.indices,
-                status: Some(r.status),
-                op: OP,
-                m: c.m,
-                n,
-            })
+            Ok(PendingTopN::of_device(r, OP, c.m, n))
         }
         dev => bail!(
             "cosine_topk: device {:?} is not supported (CPU, or CUDA with feature `cuda`)",
@@ -296,14 +302,7 @@ pub fn cosine_topk_on_path_with(
                 &kn,
                 kernel::Pick::Force(path, knobs),
             )?;
-            Ok(PendingTopN {
-                scores: r.scores,
-                indices: r.indices,
-                status: Some(r.status),
-                op: OP,
-                m: c.m,
-                n,
-            })
+            Ok(PendingTopN::of_device(r, OP, c.m, n))
         }
         #[cfg(feature = "emulate")]
         Device::Cpu => deferred_emulated(queries, keys, key_norms, n, exclude, Some((path, knobs))),
@@ -340,14 +339,7 @@ fn deferred_emulated(
             kernel::run_with(&emu, &c, queries, keys, &kn, kernel::Pick::Force(k, knobs))?
         }
     };
-    Ok(PendingTopN {
-        scores: r.scores,
-        indices: r.indices,
-        status: Some(r.status),
-        op,
-        m: c.m,
-        n,
-    })
+    Ok(PendingTopN::of_device(r, op, c.m, n))
 }
 
 /// `|k_i|` for each bank row, as f32 \[M\] on the keys' device (keys \[M, D\] f32|f16|bf16).

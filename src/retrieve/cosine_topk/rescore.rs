@@ -24,7 +24,7 @@ use crate::kernel::abi::{
 };
 use crate::kernel::workspace::{at, Carve};
 use crate::kernel::{entry, to_u32, AnyElem, KernelArgs, LaunchPlan, Launcher, Ptr};
-use candle_core::{DType, Result};
+use candle_core::{DType, Result, StorageRef, Tensor};
 
 /// f32 unit roundoff.
 pub const U32: f64 = 1.0 / (1u64 << 24) as f64;
@@ -162,6 +162,43 @@ pub(crate) struct CallInputs {
     pub exclude: Ptr<u32>,
     /// Key and query rows are 16-byte aligned (`kernel::rows_vec16`).
     pub vec16: bool,
+}
+
+impl CallInputs {
+    /// The addresses of a call's contiguous inputs on the launcher's device (`ex`: the
+    /// exclusions there, or none), with the storage guards that keep them valid while in use.
+    pub fn of<'t>(
+        c: &DeviceCall,
+        q: &'t Tensor,
+        keys: &'t Tensor,
+        key_norms: &'t Tensor,
+        ex: Option<&'t Tensor>,
+    ) -> Result<(Self, Vec<StorageRef<'t>>)> {
+        const OP: &str = "cosine_topk";
+        let dtype = keys.dtype();
+        let (qp, gq) = crate::kernel::tensor_ptr(q, OP)?;
+        let (kp, gk) = crate::kernel::tensor_ptr(keys, OP)?;
+        let (np, gn) = crate::kernel::tensor_ptr(key_norms, OP)?;
+        let mut guards = vec![gq, gk, gn];
+        let exclude = match ex {
+            Some(t) => {
+                let (p, g) = crate::kernel::tensor_ptr(t, OP)?;
+                guards.push(g);
+                Ptr::new(p.addr())
+            }
+            None => Ptr::null(),
+        };
+        let inp = CallInputs {
+            q: Ptr::new(qp.addr()),
+            keys: kp,
+            key_dtype: dtype,
+            key_norms: Ptr::new(np.addr()),
+            exclude,
+            vec16: crate::kernel::rows_vec16(c.d, dtype.size_in_bytes(), &[kp.addr()])
+                && crate::kernel::rows_vec16(c.d, 4, &[qp.addr()]),
+        };
+        Ok((inp, guards))
+    }
 }
 
 /// Where the shared scratch buffers of one call lie in its workspace (byte offsets).

@@ -33,7 +33,7 @@ use crate::kernel::abi::{
     TC_THREADS,
 };
 use crate::kernel::workspace::{at, Carve, Workspaces};
-use crate::kernel::{entry, to_u32, LaunchPlan, Launcher, Ptr};
+use crate::kernel::{entry, to_u32, LaunchPlan, Launcher};
 use candle_core::{bail, DType, Result, Tensor};
 
 /// Largest n the tensor-core path serves (its threshold lists hold `n` rounded up to 32).
@@ -224,24 +224,7 @@ pub(crate) fn run_on<L: Launcher + Workspaces>(
     let dev = keys.device();
     let dt = keys.dtype();
     let ex = super::kernel::device_exclude(c, dev)?;
-    let (qp, _q) = crate::kernel::tensor_ptr(q, OP)?;
-    let (kp, _k) = crate::kernel::tensor_ptr(keys, OP)?;
-    let (np, _n) = crate::kernel::tensor_ptr(key_norms, OP)?;
-    let ex_ptr = match &ex {
-        Some(t) => Some(crate::kernel::tensor_ptr(t, OP)?),
-        None => None,
-    };
-    let inp = CallInputs {
-        q: Ptr::new(qp.addr()),
-        keys: kp,
-        key_dtype: dt,
-        key_norms: Ptr::new(np.addr()),
-        exclude: ex_ptr
-            .as_ref()
-            .map_or_else(Ptr::null, |(p, _)| Ptr::new(p.addr())),
-        vec16: crate::kernel::rows_vec16(c.d, dt.size_in_bytes(), &[kp.addr()])
-            && crate::kernel::rows_vec16(c.d, 4, &[qp.addr()]),
-    };
+    let (inp, _guards) = CallInputs::of(c, q, keys, key_norms, ex.as_ref())?;
     let mut p = plan(c.b, c.m, c.d, c.n, dt, x.sm_count()?, x.max_dyn_smem()?)?;
     if let Some(capq) = ovr.capq {
         p.capq = capq.max(1);
