@@ -92,8 +92,9 @@ fn random_cases(op: PathOp, what: &str, cases: u64) {
 
 #[test]
 fn emu_gemm_matches_bandwidth_random_cases() {
-    // 21 cases in the plain run (about a second each), 4 under TSAN.
-    random_cases(emu_path, "emulated", (emu_cases() / 10).max(2));
+    // Emulated calls of both paths take seconds each (every rescoring block runs 128 emulated
+    // threads): 7 cases in the plain run, 2 under TSAN.
+    random_cases(emu_path, "emulated", (emu_cases() / 30).max(2));
 }
 
 #[test]
@@ -489,41 +490,28 @@ fn cuda_gemm_deferred_calls_keep_errors_loud() {
     });
 }
 
-/// The default rule sends a batch of 16 queries with 32 dimensions to the GEMM path: the
-/// public op then answers as the bandwidth kernel does, at every dtype.
+/// The default rule sends a batch of 16 queries with 32 dimensions to the GEMM path
+/// (`kernel::choose`, unit-tested in kernel.rs): the public emulated op then answers as the
+/// bandwidth kernel does, at every key dtype.
 #[test]
 fn emu_gemm_is_the_default_from_b16() {
     for kdt in [DType::F32, DType::F16, DType::BF16] {
         let c = Case {
             seed: 51,
             b: 16,
-            m: 700,
+            m: 300,
             d: 32,
             n: 7,
             kdt,
             qdt: DType::F32,
-            exclude: Some((0..16u32).map(|x| x * 41).collect()),
+            exclude: Some((0..16u32).map(|x| x * 17).collect()),
             norms: false,
             dup: true,
         };
         let d = make_data(&c);
         let auto = cosine_topk_emulated(&d.q, &d.k, None, c.n, d.ex.as_ref()).unwrap();
-        let gemm = emu_path(
-            &d.q,
-            &d.k,
-            None,
-            c.n,
-            d.ex.as_ref(),
-            Kernel::Gemm,
-            Knobs::default(),
-        )
-        .unwrap();
-        assert_same(&auto, &gemm, &format!("{kdt:?} default path"));
-        assert_same(
-            &auto,
-            &bandwidth(&d.q, &d.k, None, c.n, d.ex.as_ref()).unwrap(),
-            "bandwidth",
-        );
+        let want = bandwidth(&d.q, &d.k, None, c.n, d.ex.as_ref()).unwrap();
+        assert_same(&auto, &want, &format!("{kdt:?} default path"));
     }
 }
 
