@@ -70,9 +70,9 @@ pub const FALLBACK_BYTES: u64 = 32 << 20;
 pub struct ExactPlan {
     /// `cosine_topk_rescore_*`: one block per query.
     pub rescore: LaunchPlan,
-    /// `cosine_topk_fallback_*`: grid (`RS_SLOTS`, gy).
+    /// `cosine_topk_fallback_*`: grid (min(`RS_SLOTS`, B), gy).
     pub fallback: LaunchPlan,
-    /// `cosine_topk_finish`: grid (`RS_SLOTS`).
+    /// `cosine_topk_finish`: grid (min(`RS_SLOTS`, B)).
     pub finish: LaunchPlan,
     /// Running-list length of the rescoring and the fallback (next power of two >= n).
     pub kp: u32,
@@ -124,6 +124,8 @@ pub fn plan_exact(
         .clamp(1, 65_535);
     let chunk_rows = tiles.div_ceil(gy) * tile as u64;
     let gy = (m as u64).div_ceil(chunk_rows);
+    // Fewer fallback slots than queries would idle; more than RS_SLOTS flagged queries take turns.
+    let slots = RS_SLOTS.min(to_u32(b, "B", OP)?);
     Ok(ExactPlan {
         rescore: LaunchPlan {
             grid: (to_u32(b, "B", OP)?, 1, 1),
@@ -131,12 +133,12 @@ pub fn plan_exact(
             smem_bytes: rescore_smem as u32,
         },
         fallback: LaunchPlan {
-            grid: (RS_SLOTS, gy as u32, 1),
+            grid: (slots, gy as u32, 1),
             block: (CT_THREADS, 1, 1),
             smem_bytes: stream_smem as u32,
         },
         finish: LaunchPlan {
-            grid: (RS_SLOTS, 1, 1),
+            grid: (slots, 1, 1),
             block: (CT_THREADS, 1, 1),
             smem_bytes: stream_smem as u32,
         },
@@ -408,7 +410,10 @@ mod tests {
         assert_eq!((p.kp, p.tile), (256, 256));
         assert!(1024 * p.gy() as u64 * 256 * 8 <= FALLBACK_BYTES);
         let p = plan_exact(3, 100, 5, 2, Some(16)).unwrap();
-        assert_eq!((p.cap, p.gy()), (16, 1));
+        assert_eq!(
+            (p.cap, p.gy(), p.fallback.grid.0, p.finish.grid.0),
+            (16, 1, 3, 3)
+        );
         assert!(plan_exact(3, 100, 5, 2, Some(12)).is_err());
         assert!(plan_exact(3, 100, 257, 2, None).is_err());
     }
