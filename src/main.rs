@@ -44,6 +44,8 @@ enum Command {
     Ablate(AblateArgs),
     /// Benchmark the fused ops against their references.
     Bench(BenchArgs),
+    /// Time every device path of cosine_topk on this GPU and write its dispatch table.
+    Tune(TuneArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,6 +282,28 @@ struct AblateArgs {
     out: PathBuf,
 }
 
+/// Options of `r2scp tune`.
+#[derive(Args, Debug)]
+struct TuneArgs {
+    /// Device whose paths are timed (only CUDA devices have a dispatch table).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cuda)]
+    device: DeviceArg,
+    /// The GPU lane's smaller grid (bf16 and f32, D 256 and 1024, B 1, 8, 16, 64, 1024).
+    #[arg(long)]
+    quick: bool,
+    /// Time budget in seconds: cells left when it is spent keep the default rule.
+    #[arg(long, default_value_t = 180, value_name = "S")]
+    budget_s: u64,
+    /// Where to write the table (default: $R2SCP_DISPATCH_TABLE, else the user's cache
+    /// directory, r2scp/dispatch/<gpu>-sm<cc>.json). An existing file is replaced only if it
+    /// is a dispatch table.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
 #[derive(Args, Debug)]
 struct BenchArgs {
     #[command(subcommand)]
@@ -417,7 +441,56 @@ fn dispatch(cli: Cli) -> Result<()> {
             BenchCommand::Retrieve(a) => r2scp::bench::retrieve::compare(&a),
             BenchCommand::Cap(a) => r2scp::bench::cap::compare(&a),
         },
+        Command::Tune(a) => cmd_tune(a),
     }
+}
+
+/// `r2scp tune`: the cosine_topk dispatch table of CUDA device 0.
+fn cmd_tune(a: TuneArgs) -> Result<()> {
+    if a.device != DeviceArg::Cuda {
+        bail!("tune --device cpu: nothing to tune (dispatch tables choose among CUDA paths); expected --device cuda");
+    }
+    if a.budget_s == 0 {
+        bail!("--budget-s 0: expected at least 1 second");
+    }
+    tune_cuda(a)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn tune_cuda(_: TuneArgs) -> Result<()> {
+    bail!("tune --device cuda: this binary was built without the `cuda` feature (cargo build --release --features cuda)")
+}
+
+#[cfg(feature = "cuda")]
+fn tune_cuda(a: TuneArgs) -> Result<()> {
+    use r2scp::retrieve::cosine_topk::{dispatch, tune};
+    let dev = Device::new_cuda(0).context("opening CUDA device 0")?;
+    let Device::Cuda(cuda) = &dev else {
+        bail!("tune: CUDA device 0 did not open as a CUDA device");
+    };
+    let gpu = dispatch::gpu_of(cuda)?;
+    let out = match a.out.clone().or_else(|| dispatch::table_path(&gpu)) {
+        Some(p) => p,
+        None => bail!("tune: no cache directory (HOME unset); pass --out FILE"),
+    };
+    let mut opts = if a.quick {
+        tune::TuneOptions::quick()
+    } else {
+        tune::TuneOptions::full()
+    };
+    opts.budget = std::time::Duration::from_secs(a.budget_s);
+    let bar = r2scp::trainer::progress::EpochBar::new(opts.cells() as u64, "tune", !a.quiet);
+    let table = tune::tune(&dev, &opts, |_, _, line| bar.step(|| line.to_string()))?;
+    bar.finish();
+    dispatch::save_table(&table, &out).map_err(|e| anyhow::anyhow!("tune: {e}"))?;
+    println!("{}", table.markdown());
+    println!(
+        "tune: {} of {} cells measured; table written to {}",
+        table.cells.len(),
+        opts.cells(),
+        out.display()
+    );
+    Ok(())
 }
 
 fn default_name(c: &TrainConfig) -> String {

@@ -10,6 +10,8 @@
 
 #[cfg(feature = "cli")]
 pub mod cap;
+#[cfg(feature = "cuda")]
+pub mod cuda_events;
 #[cfg(feature = "cli")]
 pub mod retrieve;
 

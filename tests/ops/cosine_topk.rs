@@ -888,10 +888,11 @@ fn cuda_large_batch_near_ties() {
     });
 }
 
-/// The near-tie banks with a batch large enough for the public op to pick the tensor-core
-/// path on a device ([`r2scp::retrieve::cosine_topk::kernel::choose`]: B = 40, D = 64): the
-/// exact top n against the reference, however the pass rounds its operands. (The emulated
-/// path is held bit for bit to the bandwidth kernel by `emu_tc_near_ties_at_the_boundary`.)
+/// The near-tie banks with a batch large enough for the public op to pick an approximate
+/// path on a device (the GEMM + select path by [`r2scp::retrieve::cosine_topk::kernel::choose`]:
+/// B = 40, D = 64): the exact top n against the reference, however the GEMM rounds its
+/// operands. (The emulated paths are held bit for bit to the bandwidth kernel by
+/// `emu_tc_near_ties_at_the_boundary` and `emu_gemm_near_ties_at_the_boundary`.)
 fn large_batch_near_ties(op: Op, what: &str) {
     let b = 40;
     for (seed, kdt, spread) in NEAR_TIES {
@@ -1132,10 +1133,10 @@ fn cuda_misaligned_keys() {
 }
 
 /// Keys starting 0, 4, 8 and 12 bytes past their storage's start (views of one buffer), with
-/// a batch the device dispatch gives the tensor-core path when the rows are 16-byte aligned
-/// (B = 40, D = 32): the misaligned ones run the bandwidth kernel, every answer matches the
-/// reference. (`emu_tc_refuses_what_it_cannot_take` holds the emulated fallback bit for bit
-/// to the bandwidth kernel.)
+/// a batch the device dispatch gives an approximate path (B = 40, D = 32; the GEMM + select
+/// path takes any alignment, the tensor-core path, when a table picks it, only 16-byte
+/// aligned rows): every answer matches the reference. (`emu_tc_refuses_what_it_cannot_take`
+/// holds the emulated fallback bit for bit to the bandwidth kernel.)
 fn misaligned_keys(op: Op, what: &str) {
     let (b, m, d) = (40usize, 100usize, 32usize);
     let mut r = ChaCha8Rng::seed_from_u64(78);
@@ -1260,3 +1261,8 @@ fn cuda_empty_narrowed_batch_gives_empty_output() {
         empty_narrowed_batch_gives_empty_output(cosine_topk_cuda, "cuda")
     });
 }
+
+// The GEMM + select path and the exact stage it shares with the tensor-core path: a child
+// module, so it reuses this file's cases and helpers.
+#[path = "cosine_topk_gemm_select.rs"]
+mod gemm_select;

@@ -109,6 +109,30 @@ pub fn cosine_topk_deferred_cuda(
     )
 }
 
+/// `r2scp::retrieve::cosine_topk::cosine_topk_on_path_with` on CUDA device 0: one device path
+/// forced (an error where it cannot take the call), with the approximate paths' test knobs.
+pub fn cosine_topk_cuda_on_path(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+    path: r2scp::retrieve::cosine_topk::kernel::Kernel,
+    knobs: r2scp::retrieve::cosine_topk::kernel::Knobs,
+) -> r2scp::Result<(Tensor, Tensor)> {
+    let (s, i) = r2scp::retrieve::cosine_topk::cosine_topk_on_path_with(
+        &to_cuda(queries)?,
+        &to_cuda(keys)?,
+        opt_to_cuda(key_norms)?.as_ref(),
+        n,
+        opt_to_cuda(exclude)?.as_ref(),
+        path,
+        knobs,
+    )?
+    .check()?;
+    Ok((to_host(&s)?, to_host(&i)?))
+}
+
 /// `r2scp::cap::dissonance_topk` on CUDA device 0.
 pub fn dissonance_topk_cuda(p: &Tensor, ctx: Context, k: usize) -> r2scp::Result<Dissonance> {
     let p = to_cuda(p)?;

@@ -8,11 +8,18 @@
 mod chunks;
 mod contract;
 mod cpu;
+pub mod dispatch;
+#[doc(hidden)]
+pub mod gemm_select;
 #[doc(hidden)]
 pub mod kernel;
 mod qlanes;
 #[doc(hidden)]
+pub mod rescore;
+#[doc(hidden)]
 pub mod tensor_core;
+#[cfg(feature = "cuda")]
+pub mod tune;
 
 use crate::error::{bail, Result};
 use crate::kernel::abi::COS_EPS;
@@ -40,10 +47,11 @@ use std::borrow::Cow;
 /// ordering), rank, dimension, dtype and device mismatches, `exclude` rows out of range.
 ///
 /// CPU tensors run the fused CPU path (tiled, vectorised, threaded, no B x M matrix); CUDA
-/// tensors (feature `cuda`) run `kernels/cosine_topk.cu` (the bandwidth kernels, or the
-/// tensor-core path for large batches: docs/DESIGN.md, "Tensor-core path") and wait once,
-/// after the kernels, to read the call's error word ([`cosine_topk_deferred`] does not wait
-/// for it).
+/// tensors (feature `cuda`) run the device path the dispatcher picks for the GPU (the
+/// bandwidth kernel for small batches, the cuBLAS GEMM + select path for larger ones, or what
+/// the GPU's measured dispatch table says: docs/DESIGN.md, "Dispatch by measurement") and wait
+/// once, after the kernels, to read the call's error word ([`cosine_topk_deferred`] does not
+/// wait for it).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -107,6 +115,19 @@ pub struct PendingTopN {
 }
 
 impl PendingTopN {
+    /// A device call's outputs, its error word unread.
+    #[cfg(any(feature = "cuda", feature = "emulate"))]
+    fn of_device(r: contract::DeviceTopN, op: &'static str, m: usize, n: usize) -> Self {
+        PendingTopN {
+            scores: r.scores,
+            indices: r.indices,
+            status: Some(r.status),
+            op,
+            m,
+            n,
+        }
+    }
+
     /// Reads the error word (one device synchronisation on CUDA) and returns `(scores [B, n]
     /// f32, indices [B, n] u32)`, or the call's error: the first NaN score met (query and bank
     /// row) or the offending `exclude` entry, worded as the CPU path words it.
@@ -136,9 +157,8 @@ impl PendingTopN {
 /// [`cosine_topk`] without the wait: on CUDA the kernels are queued and the call returns at
 /// once, with nothing read back or uploaded (the `exclude` tensor is read by the kernels where
 /// it lies; pass it on the keys' device to avoid a copy), so calls queue back to back on the
-/// stream. The tensor-core path (large batches) is the exception: it waits for its kernels to
-/// read which queries overflowed their candidate lists (B flags; the error word stays unread),
-/// and after an overflow for the bandwidth rerun of those queries. Shape, dtype and device
+/// stream, on every device path (the approximate paths answer overflowed queries on the
+/// device, `rescore.rs`). Shape, dtype and device
 /// errors are immediate; errors that need the data come from [`PendingTopN::check`]. CPU
 /// tensors run the fused CPU path, whose errors are immediate. Same arguments, dtype rules
 /// and (debug-build) key-norm check as [`cosine_topk`].
@@ -247,14 +267,7 @@ pub(crate) fn deferred_trusted(
                 None => self::key_norms(keys)?,
             };
             let r = kernel::cosine_topk_cuda(queries, keys, &kn, &c)?;
-            Ok(PendingTopN {
-                scores: r.scores,
-                indices: r.indices,
-                status: Some(r.status),
-                op,
-                m: c.m,
-                n,
-            })
+            Ok(PendingTopN::of_device(r, op, c.m, n))
         }
         dev => bail!(
             "{op}: device {:?} is not supported (CPU, or CUDA with feature `cuda`)",
@@ -322,7 +335,118 @@ pub fn cosine_topk_deferred_emulated_with(
     kernel: kernel::Kernel,
     knobs: tensor_core::TcOverrides,
 ) -> Result<PendingTopN> {
+    let knobs = kernel::Knobs {
+        tc: knobs,
+        ..kernel::Knobs::default()
+    };
     deferred_emulated(queries, keys, key_norms, n, exclude, Some((kernel, knobs)))
+}
+
+/// [`cosine_topk_emulated`] on the GEMM + select path (candle's CPU matmul standing in for
+/// cuBLAS) with its test knobs; an error where the path cannot take the call. Test
+/// infrastructure (feature `emulate`).
+#[cfg(feature = "emulate")]
+#[doc(hidden)]
+pub fn cosine_topk_emulated_gemm(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+    knobs: gemm_select::GemmOverrides,
+) -> Result<(Tensor, Tensor)> {
+    cosine_topk_deferred_emulated_gemm(queries, keys, key_norms, n, exclude, knobs)?.check()
+}
+
+/// [`cosine_topk_emulated_gemm`] without the check (see [`cosine_topk_deferred_emulated`]).
+#[cfg(feature = "emulate")]
+#[doc(hidden)]
+pub fn cosine_topk_deferred_emulated_gemm(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+    knobs: gemm_select::GemmOverrides,
+) -> Result<PendingTopN> {
+    let knobs = kernel::Knobs {
+        gemm: knobs,
+        ..kernel::Knobs::default()
+    };
+    deferred_emulated(
+        queries,
+        keys,
+        key_norms,
+        n,
+        exclude,
+        Some((kernel::Kernel::Gemm, knobs)),
+    )
+}
+
+/// [`cosine_topk_deferred`] on one device path, forced ([`kernel::Kernel`]): CUDA tensors run
+/// it on the GPU (feature `cuda`), CPU tensors through the emulated kernels (feature
+/// `emulate`); an error where the path cannot take the call (no fallback to another path).
+/// What `r2scp tune` and `r2scp bench retrieve` time per path.
+#[doc(hidden)]
+pub fn cosine_topk_on_path(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+    path: kernel::Kernel,
+) -> Result<PendingTopN> {
+    cosine_topk_on_path_with(
+        queries,
+        keys,
+        key_norms,
+        n,
+        exclude,
+        path,
+        kernel::Knobs::default(),
+    )
+}
+
+/// [`cosine_topk_on_path`] with the approximate paths' test knobs (chunks, capacities,
+/// margins), on a GPU or in the emulator. Test infrastructure.
+#[doc(hidden)]
+#[allow(unused_variables)]
+pub fn cosine_topk_on_path_with(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+    path: kernel::Kernel,
+    knobs: kernel::Knobs,
+) -> Result<PendingTopN> {
+    const OP: &str = "cosine_topk";
+    match keys.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => {
+            let c = contract::check_device_call(OP, queries, keys, key_norms, n, exclude)?;
+            let kn = match key_norms {
+                Some(t) => t.clone(),
+                None => self::key_norms(keys)?,
+            };
+            let r = kernel::run_with(
+                &crate::kernel::cuda::CudaLauncher::new(dev),
+                &c,
+                queries,
+                keys,
+                &kn,
+                kernel::Pick::Force(path, knobs),
+            )?;
+            Ok(PendingTopN::of_device(r, OP, c.m, n))
+        }
+        #[cfg(feature = "emulate")]
+        Device::Cpu => deferred_emulated(queries, keys, key_norms, n, exclude, Some((path, knobs))),
+        dev => bail!(
+            "{OP} on path {}: device {:?} has no device path (CUDA with feature `cuda`)",
+            path.name(),
+            dev.location()
+        ),
+    }
 }
 
 #[cfg(feature = "emulate")]
@@ -332,7 +456,7 @@ fn deferred_emulated(
     key_norms: Option<&Tensor>,
     n: usize,
     exclude: Option<&Tensor>,
-    force: Option<(kernel::Kernel, tensor_core::TcOverrides)>,
+    force: Option<(kernel::Kernel, kernel::Knobs)>,
 ) -> Result<PendingTopN> {
     let op = "cosine_topk (emulated kernel)";
     let queries = promote_queries(op, queries, keys)?;
@@ -348,16 +472,11 @@ fn deferred_emulated(
     let emu = crate::kernel::emu::EmuLauncher;
     let r = match force {
         None => kernel::run_on(&emu, &c, queries, keys, &kn)?,
-        Some(f) => kernel::run_with(&emu, &c, queries, keys, &kn, Some(f))?,
+        Some((k, knobs)) => {
+            kernel::run_with(&emu, &c, queries, keys, &kn, kernel::Pick::Force(k, knobs))?
+        }
     };
-    Ok(PendingTopN {
-        scores: r.scores,
-        indices: r.indices,
-        status: Some(r.status),
-        op,
-        m: c.m,
-        n,
-    })
+    Ok(PendingTopN::of_device(r, op, c.m, n))
 }
 
 /// `|k_i|` for each bank row, as f32 \[M\] on the keys' device (keys \[M, D\] f32|f16|bf16).
