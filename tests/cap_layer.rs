@@ -535,13 +535,13 @@ fn non_finite_inputs_are_errors_naming_the_token() -> Result<()> {
     let bad = poison(&x[0], 1, 3)?;
     expect_err(
         paper(&layer, &bad, &x[1], None, &x[1], None, &x[2], None),
-        "dissonance of token 3 of batch row 1 is not finite",
+        "NaN delta at batch row 1, token 3",
     );
     // in the context: every dissonance of that row is NaN, the first one is named
     let bad = poison(&x[1], 0, 2)?;
     expect_err(
         layer.purify(&x[0], None, CapContext::tokens(&bad), None),
-        "dissonance of token 0 of batch row 0 is not finite",
+        "NaN delta at batch row 0, token 0",
     );
     // in H_com or the question: the saliency
     expect_err(
@@ -576,7 +576,7 @@ fn non_finite_inputs_are_errors_naming_the_token() -> Result<()> {
     let inf = Tensor::from_vec(v.concat().concat(), (b, l, d), &Device::Cpu)?;
     expect_err(
         layer.purify(&inf, None, CapContext::tokens(&x[1]), None),
-        "token 4 of batch row 0 is not finite",
+        "NaN delta at batch row 0, token 4",
     );
     Ok(())
 }

@@ -3,13 +3,14 @@
 use super::dissonance_topk::{dissonance_topk, dissonance_topk_reference, Context, Dissonance};
 use super::gather_inject::{gather_inject, gather_inject_reference};
 use super::topk_rows::{topk_rows, topk_rows_reference};
+use crate::error::bail;
 use crate::nn::{key_bias, LayerNorm, Mha};
-use candle_core::{bail, DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
-type DisFn = fn(&Tensor, Context, usize) -> Result<Dissonance>;
-type TopkFn = fn(&Tensor, usize) -> Result<(Tensor, Tensor)>;
-type InjectFn = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+type DisFn = fn(&Tensor, Context, usize) -> crate::Result<Dissonance>;
+type TopkFn = fn(&Tensor, usize) -> crate::Result<(Tensor, Tensor)>;
+type InjectFn = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> crate::Result<Tensor>;
 
 /// Selection score of a token that must not be chosen (a padded token; below any
 /// attention sum, which is >= 0, and below any dissonance, which is in [0, 2]).
@@ -194,9 +195,10 @@ pub struct PaperInputs<'a> {
 /// tensor, no mask) and [`CapLayer::forward_paper`] (the paper's four inputs, what the
 /// R2ScP model calls). All tensors in the layer's dtype and device.
 ///
-/// NaN: a NaN or infinite value in the sequence or the anchor makes a dissonance NaN, and
-/// one in the source or the question a saliency NaN; the layer then returns an error
-/// naming the batch row and token (like retrieval), instead of ranking the row silently.
+/// NaN: a NaN or infinite value in the sequence or the anchor makes a dissonance NaN
+/// ([`dissonance_topk`] then errors), and one in the source or the question a saliency NaN
+/// (the layer then errors); either error names the batch row and token (like retrieval),
+/// instead of ranking the row silently.
 ///
 /// Variables (under the caller's prefix): `w_proj.weight` [D, D]; `sa.{q,k,v,o}.{weight,
 /// bias}`; `sa_norm.{weight,bias}`; `ca.{q,k,v,o}.{weight,bias}`; `ca_norm.{weight,bias}`;
@@ -481,13 +483,9 @@ impl CapLayer {
             }
             c => c,
         };
+        // A NaN delta (a NaN or infinity in the sequence, its context or W_proj) is the op's
+        // error, naming the batch row and token.
         let dis = dis_op(&p, anchor, k)?;
-        if let Some((bi, i)) = first_non_finite(&dis.delta)? {
-            bail!(
-                "CapLayer: the dissonance of token {i} of batch row {bi} is not finite (a NaN \
-                 or infinite value in the sequence, its context or W_proj)"
-            );
-        }
         let noise_idx = match &xm {
             // padded rows are selected last
             Some(m) => {
