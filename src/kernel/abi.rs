@@ -52,22 +52,29 @@ r2_abi! {
         /// registers for (at most 65536 / (128 * 4) = 128 registers a thread).
         CT_MIN_BLOCKS: u32 = 4;
 
-        /// Threads per block of the tensor-core kernels `cosine_topk_tc_*` (4 warps, each owning a
-        /// 32 x 32 quarter of the score tile).
-        TC_THREADS: u32 = 128;
+        /// Threads per block of the tensor-core kernels `cosine_topk_tc_*` except the rescoring
+        /// (8 warps; in the pass each owns a 32 x 64 piece of the 128 x 128 score tile).
+        TC_THREADS: u32 = 256;
+        /// Blocks per multiprocessor the pass's `__launch_bounds__` guarantee registers for (at
+        /// most 65536 / (256 * 2) = 128 registers a thread).
+        TC_MIN_BLOCKS: u32 = 2;
         /// Queries per block of `cosine_topk_tc_{f32,f16,bf16}` (the block's query tile).
-        TC_BQ: u32 = 64;
+        TC_BQ: u32 = 128;
         /// Bank rows per tile of `cosine_topk_tc_{f32,f16,bf16}`.
-        TC_BK: u32 = 64;
-        /// Bytes of one operand row per pipeline stage (a k-slice: 64 16-bit or 32 f32 elements).
-        TC_SLICE_BYTES: u32 = 128;
-        /// Shared-memory stride of a stage row: the slice plus 16 bytes, so that the 8 rows one
-        /// fragment load touches fall in different banks.
-        TC_ROW_BYTES: u32 = 144;
-        /// Leading dimension (floats) of the block's score tile [TC_BQ][TC_SCORE_LD].
-        TC_SCORE_LD: u32 = 68;
-        /// Longest per-query threshold list of the tensor-core pass (the largest n it serves).
-        TC_NL_MAX: u32 = 256;
+        TC_BK: u32 = 128;
+        /// Bytes of one operand row per pipeline stage (a k-slice: 32 16-bit or 16 f32 elements,
+        /// two 32-byte k-steps of the mma); also the stage's row stride (chunks XOR-swizzled).
+        TC_SLICE_BYTES: u32 = 64;
+        /// Shared-memory stages of the pass's cp.async pipeline (two slices in flight while one
+        /// is multiplied).
+        TC_STAGES: u32 = 3;
+        /// Scores per query and tile the pass buffers for insertion into the query's threshold
+        /// list (more only leave the list lower; every candidate is still written).
+        TC_HITS: u32 = 8;
+        /// Longest per-query threshold list of the tensor-core pass: the largest n it serves
+        /// (the first tile's 8 holders of a query's 128 scores seed the list with ceil(n / 8)
+        /// each).
+        TC_NL_MAX: u32 = 128;
         /// Candidates per tile of `cosine_topk_tc_rescore_*`'s approximate selection (small, so
         /// that the rescoring's shared memory stays under the 48 KiB default for every n).
         TC_RESCORE_TILE: u32 = 256;
@@ -193,7 +200,7 @@ r2_abi! {
             d: u32,
             d_pad: u32,
             n: u32,
-            /// Threshold-list length (n rounded up to 32, at most `TC_NL_MAX`).
+            /// Threshold-list length: the next power of two >= n, at least 32, at most `TC_NL_MAX`.
             nl: u32,
             /// Bank rows per block (a multiple of `TC_BK`).
             chunk_rows: u32,

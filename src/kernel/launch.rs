@@ -105,6 +105,71 @@ impl LaunchPlan {
     }
 }
 
+/// The resources of one multiprocessor that bound how many blocks of a kernel it holds at once
+/// (the arithmetic of CUDA's occupancy calculator for sm_80 to sm_90).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmResources {
+    /// 32-bit registers (65536 on every supported GPU), allocated per warp in units of 256.
+    pub regs: u32,
+    /// Resident threads (2048 on sm_80 and sm_90, 1536 on sm_86 and sm_89).
+    pub threads: u32,
+    /// Resident blocks (32 on sm_80 and sm_90, 16 on sm_86, 24 on sm_89).
+    pub blocks: u32,
+    /// Shared memory per multiprocessor, bytes (sm_80 164 KiB, sm_86 and sm_89 100 KiB,
+    /// sm_90 228 KiB).
+    pub smem: u32,
+    /// Shared memory the system reserves per resident block (1 KiB from sm_80 on).
+    pub smem_reserved: u32,
+}
+
+impl SmResources {
+    /// An A100 (sm_80).
+    pub const SM_80: Self = Self {
+        regs: 65536,
+        threads: 2048,
+        blocks: 32,
+        smem: 164 * 1024,
+        smem_reserved: 1024,
+    };
+    /// sm_86 (the smallest of the supported GPUs; the emulator plans for it).
+    pub const SM_86: Self = Self {
+        regs: 65536,
+        threads: 1536,
+        blocks: 16,
+        smem: 100 * 1024,
+        smem_reserved: 1024,
+    };
+    /// An H100 or H200 (sm_90).
+    pub const SM_90: Self = Self {
+        regs: 65536,
+        threads: 2048,
+        blocks: 32,
+        smem: 228 * 1024,
+        smem_reserved: 1024,
+    };
+
+    /// Blocks of `threads` threads, `regs_per_thread` registers each and `smem` bytes of
+    /// shared memory (dynamic and static) that one multiprocessor holds at once: the least of
+    /// the register, thread, block and shared-memory limits (registers allocated per warp in
+    /// units of 256, shared memory in units of 128 bytes plus the per-block reservation).
+    /// 0 when one block does not fit.
+    pub fn resident_blocks(&self, threads: u32, regs_per_thread: u32, smem: u32) -> u32 {
+        let warps = threads.div_ceil(32).max(1);
+        let per_warp = (regs_per_thread.max(1) * 32).div_ceil(256) * 256;
+        let by_regs = (self.regs / per_warp) / warps;
+        let by_threads = self.threads / (warps * 32);
+        let by_smem = self.smem / (smem.div_ceil(128) * 128 + self.smem_reserved);
+        by_regs.min(by_threads).min(by_smem).min(self.blocks)
+    }
+}
+
+/// The registers per thread that `__launch_bounds__(threads, min_blocks)` lets ptxas use at
+/// most (65536 / (threads x min_blocks), rounded down to the allocation unit of 8): the
+/// register count a plan assumes when it cannot ask the driver.
+pub fn launch_bound_regs(threads: u32, min_blocks: u32) -> u32 {
+    (65536 / (threads.max(1) * min_blocks.max(1))).min(255) / 8 * 8
+}
+
 /// Dynamic shared memory every plan stays within: the 48 KiB per-block limit that needs no
 /// opt-in attribute on any GPU from sm_50 on covers static and dynamic shared memory
 /// together, so 1 KiB is left for the kernels' static `__shared__` arrays (ptxas reports at
@@ -185,6 +250,31 @@ pub trait Launcher {
     /// [`MAX_DYN_SMEM_BYTES`] (the device's per-block opt-in limit less 1 KiB for static
     /// arrays). A launch whose plan asks for more than 48 KiB raises the entry's limit first.
     fn max_dyn_smem(&self) -> Result<u32>;
+
+    /// The multiprocessor's resources for [`SmResources::resident_blocks`]. The default is
+    /// sm_86's with [`Launcher::smem_per_sm`]; the CUDA launcher reads the device's.
+    fn sm_resources(&self) -> Result<SmResources> {
+        Ok(SmResources {
+            smem: self.smem_per_sm()?,
+            ..SmResources::SM_86
+        })
+    }
+
+    /// Blocks of entry point `entry` launched with `plan` that one multiprocessor holds at once,
+    /// at least 1: what a persistent grid is sized from. `min_blocks` is the entry's launch
+    /// bound. The default is the arithmetic of [`SmResources::resident_blocks`] with the
+    /// registers that bound allows ([`launch_bound_regs`], never exceeded by ptxas, and checked
+    /// against ptxas by `scripts/sass-report`); the CUDA launcher asks the driver's occupancy
+    /// query, which knows the registers ptxas used.
+    fn resident_blocks(&self, entry: &str, plan: &LaunchPlan, min_blocks: u32) -> Result<u32> {
+        let _ = entry;
+        let threads = plan.threads_per_block();
+        let regs = launch_bound_regs(threads, min_blocks);
+        Ok(self
+            .sm_resources()?
+            .resident_blocks(threads, regs, plan.smem_bytes)
+            .max(1))
+    }
 
     /// A zeroed buffer of `n` elements.
     fn zeros<T: DevElem>(&self, n: usize) -> Result<Self::Buf<T>>;
