@@ -51,6 +51,9 @@ r2_abi! {
         /// Blocks per multiprocessor the partial kernels' `__launch_bounds__` guarantee
         /// registers for (at most 65536 / (128 * 4) = 128 registers a thread).
         CT_MIN_BLOCKS: u32 = 4;
+        /// Most key bytes per row and pipeline step of the partial kernels (a power of two; each
+        /// thread copies `kb / 16` chunks per step).
+        CT_KB_MAX: u32 = 512;
 
         /// Threads per block of the tensor-core kernels `cosine_topk_tc_*` except the rescoring
         /// (8 warps; in the pass each owns a 32 x 64 piece of the 128 x 128 score tile).
@@ -121,11 +124,9 @@ r2_abi! {
             kp: u32,
             /// Hit-buffer length per query (a power of two >= kp).
             hb: u32,
-            /// Key bytes per row and pipeline stage (a multiple of 16, at most 128).
+            /// Key bytes per row and pipeline stage (a power of two, 16 to `CT_KB_MAX`). Rows of
+            /// `keys` and `q` are 16-byte aligned (the op stages other inputs to such a copy).
             kb: u32,
-            /// 1: keys, queries rows 16-byte aligned, copied with 16-byte `cp.async`; 0: element
-            /// copies.
-            vec16: u32,
             /// Bank rows per block (a multiple of `CT_TILE_ROWS`).
             chunk_rows: u32,
             /// [B, gy, kp] candidate scores.

@@ -170,6 +170,30 @@ pub fn launch_bound_regs(threads: u32, min_blocks: u32) -> u32 {
     (65536 / (threads.max(1) * min_blocks.max(1))).min(255) / 8 * 8
 }
 
+/// Static `__shared__` memory a plan allows each block on top of its dynamic shared memory when
+/// it counts resident blocks without the driver (ptxas reports at most 512 bytes for every
+/// entry; `scripts/sass-report` fails above this).
+pub const STATIC_SMEM_ALLOWANCE: u32 = 1024;
+
+/// Blocks of `threads` threads with `dyn_smem` bytes of dynamic shared memory that one
+/// multiprocessor of `sm` holds, counted as a plan does without the driver: the registers the
+/// entry's launch bound `min_blocks` allows ([`launch_bound_regs`]) and
+/// [`STATIC_SMEM_ALLOWANCE`] of static shared memory, both upper bounds of what ptxas uses, so
+/// the count is never above the real one. At least 1.
+pub fn planned_resident_blocks(
+    sm: &SmResources,
+    threads: u32,
+    min_blocks: u32,
+    dyn_smem: u32,
+) -> u32 {
+    sm.resident_blocks(
+        threads,
+        launch_bound_regs(threads, min_blocks),
+        dyn_smem + STATIC_SMEM_ALLOWANCE,
+    )
+    .max(1)
+}
+
 /// Dynamic shared memory every plan stays within: the 48 KiB per-block limit that needs no
 /// opt-in attribute on any GPU from sm_50 on covers static and dynamic shared memory
 /// together, so 1 KiB is left for the kernels' static `__shared__` arrays (ptxas reports at
@@ -262,18 +286,17 @@ pub trait Launcher {
 
     /// Blocks of entry point `entry` launched with `plan` that one multiprocessor holds at once,
     /// at least 1: what a persistent grid is sized from. `min_blocks` is the entry's launch
-    /// bound. The default is the arithmetic of [`SmResources::resident_blocks`] with the
-    /// registers that bound allows ([`launch_bound_regs`], never exceeded by ptxas, and checked
-    /// against ptxas by `scripts/sass-report`); the CUDA launcher asks the driver's occupancy
-    /// query, which knows the registers ptxas used.
+    /// bound. The default is [`planned_resident_blocks`] (upper bounds of the registers and
+    /// static shared memory, checked against ptxas by `scripts/sass-report`); the CUDA
+    /// launcher asks the driver's occupancy query, which knows what ptxas used.
     fn resident_blocks(&self, entry: &str, plan: &LaunchPlan, min_blocks: u32) -> Result<u32> {
         let _ = entry;
-        let threads = plan.threads_per_block();
-        let regs = launch_bound_regs(threads, min_blocks);
-        Ok(self
-            .sm_resources()?
-            .resident_blocks(threads, regs, plan.smem_bytes)
-            .max(1))
+        Ok(planned_resident_blocks(
+            &self.sm_resources()?,
+            plan.threads_per_block(),
+            min_blocks,
+            plan.smem_bytes,
+        ))
     }
 
     /// A zeroed buffer of `n` elements.
@@ -298,4 +321,33 @@ pub trait Launcher {
 
     /// `buf` as a tensor of `shape` on this launcher's device (CPU for the emulator).
     fn tensor_of<T: DevElem>(&self, buf: Self::Buf<T>, shape: impl Into<Shape>) -> Result<Tensor>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The occupancy arithmetic against the CUDA occupancy calculator's figures for the entries
+    /// of the static review of 21834ae (`../shared/gpu/static-review-2026-12-05.md`) and the
+    /// tensor-core pass of issue 20.
+    #[test]
+    fn resident_blocks_match_the_occupancy_calculator() {
+        let h200 = SmResources::SM_90;
+        // cosine_topk_partial_q1_f32: 52 registers (9 blocks), 33,584 B (6 blocks).
+        assert_eq!(h200.resident_blocks(128, 52, 33_584), 6);
+        // The old tensor-core pass: 80 registers (6 blocks), 62,592 B (3 blocks, not 4).
+        assert_eq!(h200.resident_blocks(128, 80, 62_592), 3);
+        // The new pass: 256 threads of 128 registers (2 blocks), 73,856 B (3 blocks).
+        assert_eq!(h200.resident_blocks(256, 128, 73_856), 2);
+        assert_eq!(SmResources::SM_80.resident_blocks(256, 128, 73_856), 2);
+        assert_eq!(SmResources::SM_86.resident_blocks(256, 128, 73_856), 1);
+        // Threads and blocks bound small blocks.
+        assert_eq!(SmResources::SM_86.resident_blocks(1024, 16, 0), 1);
+        assert_eq!(h200.resident_blocks(32, 16, 0), 32);
+        // A block that does not fit.
+        assert_eq!(h200.resident_blocks(128, 32, 240 * 1024), 0);
+        assert_eq!(launch_bound_regs(256, 2), 128);
+        assert_eq!(launch_bound_regs(128, 4), 128);
+        assert_eq!(launch_bound_regs(128, 1), 248);
+    }
 }
