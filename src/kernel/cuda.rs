@@ -241,8 +241,23 @@ impl Launcher for CudaLauncher<'_> {
     }
 
     /// The driver's occupancy query for the entry as ptxas compiled it (its real registers and
-    /// static shared memory), with `plan`'s block and dynamic shared memory.
+    /// static shared memory), with `plan`'s block and dynamic shared memory; asked once per
+    /// context, entry, block size and shared memory (plans ask it for several candidates on
+    /// every call).
     fn resident_blocks(&self, entry: &str, plan: &LaunchPlan, _min_blocks: u32) -> Result<u32> {
+        type Key = (usize, String, u32, u32);
+        static CACHE: OnceLock<Mutex<HashMap<Key, u32>>> = OnceLock::new();
+        let ctx = Arc::as_ptr(self.dev.cuda_stream().context()) as usize;
+        let key = (
+            ctx,
+            entry.to_string(),
+            plan.threads_per_block(),
+            plan.smem_bytes,
+        );
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Some(&n) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(n);
+        }
         let func = function(self.dev, entry)?;
         allow_dyn_smem(&func, entry, plan.smem_bytes)?;
         let n = func
@@ -253,8 +268,13 @@ impl Launcher for CudaLauncher<'_> {
             )
             .map_err(|e| {
                 candle_core::Error::Msg(format!("r2scp cuda: {entry}: occupancy query: {e}"))
-            })?;
-        Ok(n.max(1))
+            })?
+            .max(1);
+        cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, n);
+        Ok(n)
     }
 
     fn zeros<T: DevElem>(&self, n: usize) -> Result<CudaSlice<T>> {

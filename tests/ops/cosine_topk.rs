@@ -1068,7 +1068,9 @@ fn emu_tc_approximate_scores_rank_exactly() {
     let qs: Vec<Vec<f32>> = (0..b)
         .map(|_| unit((0..d).map(|_| r.random_range(-1.0..1.0f32)).collect()))
         .collect();
-    let mut rows: Vec<(Vec<f32>, Option<(usize, usize)>)> = Vec::new();
+    // (key row, Some((query, rank)) for a planted row)
+    type Row = (Vec<f32>, Option<(usize, usize)>);
+    let mut rows: Vec<Row> = Vec::new();
     for (qi, q) in qs.iter().enumerate() {
         for j in 0..per {
             let alpha = 0.9 - 0.1 * j as f32;

@@ -206,8 +206,10 @@ pub fn plan(p: &Problem, gpu: &Gpu) -> Result<CosinePlan> {
     let mut chosen = None;
     for config in CONFIGS[..=wanted].iter().rev() {
         let hb = kp.max(config.hb_min);
-        // (two blocks or more, key bytes per stage on an SM, blocks): the largest wins.
-        let mut best: Option<((bool, u64, u32), u32, u64, u32)> = None;
+        // Candidate (kb, shared memory, resident blocks) and its rank: (two blocks or more,
+        // key bytes per stage on an SM, blocks), the largest wins.
+        type Rank = (bool, u64, u32);
+        let mut best: Option<(Rank, u32, u64, u32)> = None;
         let mut kb = kb_max;
         let kb_min = kb_max.min(64);
         while kb >= 16 && (kb >= kb_min || best.is_none()) {

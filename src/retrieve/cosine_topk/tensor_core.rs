@@ -6,9 +6,9 @@
 //! 1. `cosine_topk_tc_prep_<dt>`: unit queries `q / |q|` in the operand type (bf16, f16, or
 //!    f32 read as tf32), zero-padded to `[query tiles x TC_BQ, d_pad]`, and `COS_EPS / |q|`.
 //! 2. `cosine_topk_tc_<dt>`: grid `(query tiles, bank chunks)`. A block keeps its query tile and
-//!    streams its chunk of the bank through the tensor cores (WMMA, f32 accumulation); each
-//!    tile of scores is filtered in shared memory against the query's running n-th best less
-//!    [`margin`], and what passes is appended to the query's candidate list (`[B, capq]` in
+//!    streams its chunk of the bank through the tensor cores (ldmatrix + mma.sync, f32
+//!    accumulation); each tile of scores is filtered in registers against the query's running
+//!    n-th best less [`margin`], and what passes is appended to the query's candidate list (`[B, capq]` in
 //!    global memory). The B x M scores never reach global memory.
 //! 3. `cosine_topk_tc_rescore_<dt>`: one block per query: the exact f32 score (the bandwidth
 //!    kernel's arithmetic) of every candidate within [`margin`] of the n-th best approximate
