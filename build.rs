@@ -1,5 +1,7 @@
 //! Build script.
 //!
+//! - without `cuda` or `emulate`: nothing; it reruns only when build.rs changes (no file
+//!   under kernels/ and no environment variable, `PATH` included, rebuilds the crate).
 //! - always (with `cuda` or `emulate`): writes `OUT_DIR/include/r2_abi.h`, the C side of the
 //!   host/device ABI declared once in `src/kernel/abi.rs` (constants as `#define R2_<NAME>`,
 //!   one argument struct per kernel family), which `kernels/common.cuh` includes.
@@ -131,18 +133,34 @@ fn write_abi_header() -> PathBuf {
 }
 
 fn main() {
-    println!("cargo:rerun-if-changed=kernels");
+    // Printed in every build, so that without `cuda` or `emulate` nothing else (no file
+    // under kernels/, no PATH change) reruns this script or rebuilds the crate.
     println!("cargo:rerun-if-changed=build.rs");
+    let emulate = env::var_os("CARGO_FEATURE_EMULATE").is_some();
+    let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    if !emulate && !cuda {
+        return;
+    }
+    // What the enabled features read, and only that.
+    println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=src/kernel/abi.rs");
-    for v in [
-        "R2SCP_DENY_SPILLS",
-        "R2SCP_EMU_TSAN",
-        "CUDA_COMPUTE_CAP",
-        "NVCC",
-        "CUDA_ROOT",
-        "CUDA_PATH",
-        "PATH",
-    ] {
+    let mut vars = vec![];
+    if emulate {
+        vars.push("R2SCP_EMU_TSAN");
+    }
+    if cuda {
+        // find_nvcc: NVCC, PATH, CUDA_ROOT/CUDA_PATH/CUDA_HOME; compute_caps; the spill check
+        vars.extend([
+            "NVCC",
+            "PATH",
+            "CUDA_ROOT",
+            "CUDA_PATH",
+            "CUDA_HOME",
+            "CUDA_COMPUTE_CAP",
+            "R2SCP_DENY_SPILLS",
+        ]);
+    }
+    for v in vars {
         println!("cargo:rerun-if-env-changed={v}");
     }
     let kernels =
@@ -150,11 +168,6 @@ fn main() {
     // Track every file under kernels/ (headers too), not just the directory mtime.
     for f in walk(&kernels) {
         println!("cargo:rerun-if-changed={}", f.display());
-    }
-    let emulate = env::var_os("CARGO_FEATURE_EMULATE").is_some();
-    let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
-    if !emulate && !cuda {
-        return;
     }
     let abi_inc = write_abi_header();
     if emulate {
@@ -181,6 +194,13 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The `cc` build dependency is optional and comes with `emulate` only.
+#[cfg(not(feature = "emulate"))]
+fn build_emulator(_: &Path, _: &Path) {
+    unreachable!("CARGO_FEATURE_EMULATE is set only with feature `emulate`")
+}
+
+#[cfg(feature = "emulate")]
 fn build_emulator(kernels: &Path, abi_inc: &Path) {
     let emu = kernels.join("emu");
     let mut files: Vec<PathBuf> = walk(&emu)

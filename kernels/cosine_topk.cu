@@ -378,3 +378,7 @@ R2_ENTRY(cosine_topk_merge, CosineTopkMergeArgs, R2_CT_THREADS) { cosine_topk_me
 // The tensor-core path for large batches (build.rs inlines quoted includes for NVRTC and
 // reads the whole rest of the line as the file name: no comment after it).
 #include "cosine_topk_tc.cuh"
+// The unit queries and the exact rescoring shared by the tensor-core and GEMM + select paths,
+// and the GEMM + select path's select kernel.
+#include "cosine_topk_rescore.cuh"
+#include "cosine_topk_gemm_select.cuh"

@@ -5,12 +5,11 @@
 // arithmetic.
 //
 // Op: src/retrieve/cosine_topk/ (plan and device path in tensor_core.rs, the dispatch rule in
-// kernel.rs). Arguments: CosineTopkTcPrepArgs, CosineTopkTcArgs, CosineTopkTcRescoreArgs.
+// kernel.rs). Arguments: CosineTopkTcArgs; the unit queries before the pass and the exact
+// rescoring after it are shared with the GEMM + select path (cosine_topk_rescore.cuh:
+// cosine_topk_prep_<dt>, cosine_topk_rescore_<dt>, the fallback and finish kernels).
 // The argument for exactness (why the margin is safe) is in docs/DESIGN.md.
 //
-// cosine_topk_tc_prep_<dt>: one block per query tile of R2_TC_BQ queries: the unit query
-//   q / |q| in the operand type (bf16, f16, or f32 for tf32) zero-padded to [rows, d_pad],
-//   and COS_EPS / |q|.
 // cosine_topk_tc_<dt>: grid (query tiles, bank chunks), R2_TC_THREADS threads (8 warps). Block
 //   (x, y) keeps query tile x (R2_TC_BQ queries) and streams its chunk of the bank in tiles of
 //   R2_TC_BK rows and k-slices of R2_TC_SLICE_BYTES per row through R2_TC_STAGES shared-memory
@@ -30,27 +29,18 @@
 //   u32 key, read once per tile per query by one thread, ld.relaxed, a tile ahead of its use).
 //   The per-score test is one FFMA and one FSETP against per-query constants in shared memory
 //   (cosine_topk_tc_threshold: a conservative form of s~ >= T_q, no division); a thread with any
-//   pass (or NaN) takes the exact test for its 64 scores, appends the rows that pass to the
+//   pass (or NaN, or an infinite key norm among its 16 keys) takes the exact test for its 64
+//   scores, appends the rows that pass to the
 //   query's candidate list in global memory and offers those above local_q to the list (a
 //   per-query buffer of R2_TC_HITS, merged by one warp per query after a block vote).
 //   Seed: after the chunk's first tile each of the 8 threads holding a query's 128 scores puts
 //   its best ceil(n / 8) into the list, which is then sorted: local_q starts at the n-th best
 //   of those (a lower bound of the tile's n-th best) instead of every row of the first tile
 //   being inserted one by one.
-// cosine_topk_tc_rescore_<dt>: one block per query: the n-th best approximate score among
-//   its candidates (topk.cuh's streaming top-kp), then the exact f32 score of every
-//   candidate within margin of it, the same arithmetic as cosine_topk_partial (sequential
-//   over d), and the top n of those (ties to the lower row). A query whose candidates
-//   overflowed (capq in the pass, cap here) gets fallback[b] = 1 and the host reruns it on
-//   the bandwidth kernel.
-// Errors (the no-sync contract of the bandwidth kernel, kernel.rs "NaN contract"): the three
-// kernels share the call's error word. The prep kernel checks `exclude` (null = none): an
-// entry >= M that is not R2_PAD_INDEX reports R2_ERR_BAD_EXCLUDE (query, entry), a valid
-// exclusion with n = M R2_ERR_FEW_ROWS (query, entry); the pass never matches such an entry.
-// An approximate or exact NaN score (the excluded row's too) reports R2_ERR_NAN_SCORE with
-// (query, row). Nothing here reads the word: the host turns a failed call's scores to NaN
-// after the rescoring (tensor_core.rs), since rescoring blocks of other queries may report
-// after a block has written its row.
+// Errors (the no-sync contract of the bandwidth kernel, kernel.rs "NaN contract"): the pass
+// shares the call's error word with the prep, rescoring and finish kernels (the prep checks
+// `exclude`; the pass never matches an invalid entry). An approximate NaN score (the excluded
+// row's too) reports R2_ERR_NAN_SCORE with (query, row). Nothing here reads the word.
 #pragma once
 #include "mma.cuh"
 #include "topk.cuh"
@@ -132,8 +122,10 @@ __device__ __forceinline__ void cosine_topk_tc_sort_lists(float* L, unsigned nl,
 // te = fl(tk eps/|q|) (1 - 2^-16) - 2^-100 (slack only where finite). Why every a with s~ >= t
 // passes: s~ >= t gives a >= t den (1 + h) with |h| <= 3.1 u (u = 2^-24: den's, the reciprocal's
 // and the product's rounding), and fma(tk, |k|, te) <= t den (1 - 2^-16 + 3u), below that
-// bound, including for infinite or NaN den (then the product is infinite or NaN and the exact
-// test decides). Underflow: t = fl(theta - margin) is 0 or at least 2^-37 in magnitude (margin
+// bound (t < 0: the same with the signs turned). A NaN |k| or eps/|q| makes the right side
+// NaN, which passes; an infinite |k| does not always (a -inf dot product, whose score
+// -inf / inf is NaN, fails it), so the pass sends a thread with one to the exact test.
+// Underflow: t = fl(theta - margin) is 0 or at least 2^-37 in magnitude (margin
 // >= 2^-11), so the relative slack covers the absolute error of a subnormal s~, and 2^-100
 // that of te.
 __device__ __forceinline__ void cosine_topk_tc_threshold(float theta, float margin, float eq, float* tq,
@@ -145,39 +137,6 @@ __device__ __forceinline__ void cosine_topk_tc_threshold(float theta, float marg
     *tq = t;
     *tk = k;
     *te = e;
-}
-
-template <class T>
-__device__ __forceinline__ void cosine_topk_tc_prep(const CosineTopkTcPrepArgs& a) {
-    const float* __restrict__ q = a.q;
-    T* __restrict__ qhat = static_cast<T*>(a.qhat);
-    float* __restrict__ qeps = a.qeps;
-    const unsigned B = a.b, D = a.d, Dp = a.d_pad;
-    __shared__ float scale[R2_TC_BQ];
-    const unsigned tid = threadIdx.x, q0 = blockIdx.x * R2_TC_BQ;
-    if (tid < R2_TC_BQ) {
-        const unsigned b = q0 + tid;
-        float s = 0.f;
-        if (b < B && a.exclude != nullptr) {
-            const unsigned e = a.exclude[b];
-            if (e != R2_PAD_INDEX && e >= a.m) r2_report(a.err, R2_ERR_BAD_EXCLUDE, b, e);
-            else if (e != R2_PAD_INDEX && a.n >= a.m) r2_report(a.err, R2_ERR_FEW_ROWS, b, e);
-        }
-        if (b < B) {
-            // The norm as cosine_topk_partial computes it (sequential sum of squares).
-            for (unsigned d = 0; d < D; ++d) s += q[(size_t)b * D + d] * q[(size_t)b * D + d];
-            s = sqrtf(s);
-            qeps[b] = R2_COS_EPS / s;
-        }
-        // A zero, overflowing or NaN norm scales by 0: scores 0, or NaN from a NaN/inf input.
-        scale[tid] = s > 0.f && s < R2_INF ? 1.f / s : 0.f;
-    }
-    __syncthreads();
-    for (size_t t = tid; t < (size_t)R2_TC_BQ * Dp; t += blockDim.x) {
-        const unsigned j = (unsigned)(t / Dp), d = (unsigned)(t % Dp), b = q0 + j;
-        const float v = b < B && d < D ? q[(size_t)b * D + d] * scale[j] : 0.f;
-        qhat[(size_t)b * Dp + d] = r2_from_f32<T>(v);
-    }
 }
 
 template <class T>
@@ -431,9 +390,14 @@ __device__ __forceinline__ void cosine_topk_tc_pass(const CosineTopkTcArgs& a) {
             __syncthreads();
         }
 
-        // Filter: any pass (or NaN) sends this thread to the exact test of its 64 scores.
+        // Filter: any pass (or NaN) sends this thread to the exact test of its 64 scores, and
+        // so does an infinite key norm: a -inf dot product fails the fast test whatever the
+        // threshold, while its score -inf / inf is NaN, an error (a finite dot product over an
+        // infinite norm scores 0, which the exact test decides).
         bool any = false;
         if (wactive) {
+#pragma unroll
+            for (unsigned y = 0; y < 16; ++y) any |= !(kv[y] < R2_INF);
             float fk[4], fe[4];
 #pragma unroll
             for (unsigned x = 0; x < 4; ++x) {
@@ -454,10 +418,10 @@ __device__ __forceinline__ void cosine_topk_tc_pass(const CosineTopkTcArgs& a) {
                 const unsigned qi = wr * 32 + (x >> 1) * 16 + (x & 1u) * 8 + g;
                 if (qi >= nq) continue;
                 const float fk = th_k[qi], fe = th_e[qi];
-                unsigned pass = 0;  // bit y: element (x, y) passes the fast test
+                unsigned pass = 0;  // bit y: element (x, y) passes the fast test, or |k| is not finite
 #pragma unroll
                 for (unsigned y = 0; y < 16; ++y)
-                    if (!(elem(x, y) < fmaf(fk, kv[y], fe))) pass |= 1u << y;
+                    if (!(elem(x, y) < fmaf(fk, kv[y], fe)) || !(kv[y] < R2_INF)) pass |= 1u << y;
                 if (pass == 0u) continue;
                 const unsigned qg = q0 + qi;
                 const float e = qeps[qg], t = th_t[qi], worst = lists[qi * nl + n - 1];
@@ -510,103 +474,9 @@ __device__ __forceinline__ void cosine_topk_tc_pass(const CosineTopkTcArgs& a) {
     __pipeline_wait_prior(0);  // no copy outlives the block (the last groups are empty)
 }
 
-template <class T>
-__device__ __forceinline__ void cosine_topk_tc_rescore(const CosineTopkTcRescoreArgs& a) {
-    const float* __restrict__ q = a.q;
-    const T* __restrict__ keys = static_cast<const T*>(a.keys);
-    const float* __restrict__ kn = a.key_norms;
-    const unsigned D = a.d, n = a.n, cap = a.cap;
-    R2_DYN_SMEM(unsigned char, smem);
-    __shared__ unsigned cnt[3 * R2_TOPK_MAXQ];
-    __shared__ unsigned nsel;
-    __shared__ float qn;
-    __shared__ float qslice[R2_CT_QN_SLICES];
-    const unsigned tid = threadIdx.x;
-    const size_t b = blockIdx.x;
-    const unsigned total = a.count[b];
-    float* out_s = a.out_s + b * n;
-    unsigned* out_i = a.out_i + b * n;
-    const float* cs = a.cand_s + b * a.capq;
-    const unsigned* ci = a.cand_i + b * a.capq;
-
-    R2Stream st;
-    unsigned char* end = r2_stream_carve(st, smem, 1, a.kp, R2_TC_RESCORE_TILE, cnt);
-    float* sel_s = reinterpret_cast<float*>(end);
-    unsigned* sel_i = reinterpret_cast<unsigned*>(sel_s + cap);
-
-    bool overflow = total > a.capq;  // block-uniform
-    if (!overflow) {
-        // The n-th best approximate score: every row of the approximate top n is a candidate.
-        r2_stream_init(st);
-        unsigned tile = 0;
-        for (unsigned base = 0; base < total; base += R2_TC_RESCORE_TILE, ++tile) {
-            for (unsigned e = tid; e < R2_TC_RESCORE_TILE; e += blockDim.x) {
-                const unsigned c = base + e;
-                r2_stream_offer(st, tile, 0, e, c < total ? cs[c] : -R2_INF, c < total ? ci[c] : R2_PAD_INDEX);
-            }
-            r2_stream_flush(st, tile);
-        }
-        const float th = st.run_s[n - 1] - a.margin;
-        // |q| in the bandwidth kernel's canonical order (cosine_topk_qnorm).
-        if (tid < R2_CT_QN_SLICES) qslice[tid] = cosine_topk_qnorm_slice(q + b * D, D, tid);
-        __syncthreads();
-        if (tid == 0) {
-            nsel = 0;
-            qn = cosine_topk_qnorm(qslice);
-        }
-        __syncthreads();
-        for (unsigned c = tid; c < total; c += blockDim.x) {
-            if (cs[c] >= th) {
-                const unsigned slot = atomicAdd(&nsel, 1u);
-                if (slot < cap) sel_i[slot] = ci[c];
-            }
-        }
-        __syncthreads();
-        overflow = nsel > cap;
-    }
-    if (overflow) {
-        if (tid == 0) a.fallback[b] = 1u;
-        for (unsigned i = tid; i < n; i += blockDim.x) {
-            out_s[i] = -R2_INF;
-            out_i[i] = R2_PAD_INDEX;
-        }
-        return;
-    }
-    const unsigned ns = nsel;
-    unsigned len = 2;
-    while (len < ns) len <<= 1;
-    // Exact scores: cosine_topk_partial's arithmetic (f32 fmaf chain, sequential over d, the
-    // canonical |q|, same division), so the bits equal the bandwidth kernel's.
-    for (unsigned t = tid; t < len; t += blockDim.x) {
-        if (t < ns) {
-            const unsigned r = sel_i[t];
-            float acc = 0.f;
-            for (unsigned d = 0; d < D; ++d) acc = fmaf(r2_to_f32(keys[(size_t)r * D + d]), q[b * D + d], acc);
-            const float v = acc / (qn * kn[r] + R2_COS_EPS);
-            if (isnan(v)) r2_report(a.err, R2_ERR_NAN_SCORE, (unsigned)b, r);
-            sel_s[t] = isnan(v) ? -R2_INF : v;
-        } else {
-            sel_s[t] = -R2_INF;
-            sel_i[t] = R2_PAD_INDEX;
-        }
-    }
-    __syncthreads();
-    r2_block_sort(sel_s, sel_i, len, 1, len, 1u);
-    for (unsigned i = tid; i < n; i += blockDim.x) {
-        out_s[i] = sel_s[i];
-        out_i[i] = sel_i[i];
-    }
-}
-
-#define R2_TC_ENTRIES(SUFFIX, T)                                                                  \
-    R2_ENTRY(cosine_topk_tc_prep_##SUFFIX, CosineTopkTcPrepArgs, R2_TC_THREADS) {                 \
-        cosine_topk_tc_prep<T>(a);                                                                \
-    }                                                                                             \
-    R2_ENTRY(cosine_topk_tc_##SUFFIX, CosineTopkTcArgs, R2_TC_THREADS, R2_TC_MIN_BLOCKS) {     \
-        cosine_topk_tc_pass<T>(a);                                                                \
-    }                                                                                             \
-    R2_ENTRY(cosine_topk_tc_rescore_##SUFFIX, CosineTopkTcRescoreArgs, R2_CT_THREADS) {             \
-        cosine_topk_tc_rescore<T>(a);                                                             \
+#define R2_TC_ENTRIES(SUFFIX, T)                                                              \
+    R2_ENTRY(cosine_topk_tc_##SUFFIX, CosineTopkTcArgs, R2_TC_THREADS, R2_TC_MIN_BLOCKS) { \
+        cosine_topk_tc_pass<T>(a);                                                            \
     }
 
 R2_TC_ENTRIES(f32, float)

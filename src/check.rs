@@ -13,6 +13,23 @@ pub(crate) fn nan_score(op: &str, query: usize, row: usize) -> Error {
     ))
 }
 
+/// The first `(row, column)` of `t` [R, C] (any float dtype) that holds NaN, if any. On a
+/// device: one comparison, one reduction and a one-byte read, then the whole mask only when
+/// there is a NaN to locate.
+pub(crate) fn first_nan(t: &Tensor) -> Result<Option<(usize, usize)>> {
+    let (_, c) = t.dims2()?;
+    if t.elem_count() == 0 {
+        return Ok(None);
+    }
+    let t = t.detach();
+    let nan = t.ne(&t)?; // u8 [R, C]
+    if !t.device().is_cpu() && nan.max_all()?.to_scalar::<u8>()? == 0 {
+        return Ok(None);
+    }
+    let flat = nan.flatten_all()?.to_vec1::<u8>()?;
+    Ok(flat.iter().position(|&x| x != 0).map(|p| (p / c, p % c)))
+}
+
 /// `(rows, cols)` of `t`, which must have rank 2; `axes` names them (e.g. `"[B, D]"`).
 pub(crate) fn rank2((t, what): Named, axes: &str, op: &str) -> Result<(usize, usize)> {
     match t.dims() {

@@ -16,6 +16,10 @@ use r2scp::trainer::checkpoint::one_line;
 use r2scp::trainer::optim::Decay;
 use r2scp::trainer::{evaluate_checkpoint, format_table1, train, RunOptions, TrainConfig};
 
+/// The most `--threads` accepted: more threads than this only cost their start-up time
+/// (100,000 took 92 s to spawn before the pool gave up).
+const MAX_THREADS: usize = 1024;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "r2scp",
@@ -40,6 +44,8 @@ enum Command {
     Ablate(AblateArgs),
     /// Benchmark the fused ops against their references.
     Bench(BenchArgs),
+    /// Time every device path of cosine_topk on this GPU and write its dispatch table.
+    Tune(TuneArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,6 +206,7 @@ impl ConfigArgs {
             c.model.recovery = r2scp::model::RecoveryConfig::paper();
         }
         c.apply_seed();
+        c.absolute_paths()?;
         c.validate()?;
         Ok(c)
     }
@@ -236,7 +243,9 @@ struct TrainArgs {
     /// saved configuration (other training options are ignored).
     #[arg(long)]
     resume: bool,
-    /// Overwrite an existing run directory of the same name.
+    /// Replace an existing run of the same name: its outputs are deleted first. Only a
+    /// directory r2scp created as a run (it holds the `.r2scp-run` marker) is replaced;
+    /// anything else is refused and left as it is.
     #[arg(long, conflicts_with = "resume")]
     force: bool,
 }
@@ -271,6 +280,28 @@ struct AblateArgs {
     /// Output directory (report.md, results.json, plots/, one run per variant).
     #[arg(long, default_value = "runs/ablate", value_name = "DIR")]
     out: PathBuf,
+}
+
+/// Options of `r2scp tune`.
+#[derive(Args, Debug)]
+struct TuneArgs {
+    /// Device whose paths are timed (only CUDA devices have a dispatch table).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cuda)]
+    device: DeviceArg,
+    /// The GPU lane's smaller grid (bf16 and f32, D 256 and 1024, B 1, 8, 16, 64, 1024).
+    #[arg(long)]
+    quick: bool,
+    /// Time budget in seconds: cells left when it is spent keep the default rule.
+    #[arg(long, default_value_t = 180, value_name = "S")]
+    budget_s: u64,
+    /// Where to write the table (default: $R2SCP_DISPATCH_TABLE, else the user's cache
+    /// directory, r2scp/dispatch/<gpu>-sm<cc>.json). An existing file is replaced only if it
+    /// is a dispatch table.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    quiet: bool,
 }
 
 #[derive(Args, Debug)]
@@ -331,23 +362,63 @@ fn main() -> ExitCode {
     match std::panic::catch_unwind(|| dispatch(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("error: {}", r2scp::io::error_line(&e));
+            eprintln!("error: {}", error_line(&e));
             ExitCode::from(1)
         }
         Err(_) => ExitCode::from(101),
     }
 }
 
+/// The error chain as one line: each cause's text, any backtrace in it cut off (candle
+/// appends one to its errors' text when `RUST_BACKTRACE` is set, and it survives in errors
+/// that were turned into strings), newlines collapsed, joined by `": "`.
+fn error_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| match c.downcast_ref::<candle_core::Error>() {
+            Some(ce) => r2scp::io::candle_text(ce),
+            None => c.to_string(),
+        })
+        .map(|t| one_line(without_backtrace(&t)))
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// `text` up to the first line of a printed backtrace: a `stack backtrace:` header, or a
+/// frame line `<n>: <symbol>` followed by its `at <file>:<line>` line (std's format).
+fn without_backtrace(text: &str) -> &str {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let is_frame = |i: usize| {
+        let t = lines[i].trim_start();
+        let numbered = t
+            .split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        numbered
+            && lines
+                .get(i + 1)
+                .is_none_or(|next| next.trim_start().starts_with("at "))
+    };
+    let mut end = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        if i > 0 && (t.starts_with("stack backtrace:") || is_frame(i)) {
+            break;
+        }
+        end += line.len();
+    }
+    &text[..end]
+}
+
 fn setup(m: &MachineArgs) -> Result<Device> {
     if let Some(t) = m.threads {
-        if t == 0 {
-            bail!("--threads 0: expected at least 1");
+        if !(1..=MAX_THREADS).contains(&t) {
+            bail!("--threads {t}: expected 1 to {MAX_THREADS}");
         }
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-        // Ignore an already-initialised pool (only possible when embedded).
-        let _ = rayon::ThreadPoolBuilder::new()
+        rayon::ThreadPoolBuilder::new()
             .num_threads(t)
-            .build_global();
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("--threads {t}: cannot start the thread pool: {e}"))?;
     }
     match m.device {
         DeviceArg::Cpu => Ok(Device::Cpu),
@@ -370,7 +441,56 @@ fn dispatch(cli: Cli) -> Result<()> {
             BenchCommand::Retrieve(a) => r2scp::bench::retrieve::compare(&a),
             BenchCommand::Cap(a) => r2scp::bench::cap::compare(&a),
         },
+        Command::Tune(a) => cmd_tune(a),
     }
+}
+
+/// `r2scp tune`: the cosine_topk dispatch table of CUDA device 0.
+fn cmd_tune(a: TuneArgs) -> Result<()> {
+    if a.device != DeviceArg::Cuda {
+        bail!("tune --device cpu: nothing to tune (dispatch tables choose among CUDA paths); expected --device cuda");
+    }
+    if a.budget_s == 0 {
+        bail!("--budget-s 0: expected at least 1 second");
+    }
+    tune_cuda(a)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn tune_cuda(_: TuneArgs) -> Result<()> {
+    bail!("tune --device cuda: this binary was built without the `cuda` feature (cargo build --release --features cuda)")
+}
+
+#[cfg(feature = "cuda")]
+fn tune_cuda(a: TuneArgs) -> Result<()> {
+    use r2scp::retrieve::cosine_topk::{dispatch, tune};
+    let dev = Device::new_cuda(0).context("opening CUDA device 0")?;
+    let Device::Cuda(cuda) = &dev else {
+        bail!("tune: CUDA device 0 did not open as a CUDA device");
+    };
+    let gpu = dispatch::gpu_of(cuda)?;
+    let out = match a.out.clone().or_else(|| dispatch::table_path(&gpu)) {
+        Some(p) => p,
+        None => bail!("tune: no cache directory (HOME unset); pass --out FILE"),
+    };
+    let mut opts = if a.quick {
+        tune::TuneOptions::quick()
+    } else {
+        tune::TuneOptions::full()
+    };
+    opts.budget = std::time::Duration::from_secs(a.budget_s);
+    let bar = r2scp::trainer::progress::EpochBar::new(opts.cells() as u64, "tune", !a.quiet);
+    let table = tune::tune(&dev, &opts, |_, _, line| bar.step(|| line.to_string()))?;
+    bar.finish();
+    dispatch::save_table(&table, &out).map_err(|e| anyhow::anyhow!("tune: {e}"))?;
+    println!("{}", table.markdown());
+    println!(
+        "tune: {} of {} cells measured; table written to {}",
+        table.cells.len(),
+        opts.cells(),
+        out.display()
+    );
+    Ok(())
 }
 
 fn default_name(c: &TrainConfig) -> String {
@@ -435,14 +555,11 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             }
         };
         check_name(&name)?;
-        let dir = a.runs_dir.join(&name);
-        if dir.exists() && a.force {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-        (cfg, dir)
+        (cfg, a.runs_dir.join(&name))
     };
     let opts = RunOptions {
         resume: a.resume,
+        force: a.force,
         quiet: a.machine.quiet,
         device,
         ..RunOptions::new(&run_dir)
@@ -487,7 +604,11 @@ fn latest_run(runs_dir: &Path) -> Result<String> {
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = setup(&a.machine)?;
-    let (st, rows) = evaluate_checkpoint(&a.checkpoint, &device)?;
+    let ev = evaluate_checkpoint(&a.checkpoint, &device)?;
+    if let Some(w) = &ev.warning {
+        eprintln!("warning: {}", one_line(w));
+    }
+    let (st, rows) = (ev.state, ev.rows);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
@@ -510,9 +631,21 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
         bail!("--seeds 0: expected at least 1");
     }
     let base = a.cfg.resolve()?;
+    let last = (a.seeds as u64 - 1)
+        .checked_add(base.seed)
+        .filter(|&s| s <= i64::MAX as u64)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--seed {} with --seeds {}: the last seed would pass {} (2^63 - 1, the largest \
+                 integer config.toml holds)",
+                base.seed,
+                a.seeds,
+                i64::MAX
+            )
+        })?;
     let opts = AblateOptions {
         out_dir: a.out.clone(),
-        seeds: (0..a.seeds as u64).map(|i| base.seed + i).collect(),
+        seeds: (base.seed..=last).collect(),
         quick: a.quick,
         studies: a.only.clone(),
         quiet: a.machine.quiet,

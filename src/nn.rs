@@ -104,22 +104,48 @@ impl DropoutRng {
 
     /// Inverted dropout with probability `p` when `train`; identity otherwise.
     pub fn apply(&self, x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
+        self.apply_padded(x, p, train, None)
+    }
+
+    /// [`Self::apply`] on a token tensor `x` [B, L, ..] padded to its batch's longest
+    /// sequence, `L <= full`: the mask is drawn for [B, full, ..] and cut to L, so a
+    /// token's mask does not depend on how its batch was padded (`None`, or `full == L`:
+    /// exactly [`Self::apply`]).
+    pub fn apply_padded(
+        &self,
+        x: &Tensor,
+        p: f32,
+        train: bool,
+        full: Option<usize>,
+    ) -> Result<Tensor> {
         if !train || p <= 0.0 {
             return Ok(x.clone());
         }
         if p >= 1.0 {
-            candle_core::bail!("dropout: p = {p} must be in [0, 1)");
+            crate::error::bail!("dropout: p = {p} must be in [0, 1)");
+        }
+        let mut shape = x.dims().to_vec();
+        let l = shape.get(1).copied().unwrap_or(0);
+        let full = full.filter(|&f| shape.len() >= 2 && f != l);
+        if let Some(f) = full {
+            if f < l {
+                candle_core::bail!("dropout: tokens {l} exceed the padded length {f}");
+            }
+            shape[1] = f;
         }
         let c = self.counter.fetch_add(1, Ordering::SeqCst);
         let s = self.seed.load(Ordering::SeqCst);
         let mut rng =
             ChaCha8Rng::seed_from_u64(s ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17));
         let scale = 1.0 / (1.0 - p);
-        let n = x.elem_count();
+        let n: usize = shape.iter().product();
         let mask: Vec<f32> = (0..n)
             .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
             .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        let mut mask = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
+        if full.is_some() {
+            mask = mask.narrow(1, 0, l)?;
+        }
         x.mul(&mask)
     }
 }
@@ -157,7 +183,7 @@ impl Mha {
     /// `dim` must be divisible by `heads`.
     pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
         if heads == 0 || !dim.is_multiple_of(heads) {
-            candle_core::bail!("Mha: dim = {dim} must be a positive multiple of heads = {heads}");
+            crate::error::bail!("Mha: dim = {dim} must be a positive multiple of heads = {heads}");
         }
         Ok(Self {
             q: candle_nn::linear(dim, dim, vb.pp("q"))?,
@@ -207,7 +233,7 @@ impl Mha {
         let (b, _, d) = xq.dims3()?;
         let (b2, _, d2) = xkv.dims3()?;
         if b != b2 || d != d2 {
-            candle_core::bail!(
+            crate::error::bail!(
                 "Mha: query {:?} and key/value {:?} disagree in batch or dim",
                 xq.shape(),
                 xkv.shape()
@@ -258,8 +284,21 @@ impl FeedForward {
 
     /// x [.., D] -> [.., D]; dropout after the activation.
     pub fn forward(&self, x: &Tensor, drop: &DropoutRng, p: f32, train: bool) -> Result<Tensor> {
+        self.forward_padded(x, drop, p, train, None)
+    }
+
+    /// [`Self::forward`] on tokens x [B, L, D] padded to `full` (see
+    /// [`DropoutRng::apply_padded`]).
+    pub fn forward_padded(
+        &self,
+        x: &Tensor,
+        drop: &DropoutRng,
+        p: f32,
+        train: bool,
+        full: Option<usize>,
+    ) -> Result<Tensor> {
         let h = self.fc1.forward(x)?.gelu()?;
-        let h = drop.apply(&h, p, train)?;
+        let h = drop.apply_padded(&h, p, train, full)?;
         self.fc2.forward(&h)
     }
 }
@@ -304,12 +343,25 @@ impl EncoderLayer {
         p: f32,
         train: bool,
     ) -> Result<Tensor> {
+        self.forward_padded(x, bias, drop, p, train, None)
+    }
+
+    /// [`Self::forward`] on tokens padded to `full` (see [`DropoutRng::apply_padded`]).
+    pub fn forward_padded(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        drop: &DropoutRng,
+        p: f32,
+        train: bool,
+        full: Option<usize>,
+    ) -> Result<Tensor> {
         let h = self.ln1.forward(x)?;
         let a = self.attn.forward(&h, &h, bias)?;
-        let x = (x + drop.apply(&a, p, train)?)?;
+        let x = (x + drop.apply_padded(&a, p, train, full)?)?;
         let h = self.ln2.forward(&x)?;
-        let f = self.ffn.forward(&h, drop, p, train)?;
-        x + drop.apply(&f, p, train)?
+        let f = self.ffn.forward_padded(&h, drop, p, train, full)?;
+        x + drop.apply_padded(&f, p, train, full)?
     }
 }
 
@@ -358,10 +410,25 @@ impl TransformerEncoder {
         p: f32,
         train: bool,
     ) -> Result<Tensor> {
+        self.forward_padded(x, mask, drop, p, train, None)
+    }
+
+    /// [`Self::forward`] on tokens padded to their batch's longest sequence, `L <= full`:
+    /// dropout masks are drawn at the full length (see [`DropoutRng::apply_padded`]), so
+    /// the result for the real tokens does not depend on the padding.
+    pub fn forward_padded(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        drop: &DropoutRng,
+        p: f32,
+        train: bool,
+        full: Option<usize>,
+    ) -> Result<Tensor> {
         let bias = mask.map(|m| key_bias(m, x.dtype())).transpose()?;
         let mut h = x.clone();
         for layer in &self.layers {
-            h = layer.forward(&h, bias.as_ref(), drop, p, train)?;
+            h = layer.forward_padded(&h, bias.as_ref(), drop, p, train, full)?;
         }
         self.ln_f.forward(&h)
     }

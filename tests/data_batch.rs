@@ -26,6 +26,32 @@ fn row2(t: &Tensor, i: usize) -> Vec<f32> {
     t.get(i).unwrap().to_vec1::<f32>().unwrap()
 }
 
+/// Issue 19, case 6: every question used to be padded to the longest of all three splits
+/// (one 2,000-word question made every batch 2,000 tokens wide); a batch is now as wide as
+/// its own longest question.
+#[test]
+fn a_batch_is_padded_to_its_own_longest_question() {
+    let s = data();
+    let ds = &s.train;
+    let lq = ds.dims().lq;
+    let short: Vec<usize> = (0..ds.len()).filter(|&r| ds.question_len[r] < lq).collect();
+    let longest = short.iter().map(|&r| ds.question_len[r]).max().unwrap();
+    assert!(longest < lq, "the synthetic set has shorter questions");
+    for rows in [&short[..], &short[..1]] {
+        let b = ds
+            .batch(rows, &MissingPolicy::Complete, &Device::Cpu)
+            .unwrap();
+        let want = rows.iter().map(|&r| ds.question_len[r]).max().unwrap();
+        assert_eq!(b.question.dims(), &[rows.len(), want]);
+        assert_eq!(b.question_mask.dims(), &[rows.len(), want]);
+        let mask = b.question_mask.to_vec2::<f32>().unwrap();
+        for (i, &r) in rows.iter().enumerate() {
+            let real = mask[i].iter().filter(|&&m| m == 1.0).count();
+            assert_eq!(real, ds.question_len[r]);
+        }
+    }
+}
+
 #[test]
 fn batches_cover_every_question_once_in_seeded_order() {
     let s = data();
@@ -73,8 +99,11 @@ fn batch_contents_match_the_dataset_and_missing_modalities_are_zeroed() {
         assert_eq!(b.audio.dims(), &[n, dims.la, dims.da]);
         assert_eq!(b.visual.dims(), &[n, dims.lv, dims.dv]);
         assert_eq!(b.audio_key.dims(), &[n, dims.dk]);
-        assert_eq!(b.question.dims(), &[n, dims.lq]);
-        assert_eq!(b.question_mask.dims(), &[n, dims.lq]);
+        // Padded to the batch's longest question.
+        let lb = b.rows.iter().map(|&r| ds.question_len[r]).max().unwrap();
+        assert!(lb <= dims.lq);
+        assert_eq!(b.question.dims(), &[n, lb]);
+        assert_eq!(b.question_mask.dims(), &[n, lb]);
         let q = b.question.to_vec2::<u32>().unwrap();
         let qm = b.question_mask.to_vec2::<f32>().unwrap();
         let ans = b.answer.to_vec1::<u32>().unwrap();
@@ -95,7 +124,10 @@ fn batch_contents_match_the_dataset_and_missing_modalities_are_zeroed() {
             assert_eq!(b.clip_ids[i], ds.clip_ids[c]);
             assert_eq!(b.qtypes[i], ds.qtypes[r]);
             assert_eq!(ans[i], ds.answers[r]);
-            assert_eq!(q[i], ds.questions.get(r).unwrap().to_vec1::<u32>().unwrap());
+            assert_eq!(
+                q[i],
+                ds.questions.get(r).unwrap().to_vec1::<u32>().unwrap()[..lb]
+            );
             let len = ds.question_len[r];
             for (t, &m) in qm[i].iter().enumerate() {
                 assert_eq!(m, if t < len { 1.0 } else { 0.0 });

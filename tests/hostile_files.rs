@@ -1037,7 +1037,7 @@ fn memory_bank_reader_survives_mutations() {
     fs::write(&target, st_join(&h, &d, h.len() as u64)).unwrap();
     let e = MemoryBank::load(&target, &cpu).unwrap_err().to_string();
     assert!(
-        e.contains("clip id 10 appears twice") && e.contains("bank.safetensors"),
+        e.contains("id 10 appears twice") && e.contains("bank.safetensors"),
         "{e}"
     );
 }
@@ -1077,6 +1077,22 @@ fn sample_state() -> TrainState {
         finished: false,
         test: Some(vec![row("missing-audio"), row("complete")]),
         test_extra: None,
+        data: Some(r2scp::trainer::state::DataRecord {
+            fingerprint: "fnv1a128:6c62272e07bb014262b821756295c58d".into(),
+            dims: r2scp::data::DataDims {
+                la: 8,
+                da: 64,
+                lv: 9,
+                dv: 96,
+                lq: 13,
+                dk: 48,
+                vocab_size: 5,
+                n_answers: 3,
+            },
+            words: r2scp::data::Vocab::question(["how", "many", "cellos"].map(String::from)),
+            answers: r2scp::data::Vocab::new(["no", "two", "yes"].map(String::from).to_vec())
+                .unwrap(),
+        }),
     }
 }
 
@@ -1309,6 +1325,120 @@ fn oversized_files_are_refused_before_they_are_read() {
     let e = format!("{:#}", load_music_avqa(&d).unwrap_err());
     assert!(
         e.contains("avqa-val.json") && e.contains("more than the"),
+        "{e}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 19: files that are not what they claim to be.
+
+/// Runs `f` on another thread; `None` when it has not returned within `secs` (the thread is
+/// left blocked: the test fails anyway).
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs)).ok()
+}
+
+/// Case 9: reading an annotation file, a config or a state file that is a FIFO with no
+/// writer blocked forever; every whole-file reader now takes regular files only.
+#[test]
+fn fifos_are_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = |name: &str| -> PathBuf {
+        let p = dir.path().join(name);
+        let _ = fs::remove_file(&p);
+        let st = std::process::Command::new("mkfifo")
+            .arg(&p)
+            .status()
+            .expect("mkfifo");
+        assert!(st.success());
+        p
+    };
+    let p = fifo("c.toml");
+    let e = within(10, move || {
+        format!("{:#}", TrainConfig::from_toml_file(&p).unwrap_err())
+    })
+    .expect("a FIFO config blocked");
+    assert!(e.contains("c.toml") && e.contains("FIFO"), "{e}");
+    let p = fifo("state.json");
+    let e = within(10, move || format!("{:#}", read_state(&p).unwrap_err()))
+        .expect("a FIFO state file blocked");
+    assert!(e.contains("state.json") && e.contains("FIFO"), "{e}");
+    let d = dir.path().join("data");
+    write_avqa_fixture(&d);
+    fs::remove_file(d.join("avqa-val.json")).unwrap();
+    let st = std::process::Command::new("mkfifo")
+        .arg(d.join("avqa-val.json"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let e = within(10, move || {
+        format!("{:#}", load_music_avqa(&d).unwrap_err())
+    })
+    .expect("a FIFO annotation file blocked");
+    assert!(
+        e.contains("avqa-val.json") && e.contains("not a regular file"),
+        "{e}"
+    );
+    let p = fifo("m.safetensors");
+    let e = within(10, move || {
+        format!("{:#}", load_tensors(&p, &Device::Cpu).unwrap_err())
+    })
+    .expect("a FIFO checkpoint blocked");
+    assert!(e.contains("m.safetensors"), "{e}");
+}
+
+/// Case 6: a question of 2,000 words is refused when the data is loaded, naming the file,
+/// the question and the limit (it used to set the padded length of every question).
+#[test]
+fn an_overlong_question_is_refused_when_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    write_avqa_fixture(&d);
+    let long = vec!["word"; 2000].join(" ");
+    fs::write(
+        d.join("avqa-test.json"),
+        format!(
+            r#"[{{"video_id": "v3", "question_id": 77, "type": ["Visual", "Location"], "question_content": "{long}", "anser": "yes"}}]"#
+        ),
+    )
+    .unwrap();
+    let e = format!("{:#}", load_music_avqa(&d).unwrap_err());
+    assert!(
+        e.contains("avqa-test.json") && e.contains("question 77") && e.contains("2000 words"),
+        "{e}"
+    );
+}
+
+/// Case 5: a checkpoint tensor whose dtype is relabelled (F32 bytes marked I32, same shape,
+/// a valid file) loaded and evaluated; dtypes are now checked like shapes.
+#[test]
+fn a_checkpoint_tensor_relabelled_to_another_dtype_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TrainConfig::default();
+    cfg.synthetic.n_train_clips = 12;
+    cfg.synthetic.n_val_clips = 4;
+    cfg.synthetic.n_test_clips = 4;
+    cfg.synthetic.n_prototypes = 4;
+    cfg.model.dim = 8;
+    cfg.model.heads = 2;
+    cfg.model.expert_layers = 1;
+    let s = r2scp::trainer::Session::new(&cfg, &Device::Cpu).unwrap();
+    let p = dir.path().join("model.safetensors");
+    s.save_weights(&p).unwrap();
+    s.load_weights(&p).expect("its own file loads");
+    let mut bytes = fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let at = header.find("\"F32\"").unwrap();
+    bytes[8 + at..8 + at + 5].copy_from_slice(b"\"I32\"");
+    fs::write(&p, &bytes).unwrap();
+    let e = format!("{:#}", s.load_weights(&p).unwrap_err());
+    assert!(
+        e.contains("model.safetensors") && e.contains("dtype I32") && e.contains("F32"),
         "{e}"
     );
 }

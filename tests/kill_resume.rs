@@ -299,3 +299,146 @@ fn ten_sigkills_then_resume_match_an_uninterrupted_run() {
         );
     }
 }
+
+/// Issue 19, case 2: a run directory belongs to one process at a time. While a run is
+/// alive, `--resume` of it (and a fresh run of its name) fails at once with one line; once
+/// it is SIGKILLed the kernel drops its lock, and `--resume` continues it.
+#[test]
+fn a_live_run_is_locked_and_a_killed_one_is_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::write(d.join("c.toml"), CONFIG).unwrap();
+    let fresh = fresh_args("held");
+    let mut first = command(d, &fresh.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("R2SCP_TEST_COMMIT_DELAY_MS", "200")
+        .spawn()
+        .unwrap();
+    let ckpt = d.join("runs/held/checkpoint");
+    let t0 = Instant::now();
+    while progress(&ckpt).is_none() {
+        assert!(first.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for args in [resume_args("held"), fresh_args("held")] {
+        let t = Instant::now();
+        let out = command(d, &args.iter().map(String::as_str).collect::<Vec<_>>())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("error: ") && err.contains("in use"),
+            "{err}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "not at once");
+    }
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the run ended during the test"
+    );
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let out = command(
+        d,
+        &resume_args("held")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "resume after SIGKILL: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(read_state(&ckpt.join("state.json")).unwrap().finished);
+}
+
+/// A run written before run directories were marked and checkpoints recorded their data
+/// (as r2scp at 21834ae wrote it): `eval` works with one warning line, `--force` does not
+/// delete it, `--resume` marks it with one note and records the data from then on.
+#[test]
+fn a_run_from_before_markers_and_fingerprints_still_evaluates_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::write(d.join("c.toml"), CONFIG).unwrap();
+    let run = d.join("runs/old");
+    let mut child = command(
+        d,
+        &fresh_args("old")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .spawn()
+    .unwrap();
+    // Let it commit a stage-II checkpoint, then stop it (as an interrupted old run).
+    let t0 = Instant::now();
+    while !matches!(progress(&run.join("checkpoint")), Some((2, _))) {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Make it look like 21834ae wrote it: no marker, no data record.
+    fs::remove_file(run.join(".r2scp-run")).unwrap();
+    let sp = run.join("checkpoint/state.json");
+    let mut st: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&sp).unwrap()).unwrap();
+    st.as_object_mut().unwrap().remove("data");
+    fs::write(&sp, serde_json::to_string_pretty(&st).unwrap()).unwrap();
+
+    let out = command(d, &["eval", "--checkpoint", "runs/old"])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("warning: ") && err.contains("older r2scp"),
+        "{err}"
+    );
+
+    let mut forced = fresh_args("old");
+    forced.push("--force".into());
+    let before = fs::read(&sp).unwrap();
+    let out = command(d, &forced.iter().map(String::as_str).collect::<Vec<_>>())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--resume it") && err.contains("runs/old"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read(&sp).unwrap(),
+        before,
+        "--force touched an unmarked run"
+    );
+
+    let out = command(
+        d,
+        &resume_args("old")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        err.lines().count(),
+        2,
+        "a marker note and a fingerprint note: {err}"
+    );
+    assert!(run.join(".r2scp-run").is_file());
+    let st = read_state(&sp).unwrap();
+    assert!(st.finished && st.data.is_some());
+}

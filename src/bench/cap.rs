@@ -91,9 +91,52 @@ fn timed_pair(
     Ok((tf, tg))
 }
 
+impl Args {
+    /// Every size at least 1, `--k` at most every `--l`, `--heads` dividing every `--d`, and
+    /// the largest cell's tensors within the memory limit ([`crate::memory`]).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (flag, list) in [("--b", &self.b), ("--l", &self.l), ("--d", &self.d)] {
+            if list.is_empty() {
+                bail!("bench cap {flag}: expected at least one size");
+            }
+            if list.contains(&0) {
+                bail!("bench cap {flag} 0: expected sizes of at least 1");
+            }
+        }
+        for (flag, v) in [
+            ("--k", self.k),
+            ("--la", self.la),
+            ("--lq", self.lq),
+            ("--heads", self.heads),
+            ("--reps", self.reps),
+        ] {
+            if v == 0 {
+                bail!("bench cap {flag} 0: expected at least 1");
+            }
+        }
+        if let Some(&l) = self.l.iter().find(|&&l| l < self.k) {
+            bail!("bench cap --k {} exceeds --l {l}", self.k);
+        }
+        if let Some(&d) = self.d.iter().find(|&&d| d % self.heads != 0) {
+            bail!("bench cap --heads {} does not divide --d {d}", self.heads);
+        }
+        let max = |v: &[usize]| *v.iter().max().expect("checked") as u128;
+        let (b, l, d) = (max(&self.b), max(&self.l), max(&self.d));
+        let (la, lq, h) = (self.la as u128, self.lq as u128, self.heads as u128);
+        // Inputs and the layer's activations: tokens x D, and attention maps per head.
+        let floats = b * ((l + la + lq) * d * 16 + h * (l + lq) * (l + la + lq) * 4);
+        crate::memory::check(
+            floats * 4,
+            || format!("bench cap --b {b} --l {l} --d {d}: the inputs and the layer's activations"),
+            "; lower --b, --l or --d",
+        )
+    }
+}
+
 /// Times each fused CAP op and the `CapLayer` forward against their references, rep by
 /// rep alternately, and prints one table.
 pub fn compare(args: &Args) -> anyhow::Result<()> {
+    args.validate()?;
     let dev = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0).context("bench cap --device cuda")?,
@@ -152,22 +195,38 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
                 let (f, r) = timed_pair(
                     args.reps,
                     &dev,
-                    || dissonance_topk(&p, ctx, k).map(|_| ()),
-                    || dissonance_topk_reference(&p, ctx, k).map(|_| ()),
+                    || dissonance_topk(&p, ctx, k).map(|_| ()).map_err(Into::into),
+                    || {
+                        dissonance_topk_reference(&p, ctx, k)
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    },
                 )?;
                 add("dissonance_topk", f, r);
                 let (f, r) = timed_pair(
                     args.reps,
                     &dev,
-                    || gather_inject(&p, &src, &noise, &sal).map(|_| ()),
-                    || gather_inject_reference(&p, &src, &noise, &sal).map(|_| ()),
+                    || {
+                        gather_inject(&p, &src, &noise, &sal)
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    },
+                    || {
+                        gather_inject_reference(&p, &src, &noise, &sal)
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    },
                 )?;
                 add("gather_inject", f, r);
                 let (f, r) = timed_pair(
                     args.reps,
                     &dev,
-                    || topk_rows(&scores, k).map(|_| ()),
-                    || topk_rows_reference(&scores, k).map(|_| ()),
+                    || topk_rows(&scores, k).map(|_| ()).map_err(Into::into),
+                    || {
+                        topk_rows_reference(&scores, k)
+                            .map(|_| ())
+                            .map_err(Into::into)
+                    },
                 )?;
                 add("topk_rows", f, r);
                 if !args.skip_layer {

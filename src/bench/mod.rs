@@ -10,6 +10,8 @@
 
 #[cfg(feature = "cli")]
 pub mod cap;
+#[cfg(feature = "cuda")]
+pub mod cuda_events;
 #[cfg(feature = "cli")]
 pub mod retrieve;
 
@@ -215,6 +217,67 @@ impl Table {
     }
 }
 
+/// The environment variable naming the directory of the peer scripts (`faiss_peer.py`,
+/// `torch_peer.py`); it overrides the search of [`peer_script`].
+pub const SCRIPTS_ENV: &str = "R2SCP_SCRIPTS_DIR";
+
+/// The path of peer script `name`: in `$R2SCP_SCRIPTS_DIR` when that is set (and nowhere
+/// else); otherwise next to the running executable (the GPU lane's bundle puts it there),
+/// then in `scripts/` of the checkout the executable was built in (found by walking up from
+/// it: `target/release/r2scp` -> the checkout), then in `scripts/` of the checkout holding
+/// the current directory. Never a path fixed at build time.
+pub fn peer_script(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok();
+    let cwd = std::env::current_dir().ok();
+    let dir = std::env::var_os(SCRIPTS_ENV).map(std::path::PathBuf::from);
+    find_peer_script(name, dir.as_deref(), exe.as_deref(), cwd.as_deref())
+}
+
+/// [`peer_script`] with its inputs given: the override directory, the executable, the
+/// current directory.
+pub fn find_peer_script(
+    name: &str,
+    dir: Option<&std::path::Path>,
+    exe: Option<&std::path::Path>,
+    cwd: Option<&std::path::Path>,
+) -> anyhow::Result<std::path::PathBuf> {
+    use std::path::Path;
+    if let Some(d) = dir {
+        let p = d.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+        anyhow::bail!(
+            "peer script {name} is not in {} ({SCRIPTS_ENV})",
+            d.display()
+        );
+    }
+    // A checkout: a directory with Cargo.toml and scripts/<name>.
+    let in_checkout = |start: &Path| {
+        start
+            .ancestors()
+            .map(|a| a.join("scripts").join(name))
+            .find(|p| {
+                p.is_file()
+                    && p.parent()
+                        .and_then(Path::parent)
+                        .is_some_and(|root| root.join("Cargo.toml").is_file())
+            })
+    };
+    let beside_exe = exe.and_then(Path::parent).map(|d| d.join(name));
+    let found = beside_exe
+        .filter(|p| p.is_file())
+        .or_else(|| exe.and_then(Path::parent).and_then(in_checkout))
+        .or_else(|| cwd.and_then(in_checkout));
+    found.ok_or_else(|| {
+        anyhow::anyhow!(
+            "peer script {name} found neither next to the executable, nor in the scripts/ of the \
+             checkout it was built in or of the current directory's; set {SCRIPTS_ENV} to the \
+             directory holding it"
+        )
+    })
+}
+
 /// Milliseconds with 3 significant-ish digits.
 pub fn fmt_ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1e3;
@@ -230,6 +293,41 @@ pub fn fmt_ms(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_scripts_are_found_from_the_executable_or_the_checkout_never_the_build_path() {
+        let t = tempfile::tempdir().unwrap();
+        let checkout = t.path().join("checkout");
+        std::fs::create_dir_all(checkout.join("scripts")).unwrap();
+        std::fs::create_dir_all(checkout.join("target/release")).unwrap();
+        std::fs::write(checkout.join("Cargo.toml"), "").unwrap();
+        std::fs::write(checkout.join("scripts/peer.py"), "").unwrap();
+        let exe = checkout.join("target/release/r2scp");
+        let want = checkout.join("scripts/peer.py");
+        let elsewhere = t.path().join("bin/r2scp");
+        let sub = checkout.join("data");
+        std::fs::create_dir_all(&sub).unwrap();
+        assert_eq!(
+            find_peer_script("peer.py", None, Some(&exe), None).unwrap(),
+            want
+        );
+        assert_eq!(
+            find_peer_script("peer.py", None, Some(&elsewhere), Some(&sub)).unwrap(),
+            want
+        );
+        let e = find_peer_script("peer.py", None, Some(&elsewhere), Some(t.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(SCRIPTS_ENV), "{e}");
+        let own = t.path().join("own");
+        std::fs::create_dir_all(&own).unwrap();
+        std::fs::write(own.join("peer.py"), "").unwrap();
+        assert_eq!(
+            find_peer_script("peer.py", Some(&own), Some(&exe), None).unwrap(),
+            own.join("peer.py")
+        );
+        assert!(find_peer_script("other.py", Some(&own), Some(&exe), None).is_err());
+    }
 
     #[test]
     fn table_renders_aligned_markdown() {

@@ -16,11 +16,23 @@
 //! ([`device_copy_gbps`]); a kernel that reads the bank once at that rate shows 100%.
 //! Per-cell errors (a peer that fails, a reference that cannot run) print one line and the
 //! run goes on.
+//!
+//! On CUDA every r2scp row also has "device ms": the best CUDA-event time of the queued call
+//! (events on candle's stream around `cosine_topk_deferred`, as the PyTorch peer times with
+//! `torch.cuda.Event`), beside "ms", the best host wall time of the call and its wait; GB/s,
+//! queries/s and the ratios then use the device time. The fused row names the path the
+//! dispatcher chose (`fused (gemm)`), and one row per device path (`path bandwidth`,
+//! `path tensor-core`, `path gemm`, `path gemm-fp32`; `--paths` picks them) shows which path
+//! wins the cell; a path that cannot take a cell prints one line instead.
 
 use super::{
     device_copy_gbps, fmt_ms, stream_read, stream_read_gbps, time_best, time_best_pair, Table,
 };
-use crate::retrieve::{cosine_topk, cosine_topk_reference, key_norms};
+use crate::retrieve::cosine_topk::cosine_topk_on_path;
+use crate::retrieve::cosine_topk::kernel::Kernel;
+use crate::retrieve::{
+    cosine_topk, cosine_topk_deferred, cosine_topk_reference, key_norms, PendingTopN,
+};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Storage, Tensor};
 use rand::{Rng, SeedableRng};
@@ -71,6 +83,131 @@ pub struct Args {
     /// Seed of the random bank and queries.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Device paths timed one row each on CUDA (comma list of bandwidth, tensor-core, gemm,
+    /// gemm-fp32; `all`; `none`). Ignored on the CPU.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub paths: Vec<String>,
+}
+
+/// The device paths `--paths` names.
+fn paths_of(names: &[String]) -> anyhow::Result<Vec<Kernel>> {
+    let mut out = Vec::new();
+    for n in names {
+        match n.as_str() {
+            "all" => out.extend(Kernel::ALL),
+            "none" => {}
+            other => out.push(Kernel::from_name(other).with_context(|| {
+                format!(
+                    "bench retrieve: --paths `{other}` is not one of all, none, {}",
+                    Kernel::ALL.map(|k| k.name()).join(", ")
+                )
+            })?),
+        }
+    }
+    out.dedup();
+    Ok(out)
+}
+
+/// Best device time (CUDA events) and best host time of `reps` runs of the queued call `f`
+/// after a warm-up, its last result checked; `None` on the CPU.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn device_best(
+    dev: &Device,
+    reps: usize,
+    f: impl FnMut() -> crate::Result<PendingTopN>,
+) -> candle_core::Result<Option<(Duration, Duration)>> {
+    #[cfg(feature = "cuda")]
+    {
+        let Some((t, last)) = crate::bench::cuda_events::time_events(dev, reps, f)? else {
+            return Ok(None);
+        };
+        last.check()?;
+        let best = |v: &[f64]| {
+            Duration::from_secs_f64(v.iter().copied().fold(f64::INFINITY, f64::min) / 1e3)
+        };
+        Ok(Some((best(&t.device_ms), best(&t.host_ms))))
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(None)
+}
+
+/// The path the dispatcher picks for a call on `dev` (CUDA only).
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn auto_path(dev: &Device, b: usize, d: usize, dt: DType) -> Option<&'static str> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = dev {
+        let gpu = crate::retrieve::cosine_topk::dispatch::gpu_of(c).ok()?;
+        return Some(crate::retrieve::cosine_topk::dispatch::pick(&gpu, b, d, dt).name());
+    }
+    None
+}
+
+impl Args {
+    /// The sizes of every cell (defaults applied): M, D.
+    fn sizes(&self) -> (Vec<usize>, Vec<usize>) {
+        let ms = self.m.clone().unwrap_or(if self.quick {
+            vec![20_000, 100_000]
+        } else {
+            vec![100_000, 1_000_000]
+        });
+        let ds = self.d.clone().unwrap_or(if self.quick {
+            vec![64, 256]
+        } else {
+            vec![256, 1024]
+        });
+        (ms, ds)
+    }
+
+    /// Every size at least 1, `--n` at most every `--m`, and the largest cell's bank (and
+    /// the reference's B x M scores) within the memory limit ([`crate::memory`]).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let (ms, ds) = self.sizes();
+        for (flag, list) in [("--m", &ms), ("--d", &ds), ("--b", &self.b)] {
+            if list.is_empty() {
+                bail!("bench retrieve {flag}: expected at least one size");
+            }
+            if list.contains(&0) {
+                bail!("bench retrieve {flag} 0: expected sizes of at least 1");
+            }
+        }
+        for (flag, v) in [("--n", self.n), ("--reps", self.reps)] {
+            if v == 0 {
+                bail!("bench retrieve {flag} 0: expected at least 1");
+            }
+        }
+        if let Some(&m) = ms.iter().find(|&&m| m < self.n) {
+            bail!(
+                "bench retrieve --n {} exceeds --m {m}: a search returns at most M results",
+                self.n
+            );
+        }
+        let (m, d, b) = (
+            *ms.iter().max().expect("checked") as u128,
+            *ds.iter().max().expect("checked") as u128,
+            *self.b.iter().max().expect("checked") as u128,
+        );
+        // f32 keys on the host and as a tensor, one converted copy, and the reference's
+        // B x M scores and their sort.
+        let reference = if self.skip_reference {
+            0
+        } else {
+            2 * b * m * 4
+        };
+        crate::memory::check(
+            3 * m * d * 4 + reference,
+            || {
+                format!(
+                    "bench retrieve --m {m} --d {d} --b {b}: the bank (M x D f32 keys, their copies{})",
+                    if self.skip_reference {
+                        ""
+                    } else {
+                        " and the reference's B x M scores"
+                    }
+                )
+            },
+            "; lower --m or --d",
+        )
+    }
 }
 
 fn dtype_of(s: &str) -> anyhow::Result<DType> {
@@ -161,25 +298,9 @@ fn tempfile_dir(peer: &str) -> anyhow::Result<PathBuf> {
     Ok(base)
 }
 
-/// A peer script: next to the running executable (the GPU lane's bundle puts it there),
-/// else in this source tree's `scripts/`.
+/// A peer script ([`super::peer_script`]).
 fn peer_script(name: &str) -> anyhow::Result<PathBuf> {
-    let beside_exe = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join(name)));
-    let in_tree = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("scripts")
-        .join(name);
-    beside_exe
-        .into_iter()
-        .chain([in_tree.clone()])
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "peer script {name} found neither next to the executable nor at {}",
-                in_tree.display()
-            )
-        })
+    super::peer_script(name)
 }
 
 /// The last non-empty line of a peer's stderr (its one-line error), or `(no stderr)`.
@@ -270,21 +391,13 @@ fn parse_torch_lines(stdout: &str) -> anyhow::Result<HashMap<(String, usize), Du
 /// Times the fused `cosine_topk` against its reference (and FAISS when asked) for every
 /// size and dtype, with the bank's streaming-read time beside it, and prints one table.
 pub fn compare(args: &Args) -> anyhow::Result<()> {
+    args.validate()?;
     let dev = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0).context("bench retrieve --device cuda")?,
         other => bail!("bench retrieve: device `{other}` is not cpu or cuda"),
     };
-    let ms = args.m.clone().unwrap_or(if args.quick {
-        vec![20_000, 100_000]
-    } else {
-        vec![100_000, 1_000_000]
-    });
-    let ds = args.d.clone().unwrap_or(if args.quick {
-        vec![64, 256]
-    } else {
-        vec![256, 1024]
-    });
+    let (ms, ds) = args.sizes();
     let dtypes: Vec<DType> = args
         .dtypes
         .iter()
@@ -305,13 +418,12 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
             stream_read_gbps(512 << 20, 5)
         ),
     }
-    let mut table = Table::new(&[
-        "M",
-        "D",
-        "B",
-        "keys",
-        "impl",
-        "ms",
+    let paths = paths_of(&args.paths)?;
+    let mut headers = vec!["M", "D", "B", "keys", "impl", "ms"];
+    if hbm.is_some() {
+        headers.push("device ms");
+    }
+    headers.extend([
         "queries/s",
         "GB/s",
         "vs reference",
@@ -321,6 +433,7 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
             "of stream read"
         },
     ]);
+    let mut table = Table::new(&headers);
     for &m in &ms {
         for &d in &ds {
             let kv = random_f32(m * d, args.seed);
@@ -383,24 +496,42 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
                         match r {
                             Ok(_) => Some(t),
                             Err(e) => {
-                                println!(
-                                    "reference failed at M={m} D={d} B={b}: {}",
-                                    crate::io::candle_text(&e)
-                                );
+                                println!("reference failed at M={m} D={d} B={b}: {e}");
                                 None
                             }
                         }
                     };
-                    let mut add = |name: &str, t: Duration| {
+                    // Device time (CUDA events) of the queued call, beside the host time above.
+                    let t_dev = match device_best(&dev, args.reps, || {
+                        cosine_topk_deferred(&q, &keys, Some(&norms), n, None)
+                    }) {
+                        Ok(t) => t.map(|(d, _)| d),
+                        Err(e) => {
+                            println!(
+                                "fused device timing failed at M={m} D={d} B={b}: {}",
+                                crate::io::candle_text(&e)
+                            );
+                            None
+                        }
+                    };
+                    // `host` is the best wall time (call and wait), `device` the best CUDA-event
+                    // time; rates and ratios use the device time when there is one.
+                    let mut add = |name: &str, host: Option<Duration>, device: Option<Duration>| {
+                        let Some(t) = device.or(host) else { return };
                         let s = t.as_secs_f64();
                         let gbps = bank_bytes / s / 1e9;
-                        table.row(vec![
+                        let mut row = vec![
                             m.to_string(),
                             d.to_string(),
                             b.to_string(),
                             format!("{dt:?}").to_lowercase(),
                             name.to_string(),
-                            fmt_ms(t),
+                            host.map_or_else(|| "-".into(), fmt_ms),
+                        ];
+                        if hbm.is_some() {
+                            row.push(device.map_or_else(|| "-".into(), fmt_ms));
+                        }
+                        row.extend([
                             format!("{:.0}", b as f64 / s),
                             format!("{gbps:.1}"),
                             t_ref
@@ -414,14 +545,39 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
                                 (None, None) => "-".into(),
                             },
                         ]);
+                        table.row(row);
                     };
-                    add("fused", t_fused);
+                    let fused_name = match auto_path(&dev, b, d, dt) {
+                        Some(p) => format!("fused ({p})"),
+                        None => "fused".to_string(),
+                    };
+                    add(&fused_name, Some(t_fused), t_dev);
                     if let Some(t) = t_ref {
-                        add("reference", t);
+                        add("reference", Some(t), None);
+                    }
+                    if hbm.is_some() {
+                        for &path in &paths {
+                            if path == Kernel::GemmFp32 && dt != DType::F32 {
+                                continue; // the same GEMM as `gemm` for 16-bit keys
+                            }
+                            let call =
+                                || cosine_topk_on_path(&q, &keys, Some(&norms), n, None, path);
+                            match device_best(&dev, args.reps, call) {
+                                Ok(Some((dv, host))) => {
+                                    add(&format!("path {}", path.name()), Some(host), Some(dv))
+                                }
+                                Ok(None) => {}
+                                Err(e) => println!(
+                                    "path {} cannot take M={m} D={d} B={b}: {}",
+                                    path.name(),
+                                    crate::io::candle_text(&e)
+                                ),
+                            }
+                        }
                     }
                     if let (Some(py), DType::F32) = (&args.faiss_python, dt) {
                         match faiss_time(py, &kv, qv, m, d, b, n, args.reps) {
-                            Ok(t) => add("faiss IndexFlatIP", t),
+                            Ok(t) => add("faiss IndexFlatIP", Some(t), None),
                             Err(e) => println!(
                                 "faiss failed at M={m} D={d} B={b}: {}",
                                 crate::io::error_line(&e)
@@ -429,7 +585,12 @@ pub fn compare(args: &Args) -> anyhow::Result<()> {
                         }
                     }
                     if let Some(&t) = torch.get(&(dt_name.clone(), b)) {
-                        add("torch q@keys.T+topk", t);
+                        // The peer times with CUDA events on a GPU, with a host clock on the CPU.
+                        if hbm.is_some() {
+                            add("torch q@keys.T+topk", None, Some(t));
+                        } else {
+                            add("torch q@keys.T+topk", Some(t), None);
+                        }
                     }
                 }
             }
@@ -459,6 +620,19 @@ mod tests {
         let e =
             parse_torch_lines("{\"dtype\": \"f32\", \"B\": 1, \"best_seconds\": -1}").unwrap_err();
         assert!(e.to_string().contains("positive"), "{e}");
+    }
+
+    #[test]
+    fn paths_parse() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(paths_of(&v(&["all"])).unwrap(), Kernel::ALL.to_vec());
+        assert!(paths_of(&v(&["none"])).unwrap().is_empty());
+        assert_eq!(
+            paths_of(&v(&["gemm", "bandwidth"])).unwrap(),
+            vec![Kernel::Gemm, Kernel::Bandwidth]
+        );
+        let e = paths_of(&v(&["gemm", "fast"])).unwrap_err().to_string();
+        assert!(e.contains("`fast`") && e.contains("tensor-core"), "{e}");
     }
 
     #[test]

@@ -3,13 +3,14 @@
 use super::dissonance_topk::{dissonance_topk, dissonance_topk_reference, Context, Dissonance};
 use super::gather_inject::{gather_inject, gather_inject_reference};
 use super::topk_rows::{topk_rows, topk_rows_reference};
+use crate::error::bail;
 use crate::nn::{key_bias, LayerNorm, Mha};
-use candle_core::{bail, DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-type DisFn = fn(&Tensor, Context, usize) -> Result<Dissonance>;
-type TopkFn = fn(&Tensor, usize) -> Result<(Tensor, Tensor)>;
-type InjectFn = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+type DisFn = fn(&Tensor, Context, usize) -> crate::Result<Dissonance>;
+type TopkFn = fn(&Tensor, usize) -> crate::Result<(Tensor, Tensor)>;
+type InjectFn = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> crate::Result<Tensor>;
 
 /// Selection score of a padded `H_com` token (below any attention sum, which is >= 0).
 const PAD_SALIENCY: f64 = -1e30;

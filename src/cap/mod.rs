@@ -12,12 +12,17 @@
 //! Each op lives in its own module (`src/cap/<op>/`, kernel `kernels/<op>.cu`, tests
 //! `tests/ops/<op>.rs`) and has a `*_reference` built only from plain candle ops; the tests
 //! hold the fused paths (and the emulated CUDA kernels) to them. Device dispatch follows
-//! `tensor.device()`. Ordering everywhere: larger first, ties to the LOWER index, NaN ranked
-//! as -inf.
+//! `tensor.device()`. Ordering everywhere: larger first, ties to the LOWER index. NaN: the
+//! ranking ops (`dissonance_topk`, `topk_rows`) return an error naming where it is (the
+//! kernels rank it as -inf, so their output is deterministic before the check);
+//! `gather_inject` copies values, a NaN included.
 
+#[doc(hidden)]
 pub mod dissonance_topk;
+#[doc(hidden)]
 pub mod gather_inject;
 mod layer;
+#[doc(hidden)]
 pub mod topk_rows;
 
 #[cfg(feature = "emulate")]

@@ -26,7 +26,11 @@
 //! words in val/test map to `<unk>`); answers sorted. An answer in val/test that is not a train
 //! answer is an error by default ([`UnknownAnswer::Error`]); with [`UnknownAnswer::MapToUnk`] the
 //! answer vocabulary gets an `"<unk>"` class at id 0 and such questions are labelled with it (a
-//! model can never be credited for them).
+//! model can never be credited for them). [`load_music_avqa_full`] with a [`ModelVocab`] uses a
+//! trained model's vocabularies instead (see [`super::mapping`]).
+//!
+//! Limits: a question has at most [`MAX_QUESTION_WORDS`] words and a feature value at most
+//! [`MAX_FEATURE_ABS`] in magnitude; more is an error naming the file and the entry.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -39,8 +43,15 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::fingerprint::Fingerprinter;
+use super::mapping::{Loaded, ModelVocab, VocabMapping, MAX_QUESTION_WORDS};
 use super::{Dataset, QuestionType, Splits, Vocab};
 use crate::io::npy::NpyArray;
+
+/// The largest feature (and key) value accepted in magnitude. Real features are within a few
+/// hundred; values near f32's limit overflow the model's projections, attention scores and
+/// the bank's standardisation statistics, and training would end in a NaN loss.
+pub const MAX_FEATURE_ABS: f32 = 1e6;
 
 /// What to do with a val/test answer that never occurs in the train split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +112,19 @@ struct Entry {
 
 /// Load `dir` in the MUSIC-AVQA layout (see the module docs for the layout and the rules).
 pub fn load_music_avqa_with(dir: &Path, opts: &AvqaOptions) -> Result<Splits> {
+    Ok(load_music_avqa_full(dir, opts, None)?.splits)
+}
+
+/// Load `dir` in the MUSIC-AVQA layout with its content fingerprint
+/// ([`super::fingerprint`]). With `model`, words and answers are mapped onto the model's
+/// vocabularies (questions with an answer it has no class for are left out and listed,
+/// questions longer than its Lq are cut; see [`super::mapping`]) instead of vocabularies
+/// derived from the train split.
+pub fn load_music_avqa_full(
+    dir: &Path,
+    opts: &AvqaOptions,
+    model: Option<ModelVocab>,
+) -> Result<Loaded> {
     ensure!(
         dir.is_dir(),
         "load_music_avqa: {} is not a directory",
@@ -111,33 +135,57 @@ pub fn load_music_avqa_with(dir: &Path, opts: &AvqaOptions) -> Result<Splits> {
         "load_music_avqa: derived_key_dim = 0, expected >= 1"
     );
     let names = ["train", "val", "test"];
+    let mut fp = Fingerprinter::new("avqa");
     let mut entries = Vec::with_capacity(3);
     for name in names {
         let path = dir.join(format!("avqa-{name}.json"));
-        let e = parse_annotations(&path)?;
+        let bytes =
+            crate::io::read_capped(&path, crate::io::MAX_ANNOTATION_BYTES, "annotation file")?;
+        fp.bytes(&bytes);
+        let e = parse_annotations(&path, &bytes)?;
+        drop(bytes);
         ensure!(!e.is_empty(), "{}: no questions", path.display());
+        if model.is_none() {
+            if let Some(long) = e.iter().find(|x| x.words.len() > MAX_QUESTION_WORDS) {
+                bail!(
+                    "{}: question {} has {} words, more than the {MAX_QUESTION_WORDS} accepted \
+                     (README, \"Data limits\"); shorten it or leave it out",
+                    path.display(),
+                    long.question_id,
+                    long.words.len()
+                );
+            }
+        }
         entries.push((path, e));
     }
 
-    // Vocabularies from train.
-    let train_words: BTreeSet<&str> = entries[0]
-        .1
-        .iter()
-        .flat_map(|e| e.words.iter().map(String::as_str))
-        .collect();
-    let vocab = Vocab::question(train_words.into_iter().map(str::to_string));
-    let train_answers: BTreeSet<&str> = entries[0].1.iter().map(|e| e.answer.as_str()).collect();
-    let mut answers: Vec<String> = Vec::new();
-    if opts.unknown_answer == UnknownAnswer::MapToUnk {
-        answers.push("<unk>".to_string());
-    }
-    answers.extend(train_answers.into_iter().map(str::to_string));
-    let answer_vocab = Vocab::new(answers)?;
+    let (vocab, answer_vocab, max_len) = match model {
+        Some(m) => (m.words.clone(), m.answers.clone(), m.max_len.max(1)),
+        None => {
+            // Vocabularies from train.
+            let train_words: BTreeSet<&str> = entries[0]
+                .1
+                .iter()
+                .flat_map(|e| e.words.iter().map(String::as_str))
+                .collect();
+            let vocab = Vocab::question(train_words.into_iter().map(str::to_string));
+            let train_answers: BTreeSet<&str> =
+                entries[0].1.iter().map(|e| e.answer.as_str()).collect();
+            let mut answers: Vec<String> = Vec::new();
+            if opts.unknown_answer == UnknownAnswer::MapToUnk {
+                answers.push("<unk>".to_string());
+            }
+            answers.extend(train_answers.into_iter().map(str::to_string));
+            (vocab, Vocab::new(answers)?, MAX_QUESTION_WORDS)
+        }
+    };
     let lq = entries
         .iter()
         .flat_map(|(_, e)| e.iter().map(|x| x.words.len()))
         .max()
-        .unwrap_or(1);
+        .unwrap_or(1)
+        .min(max_len);
+    let mut mapping = model.map(|_| VocabMapping::default());
 
     // Global clip ids: first appearance over train, val, test.
     let mut clip_id: HashMap<String, u32> = HashMap::new();
@@ -150,8 +198,12 @@ pub fn load_music_avqa_with(dir: &Path, opts: &AvqaOptions) -> Result<Splits> {
 
     let mut feats = FeatureReader::new(dir, opts)?;
     let mut out = Vec::with_capacity(3);
-    for (path, es) in &entries {
-        out.push(build_split(
+    for (i, (path, es)) in entries.iter().enumerate() {
+        let unknown = match mapping.as_mut() {
+            Some(m) => Unknown::Leave(&mut m.unknown_answers[i]),
+            None => Unknown::Policy(opts.unknown_answer),
+        };
+        let (ds, unknown_words, truncated) = build_split(
             path,
             es,
             &clip_id,
@@ -159,17 +211,47 @@ pub fn load_music_avqa_with(dir: &Path, opts: &AvqaOptions) -> Result<Splits> {
             &vocab,
             &answer_vocab,
             lq,
-            opts.unknown_answer,
-        )?);
+            unknown,
+        )?;
+        if let Some(m) = mapping.as_mut() {
+            m.unknown_words += unknown_words;
+            m.truncated += truncated;
+        }
+        out.push(ds);
     }
     let test = out.pop().expect("three splits");
     let val = out.pop().expect("three splits");
     let train = out.pop().expect("three splits");
     let splits = Splits { train, val, test };
     splits.validate()?;
-    Ok(splits)
+    fp.feature_shapes(&splits.dims());
+    for (m, keys) in [("audio", &feats.audio_keys), ("visual", &feats.visual_keys)] {
+        fp.str(m);
+        match keys {
+            Some(_) => fp.str("key files"),
+            None => {
+                fp.str("derived keys");
+                fp.u64(opts.key_seed);
+            }
+        }
+    }
+    Ok(Loaded {
+        splits,
+        fingerprint: fp.finish(),
+        mapping,
+    })
 }
 
+/// What [`build_split`] does with an answer missing from the answer vocabulary.
+enum Unknown<'a> {
+    /// As the options say (an error, or the `<unk>` class).
+    Policy(UnknownAnswer),
+    /// Leave the question out and list it (a model's vocabulary, [`ModelVocab`]).
+    Leave(&'a mut Vec<(QuestionType, String)>),
+}
+
+/// One split; also returns the number of unknown question words and of questions cut to
+/// `lq` (both only possible with a model's vocabulary).
 #[allow(clippy::too_many_arguments)]
 fn build_split(
     path: &Path,
@@ -179,8 +261,9 @@ fn build_split(
     vocab: &Vocab,
     answer_vocab: &Vocab,
     lq: usize,
-    unknown: UnknownAnswer,
-) -> Result<Dataset> {
+    mut unknown: Unknown,
+) -> Result<(Dataset, usize, usize)> {
+    let (mut unknown_words, mut truncated) = (0, 0);
     let mut row_of: HashMap<&str, usize> = HashMap::new();
     let mut videos: Vec<&str> = Vec::new();
     let mut questions = Vec::with_capacity(es.len() * lq);
@@ -193,21 +276,35 @@ fn build_split(
             videos.push(e.video.as_str());
             videos.len() - 1
         });
-        let mut ids = vocab.encode(&e.words);
-        question_len.push(ids.len());
-        ids.resize(lq, Vocab::PAD);
-        questions.extend(ids);
-        let a = match (answer_vocab.id(&e.answer), unknown) {
+        let a = match (answer_vocab.id(&e.answer), &mut unknown) {
             (Some(a), _) => a,
-            (None, UnknownAnswer::MapToUnk) => 0,
-            (None, UnknownAnswer::Error) => bail!(
+            (None, Unknown::Policy(UnknownAnswer::MapToUnk)) => 0,
+            (None, Unknown::Leave(list)) => {
+                list.push((e.qtype, e.answer.clone()));
+                continue;
+            }
+            (None, Unknown::Policy(UnknownAnswer::Error)) => bail!(
                 "{}: question {} has answer {:?}, which does not occur in the train split \
-                 (set unknown_answer = map_to_unk to label it <unk>)",
+                 (unknown_answer = \"map_to_unk\" in the --config file labels such answers <unk>)",
                 path.display(),
                 e.question_id,
                 e.answer
             ),
         };
+        let mut ids = vocab.encode(&e.words);
+        unknown_words += e
+            .words
+            .iter()
+            .zip(&ids)
+            .filter(|(w, &id)| id == Vocab::UNK && w.as_str() != "<unk>")
+            .count();
+        if ids.len() > lq {
+            ids.truncate(lq);
+            truncated += 1;
+        }
+        question_len.push(ids.len());
+        ids.resize(lq, Vocab::PAD);
+        questions.extend(ids);
         answers.push(a);
         qtypes.push(e.qtype);
         clip_of.push(row);
@@ -226,8 +323,8 @@ fn build_split(
     }
     let s = feats.shapes();
     let cpu = Device::Cpu;
-    let n = es.len();
-    Ok(Dataset {
+    let n = answers.len();
+    let ds = Dataset {
         audio: Tensor::from_vec(audio, (c, s.audio.0, s.audio.1), &cpu)?,
         visual: Tensor::from_vec(visual, (c, s.visual.0, s.visual.1), &cpu)?,
         audio_key: Tensor::from_vec(audio_key, (c, s.dk), &cpu)?,
@@ -241,17 +338,15 @@ fn build_split(
         clip_of,
         vocab: vocab.clone(),
         answer_vocab: answer_vocab.clone(),
-    })
+    };
+    Ok((ds, unknown_words, truncated))
 }
 
-/// Parse one annotation file; errors name the file and the entry.
-fn parse_annotations(path: &Path) -> Result<Vec<Entry>> {
-    crate::io::json::read_list(
-        path,
-        crate::io::MAX_ANNOTATION_BYTES,
-        "annotation file",
-        |i, v| parse_entry(&v).with_context(|| format!("{}: entry {i}", path.display())),
-    )
+/// Parse one annotation file from its bytes; errors name the file and the entry.
+fn parse_annotations(path: &Path, bytes: &[u8]) -> Result<Vec<Entry>> {
+    crate::io::json::parse_list(path, bytes, |i, v| {
+        parse_entry(&v).with_context(|| format!("{}: entry {i}", path.display()))
+    })
 }
 
 fn parse_entry(v: &Value) -> Result<Entry> {
@@ -519,7 +614,7 @@ impl FeatureReader {
 
 /// Read a float `.npy` as f32 through the bounded reader (errors name the file).
 fn read_npy_f32(path: &Path) -> Result<NpyArray> {
-    ensure!(path.is_file(), "{}: feature file not found", path.display());
+    ensure!(path.exists(), "{}: feature file not found", path.display());
     crate::io::npy::read_f32(path)
 }
 
@@ -553,13 +648,7 @@ fn read_matrix(
         None => *expect = Some(((r, c), path.to_path_buf())),
     }
     let v = t.data;
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        bail!(
-            "{}: non-finite value {} at flat index {i}",
-            path.display(),
-            v[i]
-        );
-    }
+    check_values(path, &v)?;
     Ok((v, r, c))
 }
 
@@ -585,10 +674,28 @@ fn read_key(path: &Path, expect: &mut Option<(usize, PathBuf)>) -> Result<Vec<f3
         None => *expect = Some((dk, path.to_path_buf())),
     }
     let v = t.data;
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        bail!("{}: non-finite value {} at index {i}", path.display(), v[i]);
-    }
+    check_values(path, &v)?;
     Ok(v)
+}
+
+/// Every value finite and at most [`MAX_FEATURE_ABS`] in magnitude.
+fn check_values(path: &Path, v: &[f32]) -> Result<()> {
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "{}: non-finite value {} at flat index {i}",
+            path.display(),
+            v[i]
+        );
+    }
+    if let Some(i) = v.iter().position(|x| x.abs() > MAX_FEATURE_ABS) {
+        bail!(
+            "{}: value {:e} at flat index {i} exceeds the {MAX_FEATURE_ABS:e} accepted in magnitude \
+             (values this large overflow the model's f32 arithmetic; rescale the features)",
+            path.display(),
+            v[i]
+        );
+    }
+    Ok(())
 }
 
 /// Gaussian `[dk, d]` projection, entries N(0, 1/d), ChaCha8(seed) stream `stream`.

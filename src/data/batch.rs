@@ -1,6 +1,7 @@
 //! Batching: deterministic order, [`Batch`] tensors on a device, missing modalities zeroed.
 
-use candle_core::{bail, Device, Result, Tensor};
+use crate::error::bail;
+use candle_core::{Device, Result, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -21,9 +22,10 @@ pub struct Batch {
     pub audio_key: Tensor,
     /// Visual unified key `[B, Dk]` f32 (zero where visual is missing).
     pub visual_key: Tensor,
-    /// Question token ids `[B, Lq]` u32, 0 = pad.
+    /// Question token ids `[B, Lb]` u32, 0 = pad, where Lb (at most the split's Lq) is the
+    /// length of the batch's longest question.
     pub question: Tensor,
-    /// Question mask `[B, Lq]` f32, 1 = real token, 0 = pad.
+    /// Question mask `[B, Lb]` f32, 1 = real token, 0 = pad.
     pub question_mask: Tensor,
     /// Answer class `[B]` u32.
     pub answer: Tensor,
@@ -104,8 +106,15 @@ impl Dataset {
         let audio_key = gather(&self.audio_key, Modality::Audio)?;
         let visual_key = gather(&self.visual_key, Modality::Visual)?;
 
+        // Padded to the batch's longest question, not the split's.
         let question = self.questions.index_select(&q_idx, 0)?;
-        let lq = question.dim(1)?;
+        let lq = rows
+            .iter()
+            .map(|&r| self.question_len[r])
+            .max()
+            .unwrap_or(1)
+            .clamp(1, question.dim(1)?);
+        let question = question.narrow(1, 0, lq)?.contiguous()?;
         let mut mask = vec![0f32; b * lq];
         for (i, &r) in rows.iter().enumerate() {
             let l = self.question_len[r].min(lq);

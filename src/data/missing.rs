@@ -7,7 +7,8 @@
 //! it is the same whatever the batch size, shuffle order or device, and every epoch sees the same
 //! mask for a given seed (pass a different seed, e.g. `seed + epoch`, for a fresh mask per epoch).
 
-use candle_core::{bail, Result};
+use crate::error::bail;
+use candle_core::Result;
 use serde::{Deserialize, Serialize};
 
 use super::{Missing, MissingType, Modality};

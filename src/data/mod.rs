@@ -4,12 +4,16 @@
 //! - [`avqa`]: the MUSIC-AVQA loader ([`load_music_avqa`]) for pre-extracted `.npy` features.
 //! - [`missing`]: missing-modality simulation ([`MissingPolicy`], [`MissingSim`]).
 //! - [`batch`]: deterministic batching into [`Batch`] tensors on a device ([`batches`]).
+//! - [`fingerprint`]: content fingerprints of a data set (what a checkpoint records).
+//! - [`mapping`]: a data set mapped onto a trained model's vocabularies ([`ModelVocab`]).
 //!
 //! All data is kept CPU-side, row-major, f32 (token ids and answers u32); a [`Batch`] is moved to the
 //! requested device when it is built. See `docs/DATA.md`.
 
 pub mod avqa;
 pub mod batch;
+pub mod fingerprint;
+pub mod mapping;
 pub mod missing;
 pub mod synthetic;
 
@@ -21,8 +25,11 @@ use anyhow::{bail, ensure, Context as _};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use avqa::{load_music_avqa, load_music_avqa_with, AvqaOptions, UnknownAnswer};
+pub use avqa::{
+    load_music_avqa, load_music_avqa_full, load_music_avqa_with, AvqaOptions, UnknownAnswer,
+};
 pub use batch::{batches, Batch, Batches};
+pub use mapping::{map_splits, Loaded, ModelVocab, VocabMapping, MAX_QUESTION_WORDS};
 pub use missing::{MissingPolicy, MissingSim};
 pub use synthetic::{generate, generate_with_meta, SyntheticConfig, SyntheticMeta};
 

@@ -43,12 +43,22 @@ pub fn read_list<T>(
     each: impl FnMut(usize, Value) -> Result<T>,
 ) -> Result<Vec<T>> {
     let bytes = read_capped(path, cap, what)?;
+    parse_list(path, &bytes, each)
+}
+
+/// [`read_list`] on bytes already read from `path` (through [`read_capped`]), for a caller
+/// that needs the bytes too (the data fingerprint hashes them).
+pub fn parse_list<T>(
+    path: &Path,
+    bytes: &[u8],
+    each: impl FnMut(usize, Value) -> Result<T>,
+) -> Result<Vec<T>> {
     let failed = RefCell::new(None);
     let seed = ListSeed {
         each: RefCell::new(each),
         failed: &failed,
     };
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
     let parsed = seed.deserialize(&mut de).and_then(|v| de.end().map(|_| v));
     if let Some(e) = failed.into_inner() {
         return Err(e);

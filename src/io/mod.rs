@@ -41,8 +41,7 @@ pub const MAX_CONFIG_BYTES: u64 = MIB;
 /// the read stops at `cap + 1` bytes, so a file that grows while it is read (or a device
 /// such as `/dev/zero`) is refused too.
 pub fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>> {
-    let file =
-        File::open(path).map_err(|e| anyhow!("{}: cannot read {what}: {e}", path.display()))?;
+    let file = open_regular(path, what)?;
     let len = file
         .metadata()
         .map_err(|e| anyhow!("{}: cannot read {what}: {e}", path.display()))?
@@ -70,6 +69,58 @@ pub fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>> {
         );
     }
     Ok(buf)
+}
+
+/// Open `path` for reading if it is a regular file (symbolic links followed); `what` names
+/// the kind of file in errors. A FIFO, socket, device or directory is refused before it is
+/// opened: opening a FIFO that has no writer blocks forever, and a device has no length to
+/// check a cap against. The opened file is checked again, so a path swapped between the two
+/// checks is refused too (unless it is swapped for a FIFO in that instant, which then blocks
+/// as any reader of a FIFO would).
+pub fn open_regular(path: &Path, what: &str) -> Result<File> {
+    let not_regular = |kind: std::fs::FileType| {
+        anyhow!(
+            "{}: cannot read {what}: it is {}, not a regular file",
+            path.display(),
+            file_kind(kind)
+        )
+    };
+    let meta = std::fs::metadata(path)
+        .map_err(|e| anyhow!("{}: cannot read {what}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    let file =
+        File::open(path).map_err(|e| anyhow!("{}: cannot read {what}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| anyhow!("{}: cannot read {what}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    Ok(file)
+}
+
+/// "a directory", "a FIFO", ... for the error of [`open_regular`].
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_block_device() || t.is_char_device() {
+            return "a device";
+        }
+    }
+    if t.is_dir() {
+        "a directory"
+    } else {
+        "a special file"
+    }
 }
 
 /// [`read_capped`], then a UTF-8 check that names the first bad byte.

@@ -9,7 +9,6 @@
 //! reader holds at most the f32 result (two copies for a Fortran-order array of rank >= 2,
 //! which is transposed to C order).
 
-use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
@@ -82,7 +81,7 @@ pub struct NpyArray {
 /// `"<path>: cannot read .npy: <problem>"`, one line.
 pub fn read_f32(path: &Path) -> Result<NpyArray> {
     let fail = |msg: String| anyhow!("{}: cannot read .npy: {msg}", path.display());
-    let file = File::open(path).map_err(|e| fail(e.to_string()))?;
+    let file = super::open_regular(path, ".npy")?;
     let file_len = file.metadata().map_err(|e| fail(e.to_string()))?.len();
     let mut r = BufReader::with_capacity(64 * 1024, file);
     let header = read_header(&mut r, file_len).map_err(fail)?;

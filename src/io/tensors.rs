@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
@@ -32,8 +31,7 @@ pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// `"<path>: not a valid safetensors file: <problem>"`, one line.
 pub fn read(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let fail = |msg: String| anyhow!("{}: not a valid safetensors file: {msg}", path.display());
-    let file = File::open(path)
-        .map_err(|e| anyhow!("{}: cannot read safetensors file: {e}", path.display()))?;
+    let file = super::open_regular(path, "safetensors file")?;
     let file_len = file.metadata().map_err(|e| fail(e.to_string()))?.len();
     let mut r = BufReader::with_capacity(64 * 1024, file);
     let infos = read_header(&mut r, file_len).map_err(fail)?;

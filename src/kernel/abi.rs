@@ -55,8 +55,8 @@ r2_abi! {
         /// thread copies `kb / 16` chunks per step).
         CT_KB_MAX: u32 = 512;
 
-        /// Threads per block of the tensor-core kernels `cosine_topk_tc_*` except the rescoring
-        /// (8 warps; in the pass each owns a 32 x 64 piece of the 128 x 128 score tile).
+        /// Threads per block of the tensor-core pass `cosine_topk_tc_*` (8 warps, each owning a
+        /// 32 x 64 piece of the 128 x 128 score tile).
         TC_THREADS: u32 = 256;
         /// Blocks per multiprocessor the pass's `__launch_bounds__` guarantee registers for (at
         /// most 65536 / (256 * 2) = 128 registers a thread).
@@ -78,9 +78,31 @@ r2_abi! {
         /// (the first tile's 8 holders of a query's 128 scores seed the list with ceil(n / 8)
         /// each).
         TC_NL_MAX: u32 = 128;
-        /// Candidates per tile of `cosine_topk_tc_rescore_*`'s approximate selection (small, so
+        /// Candidates per tile of `cosine_topk_rescore_*`'s approximate selection (small, so
         /// that the rescoring's shared memory stays under the 48 KiB default for every n).
         TC_RESCORE_TILE: u32 = 256;
+
+        /// Threads per block of `cosine_topk_prep_*` (one warp per query row).
+        RS_THREADS: u32 = 128;
+        /// Blocks per multiprocessor a plan counts without the driver for `cosine_topk_rescore_*`,
+        /// `cosine_topk_fallback_*` and `cosine_topk_finish` (`CT_THREADS` threads, so at most
+        /// 128 registers a thread). Not a launch bound: one raised ptxas's allocation (rescore
+        /// 40 -> 72, fallback 36 -> 80 registers on sm_90) and lowered the real occupancy;
+        /// `scripts/sass-report` fails if ptxas goes above what this count assumes (it uses 25-40).
+        RS_MIN_BLOCKS: u32 = 4;
+        /// Blocks of `cosine_topk_fallback_*` per bank chunk and of `cosine_topk_finish` (flagged
+        /// queries beyond it are taken in turns).
+        RS_SLOTS: u32 = 8;
+        /// Threads per block of `cosine_topk_gemm_select` (4 warps: 4 queries sharing columns).
+        GS_THREADS: u32 = 128;
+        /// Blocks per multiprocessor a plan counts without the driver for
+        /// `cosine_topk_gemm_select` (at most 128 registers a thread; ptxas uses 80): 16 warps per
+        /// SM. Not a launch bound (one raised ptxas's allocation to 86); `scripts/sass-report`
+        /// holds ptxas under it.
+        GS_MIN_BLOCKS: u32 = 4;
+        /// Longest running list of `cosine_topk_gemm_select` (the largest n the GEMM + select
+        /// path serves).
+        GS_NL_MAX: u32 = 256;
 
         /// Longest row the one-warp top-k (`r2_warp_topk`) serves: 32 lanes of 8 register slots.
         TOPK_WARP_MAX_L: u32 = 256;
@@ -155,37 +177,13 @@ r2_abi! {
             out_i: mut_ptr u32,
         }
 
-        /// `cosine_topk_tc_prep_{f32,f16,bf16}`: one block per query tile of `TC_BQ` queries: the
-        /// unit queries `q / |q|` rounded to the entry's operand type (tf32 for `_f32`, stored as
-        /// f32), zero-padded to `[rows, d_pad]`, and `COS_EPS / |q|` per query; checks each
-        /// query's `exclude` entry (`ERR_BAD_EXCLUDE`, `ERR_FEW_ROWS`, as the bandwidth kernel).
-        CosineTopkTcPrepArgs("cosine_topk_tc_prep") {
-            /// [B, D] f32 queries.
-            q: ptr f32,
-            /// \[B\] bank row each query skips (`PAD_INDEX` = none); null = no exclusion.
-            exclude: ptr u32,
-            b: u32,
-            m: u32,
-            d: u32,
-            /// Results wanted per query (for the `ERR_FEW_ROWS` check).
-            n: u32,
-            /// Row length of `qhat` (D rounded up to a k-slice).
-            d_pad: u32,
-            /// [rows, d_pad] unit queries in the operand type; rows = query tiles x `TC_BQ`.
-            qhat: mut_ptr elem,
-            /// \[B\] f32 `COS_EPS / |q|` (inf for a zero query).
-            qeps: mut_ptr f32,
-            /// \[3\] error word of the call (code, query, detail), zeroed before the launch.
-            err: mut_ptr u32,
-        }
-
         /// `cosine_topk_tc_{f32,f16,bf16}`: block (x, y) multiplies query tile x (`TC_BQ` rows of
         /// `qhat`) with bank rows `[y * chunk_rows, (y + 1) * chunk_rows)` on the tensor cores, tile
         /// by tile (`TC_BK` rows), and appends every (approximate score, row) that reaches its
         /// query's threshold less `margin` to the query's candidate list (`count` entries, the
         /// first `capq` stored). Never writes the B x M scores.
         CosineTopkTcArgs("cosine_topk_tc") {
-            /// [rows, d_pad] unit queries (from `cosine_topk_tc_prep`).
+            /// [rows, d_pad] unit queries (from `cosine_topk_prep`).
             qhat: ptr elem,
             /// \[B\] f32 `COS_EPS / |q|`.
             qeps: ptr f32,
@@ -194,7 +192,7 @@ r2_abi! {
             /// \[M\] f32 key norms.
             key_norms: ptr f32,
             /// \[B\] bank row each query skips (`PAD_INDEX` = none); null = no exclusion. Entries
-            /// are checked by `cosine_topk_tc_prep`.
+            /// are checked by `cosine_topk_prep`.
             exclude: ptr u32,
             b: u32,
             m: u32,
@@ -218,21 +216,109 @@ r2_abi! {
             cand_s: mut_ptr f32,
             /// [B, capq] candidate rows.
             cand_i: mut_ptr u32,
-            /// \[3\] error word (code, query, row), shared with `cosine_topk_tc_prep`.
+            /// \[3\] error word (code, query, row), shared with `cosine_topk_prep` and the rescoring.
             err: mut_ptr u32,
         }
 
-        /// `cosine_topk_tc_rescore_{f32,f16,bf16}`: one block per query: the n-th best
-        /// approximate score among its candidates, then the exact f32 score (the bandwidth kernel's
-        /// arithmetic) of every candidate within `margin` of it, and the top n of those.
-        CosineTopkTcRescoreArgs("cosine_topk_tc_rescore") {
+        /// `cosine_topk_prep_{f32,f16,bf16}` (kernels/cosine_topk_rescore.cuh, shared by the
+        /// tensor-core and GEMM + select paths): one warp per row of `qhat`, `RS_THREADS / 32`
+        /// rows per block: the unit query `q / |q|` (canonical |q|) rounded to the entry's
+        /// operand type (f32 for `_f32`: tf32 or f32 GEMM operands), zero-padded to `d_pad`
+        /// columns, zero rows from B to `rows`; `COS_EPS / |q|`; the exclusion check
+        /// (`ERR_BAD_EXCLUDE`, `ERR_FEW_ROWS`); `theta[b] = count[b] = 0`; `flagged[0] = 0`.
+        CosineTopkPrepArgs("cosine_topk_prep") {
+            /// [B, D] f32 queries.
+            q: ptr f32,
+            /// \[B\] bank row each query skips (`PAD_INDEX` = none); null = no exclusion.
+            exclude: ptr u32,
+            b: u32,
+            m: u32,
+            d: u32,
+            /// Results wanted per query (for the `ERR_FEW_ROWS` check).
+            n: u32,
+            /// Row length of `qhat` (>= D).
+            d_pad: u32,
+            /// Rows of `qhat` written (>= B; the rows past B are zero).
+            rows: u32,
+            /// [rows, d_pad] unit queries in the operand type.
+            qhat: mut_ptr elem,
+            /// \[B\] f32 `COS_EPS / |q|` (inf for a zero query).
+            qeps: mut_ptr f32,
+            /// \[B\] threshold keys of the approximate pass, reset to 0.
+            theta: mut_ptr u32,
+            /// \[B\] candidate counts of the approximate pass, reset to 0.
+            count: mut_ptr u32,
+            /// \[1 + B\] flagged-query list (count, then queries); word 0 reset to 0.
+            flagged: mut_ptr u32,
+            /// \[3\] error word of the call (code, query, detail), zeroed before the launch.
+            err: mut_ptr u32,
+        }
+
+        /// `cosine_topk_gemm_select` (kernels/cosine_topk_gemm_select.cuh): grid
+        /// `(ceil(B / (GS_THREADS / 32)) x splits)`, one warp per (query, split): reads one
+        /// chunk's GEMM scores `scores[b * ld + r]` (r < rows, bank row `r0 + r`), keeps the
+        /// unit's running top-n approximate scores (`list_*`, across the chunks' launches) and
+        /// appends every row that can be in the exact top n (the approximate score within
+        /// `margin` of a lower bound of the n-th best) to the query's candidates.
+        CosineTopkGemmSelectArgs("cosine_topk_gemm_select") {
+            /// [B, ld] f32 dot products of the unit queries with the chunk's rows.
+            scores: ptr f32,
+            /// Row stride of `scores` (a multiple of 4).
+            ld: u32,
+            /// \[B\] f32 `COS_EPS / |q|`.
+            qeps: ptr f32,
+            /// \[M\] f32 key norms (of the whole bank), 16-byte aligned.
+            key_norms: ptr f32,
+            /// \[B\] bank row each query skips (`PAD_INDEX` = none); null = no exclusion.
+            exclude: ptr u32,
+            b: u32,
+            /// First bank row of the chunk (a multiple of 4).
+            r0: u32,
+            /// Rows of the chunk.
+            rows: u32,
+            n: u32,
+            /// List length (n rounded up to 32, at most `GS_NL_MAX`).
+            nl: u32,
+            /// Units per query.
+            splits: u32,
+            /// Columns per unit (a multiple of 128).
+            span: u32,
+            /// 1 at the first chunk (the lists start empty).
+            first: u32,
+            /// 1 at the last chunk (the lists are flushed into the candidates).
+            last: u32,
+            /// Candidate capacity per query.
+            capq: u32,
+            /// Twice the bound on |approximate - exact score| (docs/DESIGN.md).
+            margin: f32,
+            /// [B, splits, nl] f32 list scores between launches.
+            list_s: mut_ptr f32,
+            /// [B, splits, nl] list rows between launches.
+            list_i: mut_ptr u32,
+            /// \[B\] order-preserving keys of the best published n-th (0 = none).
+            theta: mut_ptr u32,
+            /// \[B\] candidates appended per query (may exceed `capq`: overflow).
+            count: mut_ptr u32,
+            /// [B, capq] candidate approximate scores.
+            cand_s: mut_ptr f32,
+            /// [B, capq] candidate rows.
+            cand_i: mut_ptr u32,
+            /// \[3\] error word (code, query, row).
+            err: mut_ptr u32,
+        }
+
+        /// `cosine_topk_rescore_{f32,f16,bf16}` (kernels/cosine_topk_rescore.cuh): one block
+        /// per query: the n-th best approximate score among its candidates, then the exact f32
+        /// score (the bandwidth kernel's arithmetic) of every candidate within `margin` of it,
+        /// and the top n of those; an overflowed query is appended to `flagged` instead.
+        CosineTopkRescoreArgs("cosine_topk_rescore") {
             /// [B, D] f32 queries.
             q: ptr f32,
             /// [M, D] bank keys in the entry's dtype.
             keys: ptr elem,
             /// \[M\] f32 key norms.
             key_norms: ptr f32,
-            /// \[B\] candidates per query (from `cosine_topk_tc`).
+            /// \[B\] candidates per query.
             count: ptr u32,
             /// [B, capq] candidate approximate scores.
             cand_s: ptr f32,
@@ -247,15 +333,74 @@ r2_abi! {
             /// Most candidates rescored per query (a power of two).
             cap: u32,
             margin: f32,
+            /// 1: key and query rows are 16-byte aligned (16-byte loads in the exact dot).
+            vec16: u32,
             /// [B, n] exact scores, descending.
             out_s: mut_ptr f32,
             /// [B, n] rows.
             out_i: mut_ptr u32,
-            /// \[B\] 1 where the query's candidates overflowed `capq` or `cap` (its row of the
-            /// output is padding and the host reruns it exactly), zeroed before the launch.
-            fallback: mut_ptr u32,
-            /// \[3\] error word (code, query, row), shared with `cosine_topk_tc`.
+            /// \[1 + B\] flagged-query list: word 0 the count, then the queries whose
+            /// candidates overflowed `capq` or `cap` (answered by `cosine_topk_fallback_*`).
+            flagged: mut_ptr u32,
+            /// \[3\] error word (code, query, row).
             err: mut_ptr u32,
+        }
+
+        /// `cosine_topk_fallback_{f32,f16,bf16}`: grid (slots, gy): block (x, y) computes the
+        /// exact top-kp over bank rows `[y * chunk_rows, (y + 1) * chunk_rows)` of the flagged
+        /// queries `f = x, x + slots, ...` into `fb_*[(f * gy + y) * kp ..]`; exits at once when
+        /// no query is flagged.
+        CosineTopkFallbackArgs("cosine_topk_fallback") {
+            /// [B, D] f32 queries.
+            q: ptr f32,
+            /// [M, D] bank keys in the entry's dtype.
+            keys: ptr elem,
+            /// \[M\] f32 key norms.
+            key_norms: ptr f32,
+            /// \[B\] bank row each query skips (`PAD_INDEX` = none); null = no exclusion.
+            exclude: ptr u32,
+            m: u32,
+            d: u32,
+            /// Running-list length (a power of two >= n).
+            kp: u32,
+            /// Streaming tile (a power of two >= kp and >= `CT_THREADS`).
+            tile: u32,
+            /// 1: key and query rows are 16-byte aligned.
+            vec16: u32,
+            /// Bank rows per block.
+            chunk_rows: u32,
+            /// \[1 + B\] flagged-query list.
+            flagged: ptr u32,
+            /// [B, gy, kp] exact candidate scores.
+            fb_s: mut_ptr f32,
+            /// [B, gy, kp] candidate rows.
+            fb_i: mut_ptr u32,
+            /// \[3\] error word (code, query, row).
+            err: mut_ptr u32,
+        }
+
+        /// `cosine_topk_finish`: grid (slots): merges each flagged query's `gy * kp` exact
+        /// candidates into its output row; then, if the error word is set, writes every score of
+        /// the call as NaN (the last kernel of both approximate paths).
+        CosineTopkFinishArgs("cosine_topk_finish") {
+            /// \[1 + B\] flagged-query list.
+            flagged: ptr u32,
+            /// [B, gy, kp] exact candidate scores.
+            fb_s: ptr f32,
+            /// [B, gy, kp] candidate rows.
+            fb_i: ptr u32,
+            gy: u32,
+            kp: u32,
+            /// Streaming tile (a power of two >= kp and >= `CT_THREADS`).
+            tile: u32,
+            b: u32,
+            n: u32,
+            /// \[3\] error word of the call.
+            err: ptr u32,
+            /// [B, n] exact scores.
+            out_s: mut_ptr f32,
+            /// [B, n] rows.
+            out_i: mut_ptr u32,
         }
 
         /// `dissonance_topk_anchor_{f32,f16,bf16}` (tokens context): the pooled anchor g (masked

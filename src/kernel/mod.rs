@@ -13,9 +13,11 @@ pub mod cuda;
 #[cfg(feature = "emulate")]
 #[doc(hidden)]
 pub mod emu;
+pub mod gemm;
 mod input;
 mod launch;
 pub mod topk;
+pub mod workspace;
 
 pub use input::tensor_ptr;
 pub use launch::*;

@@ -146,14 +146,14 @@ impl ModelConfig {
     /// Checks the sizes that do not depend on the data.
     pub fn validate(&self) -> candle_core::Result<()> {
         if self.dim == 0 || self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
-            candle_core::bail!(
+            crate::error::bail!(
                 "ModelConfig: dim = {} must be a positive multiple of heads = {}",
                 self.dim,
                 self.heads
             );
         }
         if self.expert_layers == 0 || self.text_layers == 0 || self.ffn_mult == 0 {
-            candle_core::bail!(
+            crate::error::bail!(
                 "ModelConfig: expert_layers = {}, text_layers = {}, ffn_mult = {} must all be >= 1",
                 self.expert_layers,
                 self.text_layers,
@@ -161,13 +161,13 @@ impl ModelConfig {
             );
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            candle_core::bail!("ModelConfig: dropout = {} must be in [0, 1)", self.dropout);
+            crate::error::bail!("ModelConfig: dropout = {} must be in [0, 1)", self.dropout);
         }
         if self.n_retrieved == 0 {
-            candle_core::bail!("ModelConfig: n_retrieved = 0, expected >= 1");
+            crate::error::bail!("ModelConfig: n_retrieved = 0, expected >= 1");
         }
         if self.k_purge == 0 {
-            candle_core::bail!("ModelConfig: k_purge = 0, expected >= 1");
+            crate::error::bail!("ModelConfig: k_purge = 0, expected >= 1");
         }
         Ok(())
     }

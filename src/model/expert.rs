@@ -45,7 +45,7 @@ impl FeatureEncoder {
     pub fn forward(&self, raw: &Tensor) -> Result<Tensor> {
         let (_, l, d) = raw.dims3()?;
         if l != self.len || d != self.in_dim {
-            candle_core::bail!(
+            crate::error::bail!(
                 "FeatureEncoder: raw features {:?} do not match the expected [B, {}, {}]",
                 raw.shape(),
                 self.len,
@@ -82,17 +82,25 @@ impl TokenEncoder {
         })
     }
 
-    /// ids [B, Lq] u32 -> [B, Lq, D].
+    /// The longest question it encodes (rows of its positional embedding).
+    pub fn max_len(&self) -> usize {
+        self.len
+    }
+
+    /// ids [B, L] u32 with 1 <= L <= Lq (a batch is padded to its longest question)
+    /// -> [B, L, D].
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (_, l) = ids.dims2()?;
-        if l != self.len {
-            candle_core::bail!(
-                "TokenEncoder: question ids {:?} do not match the expected [B, {}]",
+        if l == 0 || l > self.len {
+            crate::error::bail!(
+                "TokenEncoder: question ids {:?} do not match the expected [B, 1..={}]",
                 ids.shape(),
                 self.len
             );
         }
-        self.emb.forward(ids)?.broadcast_add(&self.pos)
+        self.emb
+            .forward(ids)?
+            .broadcast_add(&self.pos.narrow(0, 0, l)?)
     }
 }
 
@@ -159,12 +167,21 @@ pub struct FusedHead {
     ln: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+    /// Lq: question tokens are padded to at most this (dropout masks are drawn at it).
+    lq: usize,
 }
 
 impl FusedHead {
-    /// Width D = `dim`, `answers` classes.
-    pub fn new(dim: usize, heads: usize, answers: usize, vb: VarBuilder) -> Result<Self> {
+    /// Width D = `dim`, `answers` classes, questions of at most `lq` tokens.
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        answers: usize,
+        lq: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
+            lq,
             ln_q: LayerNorm::new(dim, vb.pp("ln_q"))?,
             ln_kv: LayerNorm::new(dim, vb.pp("ln_kv"))?,
             cross: Mha::new(dim, heads, vb.pp("cross"))?,
@@ -193,7 +210,7 @@ impl FusedHead {
             &self.ln_kv.forward(av)?,
             Some(&bias),
         )?;
-        let x = (ht + drop.apply(&a, p, train)?)?;
+        let x = (ht + drop.apply_padded(&a, p, train, Some(self.lq))?)?;
         let pooled = masked_mean(&self.ln.forward(&x)?, qmask)?;
         let z = drop.apply(&self.fc1.forward(&pooled)?.gelu()?, p, train)?;
         self.fc2.forward(&z)
@@ -268,11 +285,12 @@ impl TextExpert {
         Ok(Self {
             phi: TokenEncoder::new(len, s.vocab, s.dim, vb.pp("phi"))?,
             enc: TransformerEncoder::new(s.dim, s.heads, s.ffn, layers, vb.pp("enc"))?,
-            head: FusedHead::new(s.dim, s.heads, s.answers, vb.pp("head"))?,
+            head: FusedHead::new(s.dim, s.heads, s.answers, len, vb.pp("head"))?,
         })
     }
 
-    /// E_t(Phi_t(ids)) with pad keys masked: ids [B, Lq] u32, mask [B, Lq] -> [B, Lq, D].
+    /// E_t(Phi_t(ids)) with pad keys masked: ids [B, L] u32, mask [B, L] -> [B, L, D]
+    /// (L <= Lq; dropout masks are drawn at Lq, so the padding does not change the result).
     pub fn encode(
         &self,
         ids: &Tensor,
@@ -282,6 +300,7 @@ impl TextExpert {
         train: bool,
     ) -> Result<Tensor> {
         let f = self.phi.forward(ids)?;
-        self.enc.forward(&f, Some(mask), drop, p, train)
+        self.enc
+            .forward_padded(&f, Some(mask), drop, p, train, Some(self.phi.max_len()))
     }
 }

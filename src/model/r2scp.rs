@@ -213,7 +213,7 @@ fn assemble(n: usize, parts: &[(&Tensor, &[usize])], device: &Device) -> Result<
             continue;
         }
         if t.dim(0)? != pos.len() {
-            candle_core::bail!(
+            crate::error::bail!(
                 "assemble: a part has {} rows for {} positions",
                 t.dim(0)?,
                 pos.len()
@@ -221,7 +221,7 @@ fn assemble(n: usize, parts: &[(&Tensor, &[usize])], device: &Device) -> Result<
         }
         for (i, &p) in pos.iter().enumerate() {
             if p >= n || perm[p] != u32::MAX {
-                candle_core::bail!("assemble: position {p} out of range or repeated (n = {n})");
+                crate::error::bail!("assemble: position {p} out of range or repeated (n = {n})");
             }
             perm[p] = (offset + i) as u32;
         }
@@ -229,7 +229,7 @@ fn assemble(n: usize, parts: &[(&Tensor, &[usize])], device: &Device) -> Result<
         tensors.push(*t);
     }
     if let Some(p) = perm.iter().position(|&x| x == u32::MAX) {
-        candle_core::bail!("assemble: output row {p} of {n} is not covered by any part");
+        crate::error::bail!("assemble: output row {p} of {n} is not covered by any part");
     }
     let all = if tensors.len() == 1 {
         tensors[0].clone()
@@ -250,7 +250,7 @@ impl R2scp {
         cfg.validate()?;
         let kmax = dims.la.min(dims.lv);
         if cfg.k_purge > kmax {
-            candle_core::bail!(
+            crate::error::bail!(
                 "R2scp: k_purge = {} exceeds min(La = {}, Lv = {}) = {kmax} tokens",
                 cfg.k_purge,
                 dims.la,
@@ -258,10 +258,10 @@ impl R2scp {
             );
         }
         if dims.la == 0 || dims.lv == 0 || dims.lq == 0 || dims.vocab_size == 0 {
-            candle_core::bail!("R2scp: data dims {dims:?} have an empty axis");
+            crate::error::bail!("R2scp: data dims {dims:?} have an empty axis");
         }
         if dims.n_answers < 2 {
-            candle_core::bail!("R2scp: n_answers = {}, expected >= 2", dims.n_answers);
+            crate::error::bail!("R2scp: n_answers = {}, expected >= 2", dims.n_answers);
         }
         let d = cfg.dim;
         let s = ExpertSizes {
@@ -418,7 +418,9 @@ impl R2scp {
             None => {
                 let mut tokens = Vec::new();
                 for mm in Modality::ALL {
-                    let vals = banks.get(mm).values();
+                    let vals = banks.get(mm).values().ok_or_else(|| {
+                        candle_core::Error::Msg(format!("R2scp: the {mm} bank carries no values"))
+                    })?;
                     let rows = vals.dim(0)?;
                     let mut parts = Vec::new();
                     let chunk = 256;
@@ -523,20 +525,32 @@ impl R2scp {
     fn check_batch(&self, batch: &Batch) -> Result<usize> {
         let b = batch.missing.len();
         if b == 0 {
-            candle_core::bail!("R2scp: empty batch");
+            crate::error::bail!("R2scp: empty batch");
         }
         let d = &self.dims;
-        let checks: [(&str, &Tensor, Vec<usize>); 6] = [
+        let checks: [(&str, &Tensor, Vec<usize>); 4] = [
             ("audio", &batch.audio, vec![b, d.la, d.da]),
             ("visual", &batch.visual, vec![b, d.lv, d.dv]),
             ("audio_key", &batch.audio_key, vec![b, d.dk]),
             ("visual_key", &batch.visual_key, vec![b, d.dk]),
-            ("question", &batch.question, vec![b, d.lq]),
-            ("question_mask", &batch.question_mask, vec![b, d.lq]),
         ];
+        // Questions are padded per batch: any width from 1 to the model's Lq.
+        let lb = batch.question.dims().get(1).copied().unwrap_or(0);
+        for (name, t) in [
+            ("question", &batch.question),
+            ("question_mask", &batch.question_mask),
+        ] {
+            if t.rank() != 2 || t.dims()[0] != b || t.dims()[1] != lb || lb == 0 || lb > d.lq {
+                candle_core::bail!(
+                    "R2scp: batch.{name} has shape {:?}, expected [{b}, 1..={}] (the same width for both)",
+                    t.dims(),
+                    d.lq
+                );
+            }
+        }
         for (name, t, want) in checks.iter() {
             if t.dims() != want.as_slice() {
-                candle_core::bail!(
+                crate::error::bail!(
                     "R2scp: batch.{name} has shape {:?}, expected {:?}",
                     t.dims(),
                     want
@@ -544,7 +558,7 @@ impl R2scp {
             }
         }
         if batch.clip_ids.len() != b {
-            candle_core::bail!(
+            crate::error::bail!(
                 "R2scp: batch.clip_ids has {} entries, expected B = {b}",
                 batch.clip_ids.len()
             );
@@ -814,7 +828,7 @@ impl R2scp {
         let (a_present, a_absent) = partition(&batch.missing, Modality::Audio);
         let (v_present, v_absent) = partition(&batch.missing, Modality::Visual);
         if let Some(r) = a_absent.iter().find(|r| v_absent.contains(r)) {
-            candle_core::bail!("R2scp: sample {r} misses both modalities");
+            crate::error::bail!("R2scp: sample {r} misses both modalities");
         }
         let real = [
             (!a_present.is_empty())

@@ -184,7 +184,7 @@ fn query_and_bank<'a>(
             let raw = raw.index_select(&idx, 0)?.to_device(st.0.device())?;
             let f = st.0.dim(0)?;
             if raw.elem_count() != rows.len() * f {
-                candle_core::bail!(
+                crate::error::bail!(
                     "recovery: the batch's {avl} tokens {:?} do not match the bank's {f} features per clip",
                     raw.dims()
                 );
@@ -219,9 +219,9 @@ pub fn search(
         .map(|&r| Some(batch.clip_ids[r as usize]))
         .collect();
     if negative {
-        bank.search_negative(&q, n, Some(&excl))
+        Ok(bank.search_rows_negative(&q, n, Some(&excl))?)
     } else {
-        bank.search(&q, n, Some(&excl))
+        Ok(bank.search_rows(&q, n, Some(&excl))?)
     }
 }
 

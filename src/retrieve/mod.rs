@@ -6,8 +6,10 @@
 //!
 //! Contract shared by [`fn@cosine_topk`] (fused: CPU path or CUDA kernel) and
 //! [`cosine_topk_reference`] (plain candle ops):
-//! - `queries` [B, D]: f32, or the keys' dtype. `keys` [M, D]: f32, f16 or bf16.
-//! - `key_norms` \[M\] f32: `|k_i|` precomputed once per bank (`None` = computed here).
+//! - `queries` [B, D]: any float dtype (f32 and the keys' dtype as given, others converted
+//!   to f32). `keys` [M, D]: f32, f16 or bf16.
+//! - `key_norms` \[M\] f32: `|k_i|` precomputed once per bank (`None` = computed here);
+//!   debug builds check them against the keys.
 //! - `exclude` \[B\] u32: a bank row each query must skip (its own clip), `u32::MAX` = none.
 //! - Output: `(scores [B, n] f32 sorted descending, indices [B, n] u32)` on the keys'
 //!   device. Equal scores rank the lower index first.
@@ -15,8 +17,11 @@
 //!   the query and bank row; it is never silently ordered.
 //! - Errors (never panics): `n == 0`, `n` above the rows left after exclusion, rank,
 //!   dimension, dtype and device mismatches, `exclude` rows out of range.
+//! - No gradient: the scores are plain values (see [`fn@cosine_topk`] for scores that carry
+//!   one).
 //! - Non-contiguous inputs are accepted (copied to contiguous first).
 
+#[doc(hidden)]
 pub mod cosine_topk;
 
 pub use cosine_topk::{

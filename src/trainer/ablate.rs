@@ -8,7 +8,10 @@
 //! missing rate), so it is trained once per seed (that run is also the "w/o stage II"
 //! variant) and every stage-II variant continues from a copy of its checkpoint through
 //! the ordinary `--resume` path. Each variant is a normal run directory
-//! (`<out>/seed<S>/<variant>/`); finished variants are reused when `ablate` is run again.
+//! (`<out>/seed<S>/<variant>/`); a finished variant is reused when `ablate` is run again
+//! only if its config and the fingerprint of its data both match (the report lists the
+//! reused ones). The output directory is a marked, locked run directory
+//! ([`super::run_dir`]): a second `ablate` on the same `--out` fails at once.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,9 +27,10 @@ use super::eval::{missing_avg, EvalResult};
 use super::metrics::{read_metrics, MetricsWriter};
 use super::plot::{Figures, Labels, Series, NOT_DRAWN};
 use super::retrieval_quality::{self, RetrievalQuality};
+use super::run_dir::{Open, RunDir, RunKind};
 use super::stage::Stage;
 use super::state::{checkpoint_dir, read_state, STATE_FORMAT};
-use super::training::{load_data, train, RunOptions, Session};
+use super::training::{load_data, load_data_for, train_in, RunOptions, Session};
 use crate::data::{MissingPolicy, MissingSim, MissingType};
 use crate::model::{is_expert_var, Banks, RecoveryConfig, RetrievalQuery};
 
@@ -111,6 +115,10 @@ pub struct VariantResult {
     /// The search `retrieval` was measured with.
     #[serde(default)]
     pub retrieval_query: Option<RetrievalQuery>,
+    /// Taken from an earlier run of `ablate` (same config, same data fingerprint) instead of
+    /// trained now.
+    #[serde(default)]
+    pub reused: bool,
 }
 
 fn quick_cfg(c: &mut TrainConfig) {
@@ -308,13 +316,17 @@ fn fork_stage1(src: &Path, dst: &Path, cfg: &TrainConfig) -> Result<()> {
     write_json(&ck.join("state.json"), &ns)
 }
 
+/// Trains variant `v` in `dir` (reusing a finished run there whose config and data
+/// fingerprint `data_fp` match, resuming an interrupted one, clearing any other).
 fn run_variant(
     v: &Variant,
     seed: u64,
     dir: &Path,
     stage1_dir: &Path,
+    data_fp: &str,
     opts: &AblateOptions,
 ) -> Result<VariantResult> {
+    let run = RunDir::open(dir, RunKind::Train, Open::Reuse, "--out")?;
     let extra: Vec<MissingPolicy> = v
         .sim_rate
         .map(|r| {
@@ -330,7 +342,8 @@ fn run_variant(
     let mut resume = false;
     if state_path.exists() {
         let st = read_state(&state_path)?;
-        if st.config == v.cfg {
+        let same_data = st.data.as_ref().is_some_and(|d| d.fingerprint == data_fp);
+        if st.config == v.cfg && same_data {
             let have_extra = st.test_extra.as_ref().map_or(0, Vec::len) == extra.len();
             if st.finished && have_extra {
                 return Ok(VariantResult {
@@ -340,13 +353,14 @@ fn run_variant(
                     sim: st.test_extra.and_then(|e| e.into_iter().next()),
                     retrieval: Vec::new(),
                     retrieval_query: None,
+                    reused: true,
                 });
             }
             resume = !st.finished;
         }
-        if !resume {
-            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
+    }
+    if !resume {
+        run.clear()?;
     }
     if !resume && v.cfg.stage1_enabled && v.id != "wo-stage2" {
         fork_stage1(stage1_dir, dir, &v.cfg)?;
@@ -362,8 +376,8 @@ fn run_variant(
         device: opts.device.clone(),
         ..RunOptions::new(dir)
     };
-    let s =
-        train(&v.cfg, &ro).with_context(|| format!("ablation variant {} (seed {seed})", v.id))?;
+    let s = train_in(&v.cfg, &ro, &run)
+        .with_context(|| format!("ablation variant {} (seed {seed})", v.id))?;
     Ok(VariantResult {
         id: v.id.clone(),
         seed,
@@ -371,6 +385,7 @@ fn run_variant(
         sim: s.extra.into_iter().next(),
         retrieval: Vec::new(),
         retrieval_query: None,
+        reused: false,
     })
 }
 
@@ -418,6 +433,20 @@ pub fn run_studies(base: &TrainConfig, opts: &AblateOptions) -> Result<PathBuf> 
     if opts.seeds.is_empty() {
         bail!("ablate: no seeds given");
     }
+    let mut base = base.clone();
+    base.absolute_paths()?;
+    let base = &base;
+    for &seed in &opts.seeds {
+        let mut b = base.clone();
+        b.seed = seed;
+        b.apply_seed();
+        if opts.quick {
+            quick_cfg(&mut b);
+        }
+        b.validate()?;
+        super::footprint::check_config(&b)?;
+    }
+    let _out = RunDir::open(&opts.out_dir, RunKind::Ablate, Open::Reuse, "--out")?;
     let mut results: Vec<VariantResult> = Vec::new();
     let mut notes = Vec::new();
     let t0 = std::time::Instant::now();
@@ -445,15 +474,17 @@ pub fn run_studies(base: &TrainConfig, opts: &AblateOptions) -> Result<PathBuf> 
         };
         let needs_s1 = vars.iter().any(|v| v.cfg.stage1_enabled);
         let s1dir = sdir.join("wo-stage2");
+        // Every variant of a seed trains on the same data.
+        let data_fp = load_data_for(&b, None)?.fingerprint;
         if needs_s1 {
-            let r = run_variant(&s1v, seed, &s1dir, &s1dir, opts)?;
+            let r = run_variant(&s1v, seed, &s1dir, &s1dir, &data_fp, opts)?;
             if vars.iter().any(|v| v.id == "wo-stage2") {
                 results.push(r);
             }
         }
         let first = results.len();
         for v in vars.iter().filter(|v| v.id != "wo-stage2") {
-            let r = run_variant(v, seed, &sdir.join(&v.id), &s1dir, opts)?;
+            let r = run_variant(v, seed, &sdir.join(&v.id), &s1dir, &data_fp, opts)?;
             results.push(r);
         }
         add_retrieval_quality(&b, &vars, &mut results[first..], opts)?;
@@ -595,6 +626,7 @@ fn write_report(
         rate_section(&mut md, &agg, &figures)?;
     }
     notes_section(&mut md, notes);
+    reuse_section(&mut md, results);
     variants_section(&mut md, &agg);
     let path = opts.out_dir.join("report.md");
     atomic_write(&path, md.as_bytes())?;
@@ -818,6 +850,35 @@ fn notes_section(md: &mut String, notes: &[String]) {
         }
         md.push('\n');
     }
+}
+
+/// Which variant runs were taken from an earlier `ablate` (same config and data
+/// fingerprint) and which were trained by this one.
+fn reuse_section(md: &mut String, results: &[VariantResult]) {
+    let list = |reused: bool| {
+        let v: Vec<String> = results
+            .iter()
+            .filter(|r| r.reused == reused)
+            .map(|r| format!("{} (seed {})", r.id, r.seed))
+            .collect();
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let _ = writeln!(
+        md,
+        "## Reused runs
+
+Reused from an earlier run of `ablate` (same config, same data \
+         fingerprint): {}.
+
+Trained by this run: {}.
+",
+        list(true),
+        list(false)
+    );
 }
 
 /// Every variant's three settings and missing average.

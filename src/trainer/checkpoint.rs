@@ -47,7 +47,7 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
 /// Load all tensors of a safetensors file onto `device` through the bounded reader
 /// ([`crate::io::tensors`]); the error names the file.
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    if !path.is_file() {
+    if std::fs::symlink_metadata(path).is_err() {
         bail!("checkpoint file {} does not exist", path.display());
     }
     crate::io::tensors::read(path, device)

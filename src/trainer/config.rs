@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::atomic_write;
 use super::optim::Decay;
 use super::stage::Stage;
-use crate::data::{MissingType, SyntheticConfig};
+use crate::data::{MissingType, SyntheticConfig, UnknownAnswer};
 use crate::model::ModelConfig;
 
 /// Per-stage optimisation options.
@@ -100,8 +100,12 @@ pub struct TrainConfig {
     /// Seeds everything: the synthetic data (overrides `synthetic.seed`), parameter
     /// initialisation, data order, missing-modality masks and dropout (`model.seed`).
     pub seed: u64,
-    /// MUSIC-AVQA-layout feature directory; `None` = the built-in synthetic set.
+    /// MUSIC-AVQA-layout feature directory; `None` = the built-in synthetic set. A run
+    /// stores it absolute ([`TrainConfig::absolute_paths`]).
     pub data: Option<PathBuf>,
+    /// With `data`: what a val/test answer that no train question has becomes (`"error"`,
+    /// the default, or `"map_to_unk"`: an extra `<unk>` answer class no prediction can match).
+    pub unknown_answer: UnknownAnswer,
     /// Batch size for training.
     pub batch_size: usize,
     /// Batch size for evaluation.
@@ -149,6 +153,7 @@ impl Default for TrainConfig {
         Self {
             seed: 0,
             data: None,
+            unknown_answer: UnknownAnswer::Error,
             batch_size: 32,
             eval_batch_size: 128,
             stage1: StageConfig::stage1(),
@@ -235,6 +240,17 @@ impl TrainConfig {
             .map_err(|e| anyhow::anyhow!("{}", super::checkpoint::one_line(&e.to_string())))
     }
 
+    /// Make `data` absolute (against the current directory, without resolving symbolic
+    /// links), so that a checkpoint names the same directory from wherever it is used.
+    pub fn absolute_paths(&mut self) -> Result<()> {
+        if let Some(d) = &self.data {
+            let abs = std::path::absolute(d)
+                .with_context(|| format!("data directory {}", d.display()))?;
+            self.data = Some(abs);
+        }
+        Ok(())
+    }
+
     /// Propagate `seed` into the data and model seeds. Called once after all overrides.
     pub fn apply_seed(&mut self) {
         self.synthetic.seed = self.seed;
@@ -243,6 +259,18 @@ impl TrainConfig {
 
     /// Check ranges; errors name the option, its value and what is allowed.
     pub fn validate(&self) -> Result<()> {
+        // The config is saved as TOML (config.toml), whose integers are 64-bit signed.
+        let v = serde_json::to_value(self).context("serialising the config")?;
+        let too_large = (self.seed > i64::MAX as u64)
+            .then(|| ("seed".to_string(), self.seed))
+            .or_else(|| first_above_i64(&v, ""));
+        if let Some((key, n)) = too_large {
+            bail!(
+                "{key} = {n}{}, expected at most {} (2^63 - 1, the largest integer config.toml holds)",
+                flag_of(&key).map(|f| format!(" ({f})")).unwrap_or_default(),
+                i64::MAX
+            );
+        }
         ensure!(self.batch_size >= 1, "batch_size = 0, expected >= 1");
         ensure!(
             self.eval_batch_size >= 1,
@@ -281,6 +309,21 @@ impl TrainConfig {
             "weight_decay = {}, expected >= 0",
             self.weight_decay
         );
+        // Decoupled decay multiplies every matrix by 1 - lr x weight_decay per step: at 1 or
+        // more it zeroes or flips the weights and the loss turns NaN.
+        for stage in [Stage::Experts, Stage::Mixing] {
+            let lr = self.stage(stage).lr;
+            ensure!(
+                !self.stage_enabled(stage) || lr * self.weight_decay < 1.0,
+                "weight_decay = {} (--weight-decay): with stage{}.lr = {lr} each AdamW step \
+                 multiplies the weights by 1 - lr x weight_decay = {}; expected \
+                 lr x weight_decay < 1 (weight_decay < {})",
+                short(self.weight_decay),
+                stage.number(),
+                short(1.0 - lr * self.weight_decay),
+                short(1.0 / lr)
+            );
+        }
         ensure!(
             self.grad_clip >= 0.0,
             "grad_clip = {}, expected >= 0",
@@ -323,6 +366,51 @@ impl TrainConfig {
     }
 }
 
+/// `x` as written in a config: `0.01`, `500`, or `1e300` when plain digits would be long.
+fn short(x: f64) -> String {
+    if x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{}", (x * 1e6).round() / 1e6)
+    }
+}
+
+/// The first integer in `v` above `i64::MAX`, with its dotted key.
+fn first_above_i64(v: &serde_json::Value, key: &str) -> Option<(String, u64)> {
+    match v {
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .filter(|&n| n > i64::MAX as u64)
+            .map(|n| (key.to_string(), n)),
+        serde_json::Value::Object(m) => m.iter().find_map(|(k, v)| {
+            let k = if key.is_empty() {
+                k.clone()
+            } else {
+                format!("{key}.{k}")
+            };
+            first_above_i64(v, &k)
+        }),
+        serde_json::Value::Array(a) => a.iter().find_map(|v| first_above_i64(v, key)),
+        _ => None,
+    }
+}
+
+/// The command-line flag of a config key, where there is one.
+fn flag_of(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "seed" | "model.seed" | "synthetic.seed" => "--seed",
+        "stage1.epochs" => "--epochs1",
+        "stage2.epochs" => "--epochs2",
+        "batch_size" => "--batch-size",
+        "stage2.patience" => "--patience",
+        "model.n_retrieved" => "-n",
+        "model.k_purge" => "-k",
+        "model.dim" => "--dim",
+        "synthetic.n_train_clips" => "--train-clips",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,5 +448,42 @@ mod tests {
             .contains("missing_rate"));
         bad.missing_rate = 0.3;
         bad.validate().expect("valid");
+    }
+
+    #[test]
+    fn seeds_past_i64_and_runaway_weight_decay_are_refused() {
+        let mut c = TrainConfig {
+            seed: 1 << 63,
+            ..Default::default()
+        };
+        c.apply_seed();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "seed = 9223372036854775808 (--seed), expected at most 9223372036854775807"
+            ),
+            "{e}"
+        );
+        let mut c = TrainConfig::default();
+        c.stage1.epochs = usize::MAX;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("stage1.epochs = 18446744073709551615 (--epochs1)"),
+            "{e}"
+        );
+        let c = TrainConfig {
+            weight_decay: 1e300,
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("weight_decay = 1e300") && e.contains("< 1"),
+            "{e}"
+        );
+        let c = TrainConfig {
+            weight_decay: 0.5,
+            ..Default::default()
+        };
+        c.validate().expect("lr x weight_decay = 0.001");
     }
 }

@@ -11,6 +11,8 @@
 //! - [`optim`]: AdamW with persistent moments and the warmup + decay schedule.
 //! - [`init`]: seeded parameter initialisation (candle's CPU RNG cannot be seeded).
 //! - [`checkpoint`]: atomic file writes; [`metrics`]: `metrics.jsonl`.
+//! - [`run_dir`]: the run directory's marker and lock ([`run_dir::RunDir`]).
+//! - [`footprint`]: the memory a run will need, checked before anything is allocated.
 //! - [`report`], [`plot`]: `report.md` and PNG plots; [`ablate`]: the ablation study.
 //! - [`config`]: [`TrainConfig`] (TOML + CLI).
 //! - [`progress`]: the progress bar of an epoch.
@@ -21,18 +23,31 @@
 //! without it training runs the same, silently, and reports say their plots were not drawn.
 
 pub mod ablate;
+#[doc(hidden)]
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+#[doc(hidden)]
+pub mod footprint;
+#[doc(hidden)]
 pub mod init;
+#[doc(hidden)]
 pub mod loss;
+#[doc(hidden)]
 pub mod metrics;
+#[doc(hidden)]
 pub mod optim;
+#[doc(hidden)]
 pub mod plot;
+#[doc(hidden)]
 pub mod progress;
+#[doc(hidden)]
 pub mod report;
+#[doc(hidden)]
 pub mod retrieval_quality;
+pub mod run_dir;
 pub mod stage;
+#[doc(hidden)]
 pub mod state;
 pub mod training;
 
@@ -40,4 +55,4 @@ pub use config::{StageConfig, TrainConfig};
 pub use eval::{evaluate, evaluate_table, format_table1, EvalResult, Predictor};
 pub use stage::Stage;
 pub use state::TrainState;
-pub use training::{evaluate_checkpoint, train, RunOptions, RunSummary, Session};
+pub use training::{evaluate_checkpoint, train, CheckpointEval, RunOptions, RunSummary, Session};

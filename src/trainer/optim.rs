@@ -214,7 +214,7 @@ impl AdamW {
     }
 
     /// Restore moments saved by [`AdamW::state_tensors`] and the update counter.
-    /// Every optimized parameter must have both moments with its own shape.
+    /// Every optimized parameter must have both moments with its own shape, in f32.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for s in self.slots.iter_mut() {
             for (key, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
@@ -229,9 +229,10 @@ impl AdamW {
                         s.var.as_tensor().dims()
                     );
                 }
-                *dst = t
-                    .to_dtype(DType::F32)?
-                    .to_device(s.var.as_tensor().device())?;
+                if t.dtype() != DType::F32 {
+                    bail!("AdamW state: {k:?} has dtype {:?}, expected F32", t.dtype());
+                }
+                *dst = t.to_device(s.var.as_tensor().device())?;
             }
         }
         self.step = step;
@@ -337,6 +338,11 @@ mod tests {
         let mut bad = st.clone();
         bad.remove("v.x");
         assert!(opt2.load_state(&bad, 1).is_err());
+        // Dtypes are checked like shapes (issue 19, case 5).
+        let mut bad = st.clone();
+        bad.insert("m.x".into(), st["m.x"].to_dtype(DType::F16)?);
+        let e = opt2.load_state(&bad, 1).unwrap_err().to_string();
+        assert!(e.contains("m.x") && e.contains("F16"), "{e}");
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ use super::checkpoint::read_json;
 use super::config::TrainConfig;
 use super::eval::EvalResult;
 use super::stage::Stage;
+use crate::data::{DataDims, Vocab};
 
 /// Version of the `state.json` layout.
 pub const STATE_FORMAT: u32 = 1;
@@ -56,6 +57,25 @@ pub struct TrainState {
     /// Results of the run's extra test settings (`RunOptions::extra_eval`), when finished.
     #[serde(default)]
     pub test_extra: Option<Vec<EvalResult>>,
+    /// The data the run trained on: fingerprint, shapes and vocabularies (`None` in a
+    /// checkpoint written before r2scp recorded them).
+    #[serde(default)]
+    pub data: Option<DataRecord>,
+}
+
+/// What a checkpoint records about the data it was trained on, so that `eval` maps other
+/// data onto the model's own ids and `--resume` and `ablate` notice a change
+/// (docs/DESIGN.md, "Run directories"). The data's path is the config's `data`, absolute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataRecord {
+    /// Content fingerprint ([`crate::data::fingerprint`]).
+    pub fingerprint: String,
+    /// The shapes the model was built for.
+    pub dims: DataDims,
+    /// Question vocabulary (token id = position).
+    pub words: Vocab,
+    /// Answer classes (class id = position).
+    pub answers: Vocab,
 }
 
 impl TrainState {
@@ -83,6 +103,7 @@ impl TrainState {
             finished: false,
             test: None,
             test_extra: None,
+            data: None,
         }
     }
 

@@ -12,22 +12,25 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{load_tensors, save_tensors, truncate_file, write_json};
 use super::config::TrainConfig;
 use super::eval::{evaluate, evaluate_table, mean_acc, EvalResult, Predictor};
+use super::footprint;
 use super::init::seeded_var_builder;
 use super::loss::{correct, cross_entropy_per_sample, rank_terms, weighted_mean};
 use super::metrics::{MetricsWriter, Record};
 use super::optim::{AdamW, AdamWParams, Schedule};
 use super::progress::EpochBar;
+use super::run_dir::{Open, RunDir, RunKind};
 use super::stage::Stage;
-use super::state::{checkpoint_dir, find_state, read_state, TrainState};
+use super::state::{checkpoint_dir, find_state, read_state, DataRecord, TrainState};
 use crate::data::{
-    batches, generate, load_music_avqa, Batch, MissingPolicy, MissingSim, QuestionType, Splits,
+    batches, fingerprint, generate, load_music_avqa_full, map_splits, AvqaOptions, Batch, DataDims,
+    Loaded, MissingPolicy, MissingSim, ModelVocab, QuestionType, Splits,
 };
 use crate::model::{is_expert_var, Banks, ForwardOptions, R2scp};
 
@@ -62,13 +65,58 @@ pub fn derive_seed(seed: u64, stage: Option<Stage>, epoch: usize, tag: SeedTag) 
 
 /// Load the data set a config names: the MUSIC-AVQA directory, or the synthetic set.
 pub fn load_data(cfg: &TrainConfig) -> Result<Splits> {
-    let splits = match &cfg.data {
-        Some(dir) => load_music_avqa(dir)
-            .with_context(|| format!("loading MUSIC-AVQA features from {}", dir.display()))?,
-        None => generate(&cfg.synthetic).context("generating the synthetic data set")?,
+    Ok(load_data_for(cfg, None)?.splits)
+}
+
+/// [`load_data`] with the data's fingerprint; with `model`, mapped onto a trained model's
+/// vocabularies ([`crate::data::mapping`]).
+pub fn load_data_for(cfg: &TrainConfig, model: Option<ModelVocab>) -> Result<Loaded> {
+    let loaded = match &cfg.data {
+        Some(dir) => {
+            let opts = AvqaOptions {
+                unknown_answer: cfg.unknown_answer,
+                ..AvqaOptions::default()
+            };
+            load_music_avqa_full(dir, &opts, model)
+                .with_context(|| format!("loading MUSIC-AVQA features from {}", dir.display()))?
+        }
+        None => {
+            footprint::check_config(cfg)?;
+            let splits = generate(&cfg.synthetic).context("generating the synthetic data set")?;
+            let fingerprint = fingerprint::of_splits("synthetic", &splits)?;
+            let (splits, mapping) = match model {
+                Some(m) => {
+                    let (s, m) = map_splits(&splits, m)?;
+                    (s, Some(m))
+                }
+                None => (splits, None),
+            };
+            Loaded {
+                splits,
+                fingerprint,
+                mapping,
+            }
+        }
     };
-    splits.validate()?;
-    Ok(splits)
+    loaded.splits.validate()?;
+    Ok(loaded)
+}
+
+/// Bytes of the tensors of `splits`.
+fn data_bytes(splits: &Splits) -> u128 {
+    [&splits.train, &splits.val, &splits.test]
+        .iter()
+        .flat_map(|d| {
+            [
+                &d.audio,
+                &d.visual,
+                &d.audio_key,
+                &d.visual_key,
+                &d.questions,
+            ]
+        })
+        .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u128)
+        .sum()
 }
 
 /// Data, memory banks and a freshly initialised model.
@@ -85,17 +133,39 @@ pub struct Session {
     pub model: R2scp,
     /// Compute device.
     pub device: Device,
+    /// The data's fingerprint, the model's shapes and vocabularies (what a checkpoint
+    /// records).
+    pub data: DataRecord,
 }
 
 impl Session {
     /// Load the data and build the model (seeded initialisation).
     pub fn new(cfg: &TrainConfig, device: &Device) -> Result<Self> {
-        let splits = load_data(cfg)?;
-        Self::from_splits(cfg, splits, device)
+        let loaded = load_data_for(cfg, None)?;
+        Self::build(cfg, loaded.splits, loaded.fingerprint, None, device)
     }
 
     /// Build banks and the model over already-loaded splits.
     pub fn from_splits(cfg: &TrainConfig, splits: Splits, device: &Device) -> Result<Self> {
+        let fp = fingerprint::of_splits("splits", &splits)?;
+        Self::build(cfg, splits, fp, None, device)
+    }
+
+    /// Build banks and the model over `splits` with fingerprint `fp`; the model's shapes
+    /// are `dims` (a checkpoint's, for data mapped onto its vocabularies) or the data's.
+    /// Refuses, before allocating, a model, bank and batch that need more than the memory
+    /// limit ([`footprint`]) and an `n_retrieved` larger than the bank can give.
+    fn build(
+        cfg: &TrainConfig,
+        splits: Splits,
+        fp: String,
+        dims: Option<DataDims>,
+        device: &Device,
+    ) -> Result<Self> {
+        let dims = dims.unwrap_or_else(|| splits.dims());
+        let n_train = splits.train.n_clips();
+        footprint::check_loaded(cfg, &dims, n_train, data_bytes(&splits))?;
+        check_bank_size(cfg, n_train)?;
         let banks = Banks::from_dataset(&splits.train, device)?;
         let varmap = VarMap::new();
         let vb = seeded_var_builder(
@@ -103,7 +173,13 @@ impl Session {
             derive_seed(cfg.seed, None, 0, SeedTag::Init),
             device,
         );
-        let model = R2scp::new(&cfg.model, &splits.dims(), vb).context("building the model")?;
+        let model = R2scp::new(&cfg.model, &dims, vb).context("building the model")?;
+        let data = DataRecord {
+            fingerprint: fp,
+            dims,
+            words: splits.train.vocab.clone(),
+            answers: splits.train.answer_vocab.clone(),
+        };
         Ok(Self {
             cfg: cfg.clone(),
             splits,
@@ -111,6 +187,7 @@ impl Session {
             varmap,
             model,
             device: device.clone(),
+            data,
         })
     }
 
@@ -133,7 +210,8 @@ impl Session {
     }
 
     /// Set every parameter from a safetensors file; the file must hold exactly this
-    /// model's parameters with their shapes (errors name the file and the parameter).
+    /// model's parameters with their shapes and dtypes (errors name the file and the
+    /// parameter).
     pub fn load_weights(&self, path: &Path) -> Result<()> {
         let file = load_tensors(path, &self.device)?;
         let data = self
@@ -156,7 +234,15 @@ impl Session {
                     var.as_tensor().dims()
                 );
             }
-            var.set(&t.to_dtype(DType::F32)?)
+            if t.dtype() != var.as_tensor().dtype() {
+                bail!(
+                    "checkpoint file {}: parameter {name:?} has dtype {:?}, expected {:?}",
+                    path.display(),
+                    t.dtype(),
+                    var.as_tensor().dtype()
+                );
+            }
+            var.set(t)
                 .with_context(|| format!("checkpoint file {}: {name}", path.display()))?;
         }
         if let Some(extra) = file.keys().find(|k| !data.contains_key(*k)) {
@@ -176,6 +262,10 @@ pub struct RunOptions {
     pub run_dir: PathBuf,
     /// Continue from `run_dir/checkpoint/state.json` (the saved config is used).
     pub resume: bool,
+    /// Replace a run directory r2scp created that already holds a checkpoint (`--force`):
+    /// its outputs are deleted first. A directory without the run marker is never touched
+    /// ([`super::run_dir`]).
+    pub force: bool,
     /// No progress bars and no per-epoch lines on stdout.
     pub quiet: bool,
     /// Stop (as if interrupted) after this many epochs completed by this process,
@@ -196,6 +286,7 @@ impl RunOptions {
         Self {
             run_dir: run_dir.into(),
             resume: false,
+            force: false,
             quiet: false,
             halt_after_epochs: None,
             report: true,
@@ -293,7 +384,30 @@ enum Flow {
 }
 
 /// Train (or resume) a run and evaluate it. See [`RunOptions`].
+///
+/// The run directory is locked from before the first write to the end ([`RunDir`]): a
+/// second process on it fails at once. A new run that fails before its first checkpoint
+/// leaves no directory behind (when this call created it).
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
+    let mut cfg = cfg.clone();
+    let how = if opts.resume {
+        Open::Resume
+    } else {
+        cfg.absolute_paths()?;
+        cfg.validate()?;
+        footprint::check_config(&cfg)?;
+        Open::Fresh { force: opts.force }
+    };
+    let dir = RunDir::open(&opts.run_dir, RunKind::Train, how, "--name")?;
+    let r = train_in(&cfg, opts, &dir);
+    if r.is_err() && !checkpoint_dir(&opts.run_dir).join("state.json").exists() {
+        dir.remove_if_created();
+    }
+    r
+}
+
+/// [`train`] in a run directory the caller has opened (and holds locked).
+pub(crate) fn train_in(cfg: &TrainConfig, opts: &RunOptions, _dir: &RunDir) -> Result<RunSummary> {
     let start = Instant::now();
     let ckpt = checkpoint_dir(&opts.run_dir);
     let state_path = ckpt.join("state.json");
@@ -331,11 +445,36 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let s = Session::new(&cfg, &opts.device)?;
     let fresh = state.is_none();
     let state = match state {
-        Some(st) => {
+        Some(mut st) => {
+            match &st.data {
+                Some(rec) if *rec != s.data => bail!(
+                    "the data {} changed since run {} started (fingerprint {}, now {}); resuming \
+                     would continue on other data: restore the data, or start a new run (another \
+                     --name, or --force)",
+                    data_name(&cfg),
+                    opts.run_dir.display(),
+                    rec.fingerprint,
+                    s.data.fingerprint
+                ),
+                Some(_) => {}
+                None => {
+                    eprintln!(
+                        "note: run {} records no data fingerprint (an older r2scp wrote it); \
+                         recording that of {} as it is now ({})",
+                        opts.run_dir.display(),
+                        data_name(&cfg),
+                        s.data.fingerprint
+                    );
+                    st.data = Some(s.data.clone());
+                }
+            }
             s.load_weights(&ckpt.join(&st.model_file))?;
             st
         }
-        None => TrainState::new(&cfg),
+        None => TrainState {
+            data: Some(s.data.clone()),
+            ..TrainState::new(&cfg)
+        },
     };
     let metrics = MetricsWriter::open(&metrics_path)?;
     let mut t = Trainer {
@@ -666,9 +805,26 @@ impl Trainer<'_> {
             };
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
+                let first_update =
+                    opt.step_count() == 0 && (stage == Stage::Experts || !cfg.stage1_enabled);
+                if first_update {
+                    bail!(
+                        "{stage} epoch {epoch} step 1: loss is {lv} before any weight changed: \
+                         the data or the initial model overflow f32 (check the feature \
+                         magnitudes and the model sizes)"
+                    );
+                }
                 bail!(
-                    "{stage} epoch {epoch} step {}: loss is {lv}; lower the learning rate",
-                    opt.step_count() + 1
+                    "{stage} epoch {epoch} step {}: loss is {lv}; lower the learning rate \
+                     ({}.lr = {}) or the weight decay ({})",
+                    opt.step_count() + 1,
+                    if stage == Stage::Experts {
+                        "stage1"
+                    } else {
+                        "stage2"
+                    },
+                    cfg.stage(stage).lr,
+                    cfg.weight_decay
                 );
             }
             opt.backward_step(&loss)?;
@@ -896,32 +1052,152 @@ impl Trainer<'_> {
     }
 }
 
+/// The data a config names, for messages: its directory or "the synthetic set".
+fn data_name(cfg: &TrainConfig) -> String {
+    match &cfg.data {
+        Some(d) => format!("at {}", d.display()),
+        None => "(the synthetic set)".to_string(),
+    }
+}
+
+/// The memory bank must hold more clips than `n_retrieved`: a training question never
+/// retrieves its own clip.
+fn check_bank_size(cfg: &TrainConfig, n_train_clips: usize) -> Result<()> {
+    let n = cfg.model.n_retrieved;
+    if cfg.model.use_retrieval && cfg.stage2_enabled && n >= n_train_clips {
+        bail!(
+            "-n {n} (model.n_retrieved): the memory bank holds {n_train_clips} train clips and a \
+             question never retrieves its own clip, so at most {} can be retrieved; lower -n",
+            n_train_clips.saturating_sub(1)
+        );
+    }
+    Ok(())
+}
+
+/// A checkpoint's test results ([`evaluate_checkpoint`]).
+#[derive(Debug, Clone)]
+pub struct CheckpointEval {
+    /// The checkpoint's state.
+    pub state: TrainState,
+    /// Table-1 rows. Test questions whose answer the model has no class for (data changed
+    /// since training) are counted in `n` and the per-type totals, never as correct.
+    pub rows: Vec<EvalResult>,
+    /// One line, when the data is not the data the checkpoint was trained on or the
+    /// checkpoint recorded none (an older r2scp wrote it).
+    pub warning: Option<String>,
+}
+
 /// Evaluate a finished (or interrupted) run's checkpoint on the test split: the
 /// Table-1 rows. `dir` is the run directory or its `checkpoint/` directory.
-pub fn evaluate_checkpoint(dir: &Path, device: &Device) -> Result<(TrainState, Vec<EvalResult>)> {
+///
+/// The data is mapped onto the vocabularies the checkpoint recorded, never onto ids derived
+/// from the data again; when its fingerprint differs from the recorded one, the result
+/// carries a one-line warning (see [`CheckpointEval`]).
+pub fn evaluate_checkpoint(dir: &Path, device: &Device) -> Result<CheckpointEval> {
     let state_path = find_state(dir)?;
     let st = read_state(&state_path)?;
     let ckdir = state_path
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let s = Session::new(&st.config, device)?;
+    let cfg = &st.config;
+    let (s, warning, unknown) = match &st.data {
+        Some(rec) => {
+            let model = ModelVocab {
+                words: &rec.words,
+                answers: &rec.answers,
+                max_len: rec.dims.lq,
+            };
+            let loaded = load_data_for(cfg, Some(model))?;
+            let have = loaded.splits.dims();
+            let shape = |d: &DataDims| (d.la, d.da, d.lv, d.dv, d.dk);
+            if shape(&have) != shape(&rec.dims) {
+                bail!(
+                    "the data {} has audio [{}, {}], visual [{}, {}] and keys of {} but {} was \
+                     trained on audio [{}, {}], visual [{}, {}] and keys of {}; it cannot be \
+                     evaluated on this data",
+                    data_name(cfg),
+                    have.la,
+                    have.da,
+                    have.lv,
+                    have.dv,
+                    have.dk,
+                    dir.display(),
+                    rec.dims.la,
+                    rec.dims.da,
+                    rec.dims.lv,
+                    rec.dims.dv,
+                    rec.dims.dk
+                );
+            }
+            let mapping = loaded.mapping.unwrap_or_default();
+            let warning =
+                (loaded.fingerprint != rec.fingerprint || !mapping.is_exact()).then(|| {
+                    format!(
+                    "the data {} differs from the data {} was trained on (fingerprint {}, now {}); \
+                     questions and answers are mapped by the checkpoint's vocabularies: {} test \
+                     questions whose answer it has no class for{} are counted wrong, {} unknown \
+                     words read as <unk>, {} questions cut to {} words",
+                    data_name(cfg),
+                    dir.display(),
+                    rec.fingerprint,
+                    loaded.fingerprint,
+                    mapping.unknown_answers[2].len(),
+                    match mapping.test_answer_examples(3) {
+                        e if e.is_empty() => String::new(),
+                        e => format!(" ({e})"),
+                    },
+                    mapping.unknown_words,
+                    mapping.truncated,
+                    rec.dims.lq
+                )
+                });
+            let s = Session::build(
+                cfg,
+                loaded.splits,
+                loaded.fingerprint,
+                Some(rec.dims),
+                device,
+            )?;
+            (s, warning, mapping.unknown_answers[2].clone())
+        }
+        None => {
+            let warning = format!(
+                "{} was written by an older r2scp and records neither its data's fingerprint nor \
+                 its vocabularies; evaluating with vocabularies derived again from the data {}, \
+                 which is right only if the data has not changed since training",
+                dir.display(),
+                data_name(cfg)
+            );
+            (Session::new(cfg, device)?, Some(warning), Vec::new())
+        }
+    };
     s.load_weights(&ckdir.join(&st.model_file))?;
-    let predictor = if st.config.stage2_enabled && (st.stage == Stage::Mixing) {
+    let predictor = if cfg.stage2_enabled && (st.stage == Stage::Mixing) {
         Predictor::Full
     } else {
         Predictor::Experts
     };
-    if st.config.stage2_enabled && st.stage == Stage::Mixing {
-        s.model.set_experts_frozen(st.config.stage1_enabled);
+    if cfg.stage2_enabled && st.stage == Stage::Mixing {
+        s.model.set_experts_frozen(cfg.stage1_enabled);
     }
-    let rows = evaluate_table(
+    let mut rows = evaluate_table(
         &s.model,
         &s.splits.test,
         &s.banks,
-        st.config.eval_batch_size,
+        cfg.eval_batch_size,
         predictor,
         device,
     )?;
-    Ok((st, rows))
+    for r in rows.iter_mut() {
+        for (t, _) in &unknown {
+            r.n += 1;
+            r.per_type[t.index()].1 += 1;
+        }
+    }
+    Ok(CheckpointEval {
+        state: st,
+        rows,
+        warning,
+    })
 }

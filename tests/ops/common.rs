@@ -313,7 +313,7 @@ pub fn u32s(v: Vec<u32>, s: (usize, usize)) -> Tensor {
     Tensor::from_vec(v, s, &Device::Cpu).expect("u32 tensor")
 }
 
-pub fn expect_err<T>(r: Result<T>, needle: &str) {
+pub fn expect_err<T, E: std::fmt::Display>(r: std::result::Result<T, E>, needle: &str) {
     match r {
         Ok(_) => panic!("expected an error containing {needle:?}"),
         Err(e) => {
@@ -322,6 +322,7 @@ pub fn expect_err<T>(r: Result<T>, needle: &str) {
                 msg.contains(needle),
                 "error {msg:?} does not contain {needle:?}"
             );
+            assert!(!msg.contains('\n'), "error {msg:?} is not one line");
         }
     }
 }

@@ -28,7 +28,7 @@ type Op = fn(
     Option<&Tensor>,
     usize,
     Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)>;
+) -> r2scp::Result<(Tensor, Tensor)>;
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -410,7 +410,7 @@ fn nan_is_error(op: Op, what: &str) {
 fn error_paths(op: Op, what: &str) {
     let k = cpu(vec![1.0; 5 * 4], (5, 4));
     let q = cpu(vec![1.0; 2 * 4], (2, 4));
-    let err = |r: candle_core::Result<(Tensor, Tensor)>, needle: &str| {
+    let err = |r: r2scp::Result<(Tensor, Tensor)>, needle: &str| {
         let e = r.unwrap_err().to_string();
         assert!(
             e.contains(needle),
@@ -450,14 +450,8 @@ fn error_paths(op: Op, what: &str) {
         "keys dtype F64",
     );
     err(
-        op(
-            &q.to_dtype(DType::BF16).unwrap(),
-            &k.to_dtype(DType::F16).unwrap(),
-            None,
-            1,
-            None,
-        ),
-        "queries dtype BF16",
+        op(&q.to_dtype(DType::U32).unwrap(), &k, None, 1, None),
+        "queries dtype U32 is not a float dtype, expected f32 (or any float: convert with `queries.to_dtype(DType::F32)`)",
     );
     let kn = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
     err(
@@ -563,7 +557,7 @@ fn reference_chunks_1(
     kn: Option<&Tensor>,
     n: usize,
     ex: Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     cosine_topk_reference_chunked(q, k, kn, n, ex, 1)
 }
 
@@ -573,7 +567,7 @@ fn reference_chunks_7(
     kn: Option<&Tensor>,
     n: usize,
     ex: Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     cosine_topk_reference_chunked(q, k, kn, n, ex, 7)
 }
 
@@ -583,7 +577,7 @@ fn reference_chunks_64(
     kn: Option<&Tensor>,
     n: usize,
     ex: Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     cosine_topk_reference_chunked(q, k, kn, n, ex, 64)
 }
 
@@ -710,13 +704,8 @@ fn emu_error_paths() {
 }
 
 /// A deferred call: [`r2scp::retrieve::cosine_topk_deferred`]'s signature.
-type DeferredOp = fn(
-    &Tensor,
-    &Tensor,
-    Option<&Tensor>,
-    usize,
-    Option<&Tensor>,
-) -> candle_core::Result<PendingTopN>;
+type DeferredOp =
+    fn(&Tensor, &Tensor, Option<&Tensor>, usize, Option<&Tensor>) -> r2scp::Result<PendingTopN>;
 
 #[test]
 fn emu_deferred_calls_keep_errors_loud() {
@@ -792,7 +781,7 @@ fn tc(
     kn: Option<&Tensor>,
     n: usize,
     ex: Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     cosine_topk_emulated_with(q, k, kn, n, ex, Kernel::TensorCore, TcOverrides::default())
 }
 
@@ -802,7 +791,7 @@ fn bandwidth(
     kn: Option<&Tensor>,
     n: usize,
     ex: Option<&Tensor>,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     cosine_topk_emulated_with(q, k, kn, n, ex, Kernel::Bandwidth, TcOverrides::default())
 }
 
@@ -900,10 +889,11 @@ fn cuda_large_batch_near_ties() {
     });
 }
 
-/// The near-tie banks with a batch large enough for the public op to pick the tensor-core
-/// path on a device ([`r2scp::retrieve::cosine_topk::kernel::choose`]: B = 40, D = 64): the
-/// exact top n against the reference, however the pass rounds its operands. (The emulated
-/// path is held bit for bit to the bandwidth kernel by `emu_tc_near_ties_at_the_boundary`.)
+/// The near-tie banks with a batch large enough for the public op to pick an approximate
+/// path on a device (the GEMM + select path by [`r2scp::retrieve::cosine_topk::kernel::choose`]:
+/// B = 40, D = 64): the exact top n against the reference, however the GEMM rounds its
+/// operands. (The emulated paths are held bit for bit to the bandwidth kernel by
+/// `emu_tc_near_ties_at_the_boundary` and `emu_gemm_near_ties_at_the_boundary`.)
 fn large_batch_near_ties(op: Op, what: &str) {
     let b = 40;
     for (seed, kdt, spread) in NEAR_TIES {
@@ -1170,6 +1160,38 @@ fn emu_tc_nan_is_error() {
     assert!(e.contains("NaN") && e.contains("query 1"), "{e}");
 }
 
+/// A key with an infinite element has an infinite norm and, against a query that does not
+/// zero that element, an infinite dot product: its exact score is inf / inf = NaN, an error on
+/// every path. The tensor-core pass's fast filter must send such a row to its exact test
+/// whatever the product's sign (a -inf product lies below every threshold), in a chunk's first
+/// tile (the seed's) and in later ones. Random keys, so that the row is no near-tie of the top
+/// n and only the pass can see it (an overflow would send the query to the exact fallback).
+#[test]
+fn emu_tc_infinite_keys_are_nan_errors() {
+    let mut rng = ChaCha8Rng::seed_from_u64(20);
+    for dtype in [DType::F32, DType::BF16] {
+        for sign in [1f32, -1.0] {
+            for row in [5usize, 200, 900] {
+                let mut k: Vec<f32> = (0..1000 * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+                k[row * 8] = sign * f32::INFINITY;
+                let k = cpu(k, (1000, 8)).to_dtype(dtype).unwrap();
+                let q = cpu(vec![1.0; 2 * 8], (2, 8));
+                let what = format!("{dtype:?} {sign} row {row}");
+                let e = bandwidth(&q, &k, None, 3, None).unwrap_err().to_string();
+                assert!(
+                    e.contains("NaN") && e.contains(&format!("row {row}")),
+                    "{what}: {e}"
+                );
+                let e = tc(&q, &k, None, 3, None).unwrap_err().to_string();
+                assert!(
+                    e.contains("NaN") && e.contains(&format!("row {row}")),
+                    "{what}: {e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn emu_tc_refuses_what_it_cannot_take() {
     let k = cpu(vec![0.5; 20 * 12], (20, 12))
@@ -1240,10 +1262,10 @@ fn cuda_misaligned_keys() {
 }
 
 /// Keys starting 0, 4, 8 and 12 bytes past their storage's start (views of one buffer), with
-/// a batch the device dispatch gives the tensor-core path when the rows are 16-byte aligned
-/// (B = 40, D = 32): the misaligned ones run the bandwidth kernel, every answer matches the
-/// reference. (`emu_tc_refuses_what_it_cannot_take` holds the emulated fallback bit for bit
-/// to the bandwidth kernel.)
+/// a batch the device dispatch gives an approximate path (B = 40, D = 32; the GEMM + select
+/// path takes any alignment, the tensor-core path, when a table picks it, only 16-byte
+/// aligned rows): every answer matches the reference. (`emu_tc_refuses_what_it_cannot_take`
+/// holds the emulated fallback bit for bit to the bandwidth kernel.)
 fn misaligned_keys(op: Op, what: &str) {
     let (b, m, d) = (40usize, 100usize, 32usize);
     let mut r = ChaCha8Rng::seed_from_u64(78);
@@ -1369,3 +1391,8 @@ fn cuda_empty_narrowed_batch_gives_empty_output() {
         empty_narrowed_batch_gives_empty_output(cosine_topk_cuda, "cuda")
     });
 }
+
+// The GEMM + select path and the exact stage it shares with the tensor-core path: a child
+// module, so it reuses this file's cases and helpers.
+#[path = "cosine_topk_gemm_select.rs"]
+mod gemm_select;

@@ -9,7 +9,7 @@ use r2scp::cap::{
     dissonance_topk, dissonance_topk_emulated, dissonance_topk_reference, Context, Dissonance,
 };
 
-type DisOp = fn(&Tensor, Context, usize) -> Result<Dissonance>;
+type DisOp = fn(&Tensor, Context, usize) -> r2scp::Result<Dissonance>;
 
 /// `cases` random problems (ragged shapes, every dtype, masks, anchors, ties, zero rows,
 /// non-contiguous P) against the reference.
@@ -493,9 +493,50 @@ fn vector_paths_and_offsets(op: DisOp, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The op's NaN policy: a NaN delta is an error naming the first (batch row, token).
+fn nan_is_an_error(op: DisOp, name: &str) -> Result<()> {
+    let (b, l, la, d) = (2, 6, 3, 4);
+    let mut r = rng(91);
+    let mut pv = rand_vec(&mut r, b * l * d);
+    pv[(l + 4) * d + 1] = f32::NAN; // batch row 1, token 4
+    pv[(l + 5) * d] = f32::INFINITY; // batch row 1, token 5
+    let p = tensor(pv, &[b, l, d], DType::F32)?;
+    let h = tensor(rand_vec(&mut r, b * la * d), &[b, la, d], DType::F32)?;
+    let ctx = Context::Tokens {
+        h_avl: &h,
+        mask: None,
+    };
+    for k in [1, l] {
+        let e = op(&p, ctx, k).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("{name}: NaN delta at batch row 1, token 4 (a NaN or infinite value in P or the context); NaN has no rank")
+        );
+    }
+    // an infinite anchor makes every delta of its row NaN
+    let mut gv = rand_vec(&mut r, b * d);
+    gv[2] = f32::NEG_INFINITY; // batch row 0
+    let g = tensor(gv, &[b, d], DType::F32)?;
+    let p = tensor(rand_vec(&mut r, b * l * d), &[b, l, d], DType::F32)?;
+    let e = op(&p, Context::Anchor(&g), 2).unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!("{name}: NaN delta at batch row 0, token 0 ")),
+        "{e}"
+    );
+    Ok(())
+}
+
 #[test]
-fn dissonance_nan_rows_rank_last() -> Result<()> {
-    nan_rows_rank_last(dissonance_topk, "fused cpu")
+fn dissonance_nan_is_an_error() -> Result<()> {
+    nan_is_an_error(dissonance_topk, "dissonance_topk")?;
+    nan_is_an_error(dissonance_topk_reference, "dissonance_topk_reference")
+}
+
+#[test]
+fn cuda_dissonance_nan_is_an_error() {
+    on_cuda("cuda_dissonance_nan_is_an_error", || {
+        nan_is_an_error(dissonance_topk_cuda, "dissonance_topk").unwrap()
+    });
 }
 
 #[test]
@@ -503,16 +544,11 @@ fn emu_dissonance_nan_rows_rank_last() -> Result<()> {
     nan_rows_rank_last(dissonance_topk_emulated, "emulated")
 }
 
-#[test]
-fn cuda_dissonance_nan_rows_rank_last() {
-    on_cuda("cuda_dissonance_nan_rows_rank_last", || {
-        nan_rows_rank_last(dissonance_topk_cuda, "cuda").unwrap()
-    });
-}
-
-/// Rows of P holding a NaN get delta NaN and rank after every number (RankLast), in both
-/// selections (L = 20, k = L: one warp; L = 40, k = L: the block) and across the blocks of a
-/// row; the other deltas match the fused CPU path and the order is exact on the op's own deltas.
+/// In the kernel (before the op's NaN check), rows of P holding a NaN get delta NaN and rank
+/// after every number (RankLast), in both selections (L = 20, k = L: one warp; L = 40, k = L:
+/// the block) and across the blocks of a row; the other deltas match the fused CPU path (run
+/// with those rows zeroed, so it passes the NaN check) and the order is exact on the kernel's
+/// own deltas.
 fn nan_rows_rank_last(op: DisOp, what: &str) -> Result<()> {
     let (b, la, d) = (2, 3, 16);
     for l in [20usize, 40] {
@@ -528,16 +564,29 @@ fn nan_rows_rank_last(op: DisOp, what: &str) -> Result<()> {
             mask: None,
         };
         let out = op(&p, ctx, l)?;
-        let cpu = dissonance_topk(&p, ctx, l)?;
+        let mut clean = p.flatten_all()?.to_vec1::<f32>()?;
+        for row in clean.chunks_mut(d) {
+            if row.iter().any(|x| x.is_nan()) {
+                row.fill(0.0);
+            }
+        }
+        let p_clean = tensor(clean, &[b, l, d], DType::F32)?;
+        let cpu = dissonance_topk(&p_clean, ctx, l)?;
         let (dv, cv) = (to_f32_rows(&out.delta)?, to_f32_rows(&cpu.delta)?);
         let iv = to_u32_rows(&out.noise_idx)?;
         for bi in 0..b {
             for (x, y) in dv[bi].iter().zip(&cv[bi]) {
                 assert!(
-                    (x.is_nan() && y.is_nan()) || (x - y).abs() <= 2e-5,
+                    x.is_nan() || (x - y).abs() <= 2e-5,
                     "{what}: L={l} row {bi}: delta {x} vs fused cpu {y}"
                 );
             }
+            let nan_rows = dv[bi].iter().filter(|x| x.is_nan()).count();
+            assert_eq!(
+                nan_rows,
+                if bi == 0 { 2 } else { 1 },
+                "{what}: L={l} row {bi}"
+            );
             assert_eq!(iv[bi], nan_last_topk(&dv[bi], l), "{what}: L={l} row {bi}");
         }
         assert_eq!(

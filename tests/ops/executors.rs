@@ -79,7 +79,7 @@ pub fn cosine_topk_cuda(
     key_norms: Option<&Tensor>,
     n: usize,
     exclude: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
+) -> r2scp::Result<(Tensor, Tensor)> {
     let (s, i) = r2scp::retrieve::cosine_topk(
         &to_cuda(queries)?,
         &to_cuda(keys)?,
@@ -99,7 +99,7 @@ pub fn cosine_topk_deferred_cuda(
     key_norms: Option<&Tensor>,
     n: usize,
     exclude: Option<&Tensor>,
-) -> Result<r2scp::retrieve::PendingTopN> {
+) -> r2scp::Result<r2scp::retrieve::PendingTopN> {
     r2scp::retrieve::cosine_topk_deferred(
         &to_cuda(queries)?,
         &to_cuda(keys)?,
@@ -109,8 +109,32 @@ pub fn cosine_topk_deferred_cuda(
     )
 }
 
+/// `r2scp::retrieve::cosine_topk::cosine_topk_on_path_with` on CUDA device 0: one device path
+/// forced (an error where it cannot take the call), with the approximate paths' test knobs.
+pub fn cosine_topk_cuda_on_path(
+    queries: &Tensor,
+    keys: &Tensor,
+    key_norms: Option<&Tensor>,
+    n: usize,
+    exclude: Option<&Tensor>,
+    path: r2scp::retrieve::cosine_topk::kernel::Kernel,
+    knobs: r2scp::retrieve::cosine_topk::kernel::Knobs,
+) -> r2scp::Result<(Tensor, Tensor)> {
+    let (s, i) = r2scp::retrieve::cosine_topk::cosine_topk_on_path_with(
+        &to_cuda(queries)?,
+        &to_cuda(keys)?,
+        opt_to_cuda(key_norms)?.as_ref(),
+        n,
+        opt_to_cuda(exclude)?.as_ref(),
+        path,
+        knobs,
+    )?
+    .check()?;
+    Ok((to_host(&s)?, to_host(&i)?))
+}
+
 /// `r2scp::cap::dissonance_topk` on CUDA device 0.
-pub fn dissonance_topk_cuda(p: &Tensor, ctx: Context, k: usize) -> Result<Dissonance> {
+pub fn dissonance_topk_cuda(p: &Tensor, ctx: Context, k: usize) -> r2scp::Result<Dissonance> {
     let p = to_cuda(p)?;
     let out = match ctx {
         Context::Anchor(g) => r2scp::cap::dissonance_topk(&p, Context::Anchor(&to_cuda(g)?), k)?,
@@ -135,7 +159,7 @@ pub fn dissonance_topk_cuda(p: &Tensor, ctx: Context, k: usize) -> Result<Disson
 }
 
 /// `r2scp::cap::topk_rows` on CUDA device 0.
-pub fn topk_rows_cuda(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+pub fn topk_rows_cuda(scores: &Tensor, k: usize) -> r2scp::Result<(Tensor, Tensor)> {
     let (v, i) = r2scp::cap::topk_rows(&to_cuda(scores)?, k)?;
     Ok((to_host(&v)?, to_host(&i)?))
 }
@@ -146,11 +170,11 @@ pub fn gather_inject_cuda(
     src: &Tensor,
     noise_idx: &Tensor,
     salient_idx: &Tensor,
-) -> Result<Tensor> {
-    to_host(&r2scp::cap::gather_inject(
+) -> r2scp::Result<Tensor> {
+    Ok(to_host(&r2scp::cap::gather_inject(
         &to_cuda(h)?,
         &to_cuda(src)?,
         &to_cuda(noise_idx)?,
         &to_cuda(salient_idx)?,
-    )?)
+    )?)?)
 }

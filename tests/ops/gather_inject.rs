@@ -9,7 +9,7 @@ use r2scp::cap::{
     gather_inject, gather_inject_backward_emulated, gather_inject_emulated, gather_inject_reference,
 };
 
-type InjOp = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+type InjOp = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> r2scp::Result<Tensor>;
 
 fn case_name(seed: u64, c: &InjCase, dtype: DType) -> String {
     format!(

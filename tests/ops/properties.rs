@@ -33,18 +33,21 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-type Res<T> = candle_core::Result<T>;
+type Res<T> = r2scp::Result<T>;
 type CosOp = fn(&Tensor, &Tensor, Option<&Tensor>, usize, Option<&Tensor>) -> Res<(Tensor, Tensor)>;
 type DisOp = fn(&Tensor, Context, usize) -> Res<r2scp::cap::Dissonance>;
 type RowsOp = fn(&Tensor, usize) -> Res<(Tensor, Tensor)>;
 type InjOp = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Res<Tensor>;
 
-/// One way to run an op: its name in failure messages, the function, and whether it has f64
-/// (the fused CPU path does; kernels do not, f64 is an error there).
+/// One way to run an op: its name in failure messages, the function, whether it has f64
+/// (the fused CPU path does; kernels do not, f64 is an error there), and whether it applies
+/// the ranking ops' NaN policy (the public op: a NaN to rank is an error; the emulated kernel
+/// alone ranks it as -inf).
 struct Executor<O> {
     name: &'static str,
     op: O,
     f64: bool,
+    nan_errors: bool,
 }
 
 const fn fused<O>(op: O) -> Executor<O> {
@@ -52,6 +55,7 @@ const fn fused<O>(op: O) -> Executor<O> {
         name: "fused cpu",
         op,
         f64: true,
+        nan_errors: true,
     }
 }
 
@@ -60,6 +64,7 @@ const fn emulated<O>(op: O) -> Executor<O> {
         name: "emulated kernel",
         op,
         f64: false,
+        nan_errors: false,
     }
 }
 
@@ -69,6 +74,7 @@ const fn on_device<O>(op: O) -> Executor<O> {
         name: "cuda",
         op,
         f64: false,
+        nan_errors: true,
     }
 }
 
@@ -80,14 +86,11 @@ fn cases() -> u64 {
 }
 
 /// The error text without the backtrace candle appends under `RUST_BACKTRACE`.
-fn text(e: &candle_core::Error) -> String {
-    match e {
-        candle_core::Error::WithBacktrace { inner, .. } => text(inner),
-        e => e.to_string(),
-    }
+fn text(e: &r2scp::Error) -> String {
+    e.to_string()
 }
 
-fn assert_one_line(e: &candle_core::Error, what: &str) {
+fn assert_one_line(e: &r2scp::Error, what: &str) {
     let t = text(e);
     assert!(
         !t.trim().is_empty() && !t.contains('\n'),
@@ -276,7 +279,20 @@ fn check_cosine_topk(executors: &[Executor<CosOp>], n_cases: u64) {
                 DType::U32,
             ],
         );
-        let qdt = pick(r, &[DType::F32, kdt, kdt, DType::F32, kdt, DType::F64]);
+        // queries of any float dtype: f32 and the keys' dtype as given, the others converted
+        let qdt = pick(
+            r,
+            &[
+                DType::F32,
+                kdt,
+                kdt,
+                DType::F32,
+                kdt,
+                DType::F64,
+                DType::BF16,
+                DType::U32,
+            ],
+        );
         let special = r.random_bool(0.15);
         let q_special = special && r.random_bool(0.5);
         let qv = values(r, b * d, q_special);
@@ -295,8 +311,7 @@ fn check_cosine_topk(executors: &[Executor<CosOp>], n_cases: u64) {
         let ex_t = exclude
             .as_ref()
             .map(|e| Tensor::from_vec(e.clone(), b, &Device::Cpu).unwrap());
-        let valid_dtypes = matches!(kdt, DType::F32 | DType::F16 | DType::BF16)
-            && (qdt == DType::F32 || qdt == kdt);
+        let valid_dtypes = matches!(kdt, DType::F32 | DType::F16 | DType::BF16) && qdt.is_float();
         let norms = (valid_dtypes && d > 0 && r.random_bool(0.5))
             .then(|| key_norms(&k.contiguous().unwrap()).unwrap());
         let left_min = (0..b)
@@ -469,11 +484,15 @@ fn check_topk_rows(executors: &[Executor<RowsOp>], n_cases: u64) {
         let has_nan = sv.iter().any(|x| x.is_nan());
         // candle's arg_sort (inside the reference) panics on NaN ("comparison function does
         // not correctly implement a total order"), so the reference only sees NaN-free rows.
-        let reference = if has_nan && !must_fail {
-            Err(candle_core::Error::Msg("not run on NaN".into()))
-        } else {
-            topk_rows_reference(&s, k)
-        };
+        let reference = topk_rows_reference(&s, k);
+        // the NaN policy: the first NaN in row-major order is the one named
+        let first_nan = sv.iter().position(|x| x.is_nan()).map(|p| (p / l, p % l));
+        if let (false, Some((bi, i))) = (must_fail, first_nan) {
+            let e = reference.as_ref().err().map(text);
+            let want =
+                format!("topk_rows_reference: NaN score at row {bi}, column {i}; NaN has no rank");
+            assert_eq!(e.as_deref(), Some(want.as_str()), "reference: {what}");
+        }
         for ex in executors {
             let (name, op) = (ex.name, ex.op);
             let must_fail = must_fail || (!ex.f64 && dt == DType::F64);
@@ -483,6 +502,13 @@ fn check_topk_rows(executors: &[Executor<RowsOp>], n_cases: u64) {
                     .err()
                     .unwrap_or_else(|| panic!("{name}: {what}: expected an error"));
                 assert_one_line(&e, &what);
+                outcomes[1] += 1;
+                continue;
+            }
+            if let (true, Some((bi, i))) = (ex.nan_errors, first_nan) {
+                let e = got.err().map(|e| text(&e));
+                let want = format!("topk_rows: NaN score at row {bi}, column {i}; NaN has no rank");
+                assert_eq!(e.as_deref(), Some(want.as_str()), "{name}: {what}");
                 outcomes[1] += 1;
                 continue;
             }
@@ -631,12 +657,46 @@ fn check_dissonance_topk(executors: &[Executor<DisOp>], n_cases: u64) {
             "dissonance_topk seed {seed}: B {b} L {l} D {d} La {la} k {k} {dt:?} ctx {ctx_dt:?} anchor {anchor} mask {:?} special {special}",
             mask.as_ref().map(|m| m.dtype())
         );
-        // the reference's arg_sort panics on NaN deltas (see topk_rows_property)
-        let reference = if special && !must_fail {
-            Err(candle_core::Error::Msg("not run on NaN or Inf".into()))
-        } else {
-            dissonance_topk_reference(&p, ctx, k)
+        let reference = dissonance_topk_reference(&p, ctx, k);
+        // Where a NaN delta may come from: a non-finite value in P's row or in the context
+        // row (tokens: any of the row's tokens, masked ones included, since the reference's
+        // masked mean multiplies them by 0).
+        let (pv_all, gv_all, hv_all) = (f64s(&p), f64s(&g), f64s(&h));
+        let may_nan = |bi: usize, i: usize| {
+            let p_bad = pv_all[(bi * l + i) * d..(bi * l + i + 1) * d]
+                .iter()
+                .any(|x| !x.is_finite());
+            let ctx_bad = if anchor {
+                gv_all[bi * d..(bi + 1) * d].iter().any(|x| !x.is_finite())
+            } else {
+                hv_all[bi * la * d..(bi + 1) * la * d]
+                    .iter()
+                    .any(|x| !x.is_finite())
+            };
+            p_bad || ctx_bad
         };
+        // A NaN-delta error must name a (row, token) whose inputs are not all finite.
+        let check_nan_error = |e: &r2scp::Error, op: &str, who: &str| {
+            let t = text(e);
+            let Some(rest) = t.strip_prefix(&format!("{op}: NaN delta at batch row ")) else {
+                panic!("{who}: {what}: unexpected error {t:?}");
+            };
+            let nums: Vec<usize> = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|x| !x.is_empty())
+                .take(2)
+                .map(|x| x.parse().unwrap())
+                .collect();
+            assert!(
+                nums.len() == 2 && nums[0] < b && nums[1] < l && may_nan(nums[0], nums[1]),
+                "{who}: {what}: {t:?} names a row whose inputs are finite"
+            );
+        };
+        if !must_fail {
+            if let Err(e) = &reference {
+                check_nan_error(e, "dissonance_topk_reference", "reference");
+            }
+        }
         for ex in executors {
             let (name, op) = (ex.name, ex.op);
             let must_fail = must_fail || (!ex.f64 && dt == DType::F64);
@@ -649,7 +709,20 @@ fn check_dissonance_topk(executors: &[Executor<DisOp>], n_cases: u64) {
                 outcomes[1] += 1;
                 continue;
             }
+            if ex.nan_errors {
+                if let Err(e) = &got {
+                    check_nan_error(e, "dissonance_topk", name);
+                    outcomes[1] += 1;
+                    continue;
+                }
+            }
             let out = got.unwrap_or_else(|e| panic!("{name}: {what}: {}", text(&e)));
+            if ex.nan_errors {
+                assert!(
+                    !f64s(&out.delta).iter().any(|x| x.is_nan()),
+                    "{name}: {what}: a NaN delta passed the NaN policy"
+                );
+            }
             assert_eq!(out.delta.dims(), [b, l], "{name}: {what}");
             assert_eq!(out.noise_idx.dims(), [b, k], "{name}: {what}");
             assert_eq!(out.noise_mask.dims(), [b, l], "{name}: {what}");

@@ -1,6 +1,6 @@
 //! topk_rows: fused CPU path, emulated CUDA kernel and the op on a CUDA device (`cuda_*`,
-//! see `super::executors`) against the candle reference and an exact top-k, NaN ordering and
-//! error paths.
+//! see `super::executors`) against the candle reference and an exact top-k, the NaN policy
+//! (the op refuses NaN; the kernel alone ranks it as -inf) and error paths.
 
 use super::common::*;
 use super::executors::{on_cuda, topk_rows_cuda};
@@ -8,9 +8,10 @@ use candle_core::{DType, Device, Result, Tensor};
 use r2scp::cap::{topk_rows, topk_rows_emulated, topk_rows_reference};
 use rand::Rng;
 
-type RowsOp = fn(&Tensor, usize) -> Result<(Tensor, Tensor)>;
+type RowsOp = fn(&Tensor, usize) -> r2scp::Result<(Tensor, Tensor)>;
 
-/// NaN ranks as -inf: numbers first (ties to the lower index), then the NaNs by index.
+/// The kernel alone ranks NaN as -inf: numbers first (ties to the lower index), then the
+/// NaNs by index, so its output is deterministic before the op's NaN check.
 fn ignores_nan_until_numbers_run_out(op: RowsOp, what: &str) -> Result<()> {
     let s = Tensor::from_vec(
         vec![0.5f32, f32::NAN, 0.7, 0.5, f32::NAN],
@@ -26,19 +27,49 @@ fn ignores_nan_until_numbers_run_out(op: RowsOp, what: &str) -> Result<()> {
 }
 
 #[test]
-fn topk_ignores_nan_until_numbers_run_out() -> Result<()> {
-    ignores_nan_until_numbers_run_out(topk_rows, "fused cpu")
-}
-
-#[test]
 fn emu_topk_ignores_nan_until_numbers_run_out() -> Result<()> {
     ignores_nan_until_numbers_run_out(topk_rows_emulated, "emulated")
 }
 
+/// The op's NaN policy: a NaN score is an error naming the first one (row-major), whatever
+/// k, even when k would not reach it; -inf is a number.
+fn nan_is_an_error(op: RowsOp, name: &str) -> Result<()> {
+    let s = Tensor::from_vec(
+        vec![
+            0.5f32,
+            0.1,
+            f32::NEG_INFINITY,
+            0.7,
+            f32::NAN,
+            0.5,
+            f32::NAN,
+            0.2,
+        ],
+        (2, 4),
+        &Device::Cpu,
+    )?;
+    for k in [1, 4] {
+        let e = op(&s, k).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("{name}: NaN score at row 1, column 0; NaN has no rank")
+        );
+    }
+    let (_, i) = op(&s.narrow(0, 0, 1)?, 3)?; // the row with -inf and no NaN
+    assert_eq!(to_u32_rows(&i)?[0], vec![3, 0, 1]);
+    Ok(())
+}
+
 #[test]
-fn cuda_topk_ignores_nan_until_numbers_run_out() {
-    on_cuda("cuda_topk_ignores_nan_until_numbers_run_out", || {
-        ignores_nan_until_numbers_run_out(topk_rows_cuda, "cuda").unwrap()
+fn topk_rows_nan_is_an_error() -> Result<()> {
+    nan_is_an_error(topk_rows, "topk_rows")?;
+    nan_is_an_error(topk_rows_reference, "topk_rows_reference")
+}
+
+#[test]
+fn cuda_topk_rows_nan_is_an_error() {
+    on_cuda("cuda_topk_rows_nan_is_an_error", || {
+        nan_is_an_error(topk_rows_cuda, "topk_rows").unwrap()
     });
 }
 
@@ -84,20 +115,21 @@ fn matches_reference(op: RowsOp, what: &str) -> Result<()> {
 
 #[test]
 fn emu_topk_rows_kernel_matches_reference() -> Result<()> {
-    long_rows_and_nan(topk_rows_emulated, "emulated", emu_cases())
+    long_rows_and_nan(topk_rows_emulated, "emulated", emu_cases(), false)
 }
 
 #[test]
 fn cuda_topk_rows_long_rows_and_nan() {
     on_cuda("cuda_topk_rows_long_rows_and_nan", || {
-        long_rows_and_nan(topk_rows_cuda, "cuda", 210).unwrap()
+        long_rows_and_nan(topk_rows_cuda, "cuda", 210, true).unwrap()
     });
 }
 
 /// `cases` random rows, every tenth longer than the kernel's largest tile (1000-2100 columns,
-/// k up to 1024), every fifth with a NaN and a -inf: against the fused CPU path (same NaN
-/// order), an exact top-k and the reference (where it has no NaN).
-fn long_rows_and_nan(op: RowsOp, what: &str, cases: u64) -> Result<()> {
+/// k up to 1024), every fifth with a NaN and a -inf: against an exact top-k with NaN ranked
+/// as -inf (`nan_errors` false: the kernel alone) or the op's NaN error (`nan_errors`
+/// true), and where there is no NaN against the fused CPU path and the reference.
+fn long_rows_and_nan(op: RowsOp, what: &str, cases: u64, nan_errors: bool) -> Result<()> {
     for seed in 0..cases {
         let mut r = rng(7000 + seed);
         let b = r.random_range(1..=6usize);
@@ -116,28 +148,38 @@ fn long_rows_and_nan(op: RowsOp, what: &str, cases: u64) -> Result<()> {
             v[r.random_range(0..b * l)] = f32::NEG_INFINITY;
         }
         let s = Tensor::from_vec(v.clone(), (b, l), &Device::Cpu)?;
+        let first_nan = v.iter().position(|x| x.is_nan());
+        if let (true, Some(p)) = (nan_errors, first_nan) {
+            let e = op(&s, k).unwrap_err().to_string();
+            let want = format!(
+                "topk_rows: NaN score at row {}, column {}; NaN has no rank",
+                p / l,
+                p % l
+            );
+            assert_eq!(e, want, "{what}: seed {seed}");
+            continue;
+        }
         let (val, idx) = op(&s, k)?;
-        let (fval, fidx) = topk_rows(&s, k)?;
         let iv = to_u32_rows(&idx)?;
-        assert_eq!(iv, to_u32_rows(&fidx)?, "{what}: seed {seed}: vs fused CPU");
         let vv = val.to_vec2::<f32>()?;
-        let fv = fval.to_vec2::<f32>()?;
         for bi in 0..b {
-            for j in 0..k {
-                assert!(
-                    vv[bi][j] == fv[bi][j] || (vv[bi][j].is_nan() && fv[bi][j].is_nan()),
-                    "{what}: seed {seed}"
-                );
-            }
-            if seed % 5 != 0 {
+            let row = &v[bi * l..(bi + 1) * l];
+            assert_eq!(
+                iv[bi],
+                nan_last_topk(row, k),
+                "{what}: seed {seed} row {bi}"
+            );
+            for (j, &i) in iv[bi].iter().enumerate() {
                 assert_eq!(
-                    iv[bi],
-                    exact_topk(&v[bi * l..(bi + 1) * l], k),
+                    vv[bi][j].to_bits(),
+                    row[i as usize].to_bits(),
                     "{what}: seed {seed} row {bi}"
                 );
             }
         }
-        if seed % 5 != 0 {
+        if first_nan.is_none() {
+            let (_, fidx) = topk_rows(&s, k)?;
+            assert_eq!(iv, to_u32_rows(&fidx)?, "{what}: seed {seed}: vs fused CPU");
             let (_, ridx) = topk_rows_reference(&s, k)?;
             assert_eq!(iv, to_u32_rows(&ridx)?, "{what}: seed {seed}: vs reference");
         }
@@ -165,47 +207,19 @@ fn error_cases(f: RowsOp) {
 }
 
 #[test]
-fn reference_ranks_nan_last_like_the_fused_op() -> Result<()> {
-    let s = Tensor::from_vec(
-        vec![0.5f32, f32::NAN, 0.7, f32::NEG_INFINITY, f32::NAN, 0.5],
-        (1, 6),
-        &Device::Cpu,
-    )?;
-    let (_, fused) = topk_rows(&s, 6)?;
-    let (_, reference) = topk_rows_reference(&s, 6)?;
-    assert_eq!(to_u32_rows(&fused)?[0], vec![2, 0, 5, 1, 3, 4]);
-    assert_eq!(to_u32_rows(&reference)?, to_u32_rows(&fused)?);
-    Ok(())
-}
-
-#[test]
-fn cuda_ranks_nan_last_like_the_fused_op() {
-    on_cuda("cuda_ranks_nan_last_like_the_fused_op", || {
-        let s = Tensor::from_vec(
-            vec![0.5f32, f32::NAN, 0.7, f32::NEG_INFINITY, f32::NAN, 0.5],
-            (1, 6),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let (_, idx) = topk_rows_cuda(&s, 6).unwrap();
-        assert_eq!(to_u32_rows(&idx).unwrap()[0], vec![2, 0, 5, 1, 3, 4]);
-    });
-}
-
-#[test]
 fn topk_rows_signed_zeros_and_infinities() -> Result<()> {
-    signed_zeros_and_infinities(topk_rows, "fused cpu")
+    signed_zeros_and_infinities(topk_rows, "fused cpu", false)
 }
 
 #[test]
 fn emu_topk_rows_signed_zeros_and_infinities() -> Result<()> {
-    signed_zeros_and_infinities(topk_rows_emulated, "emulated")
+    signed_zeros_and_infinities(topk_rows_emulated, "emulated", true)
 }
 
 #[test]
 fn cuda_topk_rows_signed_zeros_and_infinities() {
     on_cuda("cuda_topk_rows_signed_zeros_and_infinities", || {
-        signed_zeros_and_infinities(topk_rows_cuda, "cuda").unwrap()
+        signed_zeros_and_infinities(topk_rows_cuda, "cuda", false).unwrap()
     });
 }
 
@@ -213,7 +227,8 @@ fn cuda_topk_rows_signed_zeros_and_infinities() {
 /// before NaN, across several register slots of the one-warp top-k (L = 256, its longest row,
 /// and L = 70) and in the block top-k (L = 257); 3 and 5 rows (the last block's second warp
 /// idle). The fused CPU path sorts its result with `Scored::rank_cmp`, which must tie them too.
-fn signed_zeros_and_infinities(op: RowsOp, what: &str) -> Result<()> {
+/// `with_nan` false puts -1 where the NaNs were, for the op (which refuses NaN).
+fn signed_zeros_and_infinities(op: RowsOp, what: &str, with_nan: bool) -> Result<()> {
     for (l, b) in [(70usize, 3usize), (256, 5), (257, 3)] {
         let mut v = vec![0f32; b * l];
         for (i, x) in v.iter_mut().enumerate() {
@@ -221,7 +236,8 @@ fn signed_zeros_and_infinities(op: RowsOp, what: &str) -> Result<()> {
             *x = match c % 7 {
                 0 => -0.0,
                 1 => 0.0,
-                2 => f32::NAN,
+                2 if with_nan => f32::NAN,
+                2 => -1.0,
                 3 => f32::NEG_INFINITY,
                 4 => (c as f32 * 0.37).sin(),
                 5 => -1e-30,

@@ -8,7 +8,21 @@ use candle_core::{bail, DType, Result, Tensor};
 
 pub(crate) const OP: &str = "dissonance_topk";
 
-/// The available-modality context of [`fn@super::dissonance_topk`].
+/// The available-modality context of [`fn@super::dissonance_topk`]: tokens to pool, or the
+/// pooled vector itself.
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// use r2scp::Context;
+/// let dev = Device::Cpu;
+/// let h_avl = Tensor::zeros((2, 7, 16), candle_core::DType::F32, &dev)?; // [B, La, D]
+/// let valid = Tensor::new(&[[1u8, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]], &dev)?; // [B, La]
+/// let _padded = Context::Tokens { h_avl: &h_avl, mask: Some(&valid) };
+/// let _all = Context::Tokens { h_avl: &h_avl, mask: None };
+/// let g = h_avl.mean(1)?; // [B, D]
+/// let _pooled = Context::Anchor(&g);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub enum Context<'a> {
     /// Available tokens `h_avl` [B, La, D] (the dtype of `P`), pooled by a masked mean

@@ -8,10 +8,11 @@ mod contract;
 mod cpu;
 pub mod kernel;
 
+use crate::error::bail;
 use crate::kernel::abi::COS_EPS;
 use candle_core::op::BackpropOp;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
 use contract::{validate, Dims, OP};
 pub use contract::{Context, Dissonance};
@@ -23,9 +24,40 @@ use std::sync::{Arc, Mutex};
 /// in one pass per batch row (CPU, rayon over rows) or one kernel (CUDA). `p` and the context
 /// share one float dtype (f32, f16, bf16; f64 on CPU).
 ///
-/// Errors: rank/shape/dtype/device mismatch, `k == 0`, `k > L`, `D == 0`, `La == 0`.
 /// `delta` carries the gradient w.r.t. `p` and `h_avl` (or the anchor); indices and mask none.
-pub fn dissonance_topk(p: &Tensor, ctx: Context, k: usize) -> Result<Dissonance> {
+/// Ties go to the lower index.
+///
+/// NaN: a NaN delta (a NaN or infinite value in `p` or in the context) is an error naming the
+/// batch row and token, since a NaN has no rank; on CUDA finding it costs one reduction and a
+/// one-byte read (a synchronisation).
+///
+/// Errors: rank/shape/dtype/device mismatch, `k == 0`, `k > L`, `D == 0`, `La == 0`, NaN.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use r2scp::{dissonance_topk, Context};
+///
+/// let dev = Device::Cpu;
+/// // 1 sample, 3 retrieved tokens of D = 2, against 2 available tokens
+/// let p = Tensor::new(&[[[1f32, 0.], [0., 1.], [-1., 0.1]]], &dev)?;
+/// let h_avl = Tensor::new(&[[[1f32, 0.1], [1., -0.1]]], &dev)?;
+/// let out = dissonance_topk(&p, Context::Tokens { h_avl: &h_avl, mask: None }, 1)?;
+/// assert_eq!(out.noise_idx.to_vec2::<u32>()?, [[2]]); // the token pointing away
+/// assert_eq!(out.noise_mask.to_vec2::<f32>()?, [[0., 0., 1.]]);
+/// // or against a pooled context vector [B, D]
+/// let g = Tensor::new(&[[0f32, 1.]], &dev)?;
+/// let out = dissonance_topk(&p, Context::Anchor(&g), 2)?;
+/// assert_eq!(out.noise_idx.to_vec2::<u32>()?, [[0, 2]]); // delta 1 and 0.90; token 1 is aligned
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn dissonance_topk(p: &Tensor, ctx: Context, k: usize) -> crate::Result<Dissonance> {
+    let out = fused(p, ctx, k)?;
+    refuse_nan_delta(OP, &out)?;
+    Ok(out)
+}
+
+/// [`dissonance_topk`] before its NaN check.
+fn fused(p: &Tensor, ctx: Context, k: usize) -> Result<Dissonance> {
     let dims = validate(p, &ctx, k)?;
     let p = p.contiguous()?;
     let indices = IndexOutputs::default();
@@ -62,12 +94,23 @@ pub fn dissonance_topk(p: &Tensor, ctx: Context, k: usize) -> Result<Dissonance>
     })
 }
 
+/// The NaN policy of the CAP ops: a NaN delta is an error naming its batch row and token.
+fn refuse_nan_delta(op: &str, out: &Dissonance) -> crate::Result<()> {
+    if let Some((b, i)) = crate::check::first_nan(&out.delta)? {
+        bail!(
+            "{op}: NaN delta at batch row {b}, token {i} (a NaN or infinite value in P or the context); NaN has no rank"
+        );
+    }
+    Ok(())
+}
+
 /// `dissonance_topk` through the emulated `dissonance_topk_<dt>` kernel (f32, f16, bf16; CPU
-/// tensors): same validation and outputs as the op; `delta` carries no gradient. Test
+/// tensors): same validation and outputs as the op, without the op's NaN check (so the
+/// tests see the kernel's own NaN-last order); `delta` carries no gradient. Test
 /// infrastructure (feature `emulate`).
 #[cfg(feature = "emulate")]
 #[doc(hidden)]
-pub fn dissonance_topk_emulated(p: &Tensor, ctx: Context, k: usize) -> Result<Dissonance> {
+pub fn dissonance_topk_emulated(p: &Tensor, ctx: Context, k: usize) -> crate::Result<Dissonance> {
     use crate::kernel::{emu::EmuLauncher, tensor_ptr, Launcher, Ptr};
     let dims = validate(p, &ctx, k)?;
     if !p.device().is_cpu() {
@@ -102,9 +145,25 @@ pub fn dissonance_topk_emulated(p: &Tensor, ctx: Context, k: usize) -> Result<Di
 }
 
 /// Unfused reference of [`dissonance_topk`] from plain candle ops (mean, cosine, `arg_sort` of
-/// delta with NaN keyed as -inf, `scatter_add`); `delta` is differentiable through candle's
-/// autograd. Same validation.
-pub fn dissonance_topk_reference(p: &Tensor, ctx: Context, k: usize) -> Result<Dissonance> {
+/// delta, `scatter_add`); `delta` is differentiable through candle's autograd. Same
+/// validation and NaN error.
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// # use r2scp::cap::{dissonance_topk, dissonance_topk_reference, Context};
+/// let p = Tensor::new(&[[[1f32, 0.], [0., 1.]]], &Device::Cpu)?;
+/// let g = Tensor::new(&[[1f32, 0.2]], &Device::Cpu)?;
+/// let (a, b) = (dissonance_topk(&p, Context::Anchor(&g), 1)?, dissonance_topk_reference(&p, Context::Anchor(&g), 1)?);
+/// assert_eq!(a.noise_idx.to_vec2::<u32>()?, b.noise_idx.to_vec2::<u32>()?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn dissonance_topk_reference(p: &Tensor, ctx: Context, k: usize) -> crate::Result<Dissonance> {
+    let out = reference(p, ctx, k)?;
+    refuse_nan_delta("dissonance_topk_reference", &out)?;
+    Ok(out)
+}
+
+fn reference(p: &Tensor, ctx: Context, k: usize) -> Result<Dissonance> {
     let dims = validate(p, &ctx, k)?;
     let acc = acc_dtype(p.dtype());
     let pf = p.to_dtype(acc)?;

@@ -9,8 +9,9 @@ mod cpu;
 pub mod kernel;
 
 use crate::check::contiguous_slice;
+use crate::error::bail;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use contract::{validate, Injection, OP};
 use kernel::Pass;
 
@@ -20,29 +21,66 @@ use kernel::Pass;
 ///
 /// Backward: grad_h = output gradient with the noise rows zeroed; grad_src accumulates each
 /// injected row's gradient into its salient source row (a row used twice receives both).
+/// NaN: the op ranks nothing, so values are copied as they are: a NaN in `h` or `src` lands
+/// in the output exactly where the copy puts it (never dropped, never invented).
+///
 /// Errors (all checked on the host before any kernel): shape/dtype/device mismatch, `k == 0`,
 /// `k > L`, `D == 0`, an index out of range, a noise index repeated within a batch row.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let dev = Device::Cpu;
+/// let h = Tensor::new(&[[[1f32, 1.], [2., 2.], [3., 3.]]], &dev)?; // [1, 3, 2]
+/// let src = Tensor::new(&[[[7f32, 7.], [9., 9.]]], &dev)?; // [1, 2, 2]
+/// let noise = Tensor::new(&[[2u32, 0]], &dev)?; // replace rows 2 and 0 of h ...
+/// let salient = Tensor::new(&[[1u32, 0]], &dev)?; // ... by rows 1 and 0 of src
+/// let out = r2scp::gather_inject(&h, &src, &noise, &salient)?;
+/// assert_eq!(out.to_vec3::<f32>()?, [[[7., 7.], [2., 2.], [9., 9.]]]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn gather_inject(
     h: &Tensor,
     src: &Tensor,
     noise_idx: &Tensor,
     salient_idx: &Tensor,
-) -> Result<Tensor> {
+) -> crate::Result<Tensor> {
     let inj = validate(h, src, noise_idx, salient_idx)?;
-    h.contiguous()?
-        .apply_op2(&src.contiguous()?, InjectOp { inj })
+    Ok(h.contiguous()?
+        .apply_op2(&src.contiguous()?, InjectOp { inj })?)
 }
 
 /// Unfused reference of [`gather_inject`] from plain candle ops, literally Eq. 9:
 /// `(1 - M_noise) * h + M_noise * Gather(src, salient)`, with the gather by `gather` and the
 /// placement by a one-hot [B, L, k] matmul (differentiable through candle's autograd; candle
 /// 0.11.1's `scatter_add` backward rejects this shape). Same validation.
+///
+/// A NaN in `h` or `src` spreads wider here than in [`gather_inject`]: the one-hot matmul
+/// multiplies every row of `src` (and `0 * NaN` is NaN), which is one reason the fused op
+/// copies rows instead.
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// # use r2scp::cap::{gather_inject, gather_inject_reference};
+/// let dev = Device::Cpu;
+/// let h = Tensor::randn(0f32, 1., (2, 5, 3), &dev)?;
+/// let src = Tensor::randn(0f32, 1., (2, 4, 3), &dev)?;
+/// let noise = Tensor::new(&[[4u32, 1], [0, 2]], &dev)?;
+/// let salient = Tensor::new(&[[3u32, 3], [1, 0]], &dev)?;
+/// let a = gather_inject(&h, &src, &noise, &salient)?;
+/// let b = gather_inject_reference(&h, &src, &noise, &salient)?;
+/// assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn gather_inject_reference(
     h: &Tensor,
     src: &Tensor,
     noise_idx: &Tensor,
     salient_idx: &Tensor,
-) -> Result<Tensor> {
+) -> crate::Result<Tensor> {
+    Ok(reference(h, src, noise_idx, salient_idx)?)
+}
+
+fn reference(h: &Tensor, src: &Tensor, noise_idx: &Tensor, salient_idx: &Tensor) -> Result<Tensor> {
     let Injection { b, l, d, k, .. } = validate(h, src, noise_idx, salient_idx)?;
     let sal = salient_idx
         .unsqueeze(2)?
@@ -68,9 +106,9 @@ pub fn gather_inject_emulated(
     src: &Tensor,
     noise_idx: &Tensor,
     salient_idx: &Tensor,
-) -> Result<Tensor> {
+) -> crate::Result<Tensor> {
     let inj = validate(h, src, noise_idx, salient_idx)?;
-    emulated(Pass::Forward, &inj, h, Some(src))
+    Ok(emulated(Pass::Forward, &inj, h, Some(src))?)
 }
 
 /// The backward of `gather_inject` through the emulated `gather_inject_zero_<dt>` and
@@ -84,7 +122,7 @@ pub fn gather_inject_backward_emulated(
     src: &Tensor,
     noise_idx: &Tensor,
     salient_idx: &Tensor,
-) -> Result<(Tensor, Tensor)> {
+) -> crate::Result<(Tensor, Tensor)> {
     let inj = validate(grad, src, noise_idx, salient_idx)?;
     Ok((
         emulated(Pass::GradH, &inj, grad, None)?,

@@ -8,9 +8,10 @@ pub mod kernel;
 
 use crate::check::contiguous_slice;
 use crate::elem::Acc;
+use crate::error::bail;
 use crate::topk::{row_topk, NanPolicy};
 use candle_core::op::BackpropOp;
-use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 const OP: &str = "topk_rows";
@@ -60,13 +61,43 @@ fn cpu_topk<A: Acc>(s: &[A], l: usize, k: usize) -> Result<(Vec<A>, Vec<u32>)> {
     Ok((val, idx))
 }
 
+/// The NaN policy of the CAP ops: a NaN score is an error naming its row and column.
+fn refuse_nan(op: &str, scores: &Tensor) -> crate::Result<()> {
+    if let Some((b, i)) = crate::check::first_nan(scores)? {
+        bail!("{op}: NaN score at row {b}, column {i}; NaN has no rank");
+    }
+    Ok(())
+}
+
 /// Top-`k` of every row of `scores` [B, L] (f32; f64 on CPU): returns (values [B, k] in the
-/// dtype of `scores`, indices [B, k] u32), larger first, ties to the lower index, NaN ranked
-/// as -inf. The same top-k machinery as [`fn@super::dissonance_topk`]. Values are
-/// differentiable w.r.t. `scores` (as a gather at the indices); indices carry no gradient.
-/// Errors: rank != 2, a non-float dtype, `k == 0`, `k > L`.
-pub fn topk_rows(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+/// dtype of `scores`, indices [B, k] u32), larger first, ties to the lower index; `-inf` is
+/// a number (ranked last), NaN an error naming its row and column (on CUDA finding it costs
+/// one reduction and a one-byte read). The same top-k machinery as
+/// [`fn@super::dissonance_topk`]. Values are differentiable w.r.t. `scores` (as a gather at
+/// the indices); indices carry no gradient. Errors: rank != 2, a non-float dtype, `k == 0`,
+/// `k > L`, NaN.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let scores = Tensor::new(&[[0.1f32, 0.9, 0.5], [3., 3., f32::NEG_INFINITY]], &Device::Cpu)?;
+/// let (values, idx) = r2scp::topk_rows(&scores, 2)?;
+/// assert_eq!(idx.to_vec2::<u32>()?, [[1, 2], [0, 1]]); // ties to the lower index
+/// assert_eq!(values.to_vec2::<f32>()?, [[0.9, 0.5], [3., 3.]]);
+/// let nan = Tensor::new(&[[0.1f32, f32::NAN]], &Device::Cpu)?;
+/// assert_eq!(
+///     r2scp::topk_rows(&nan, 1).unwrap_err().to_string(),
+///     "topk_rows: NaN score at row 0, column 1; NaN has no rank"
+/// );
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn topk_rows(scores: &Tensor, k: usize) -> crate::Result<(Tensor, Tensor)> {
     let (b, l) = validate(scores, k)?;
+    refuse_nan(OP, scores)?;
+    Ok(fused(scores, b, l, k)?)
+}
+
+/// The fused top-k of validated, NaN-free `scores`.
+fn fused(scores: &Tensor, b: usize, l: usize, k: usize) -> Result<(Tensor, Tensor)> {
     let s = scores.contiguous()?;
     let (vals, idx) = {
         let (storage, layout) = s.storage_and_layout();
@@ -119,11 +150,12 @@ pub fn topk_rows(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     Ok((vals, idx))
 }
 
-/// `topk_rows` through the emulated `topk_rows_f32` kernel (f32 CPU tensors). Test
+/// `topk_rows` through the emulated `topk_rows_f32` kernel (f32 CPU tensors), without the
+/// op's NaN check (the kernel ranks NaN as -inf, and the tests check that order). Test
 /// infrastructure (feature `emulate`).
 #[cfg(feature = "emulate")]
 #[doc(hidden)]
-pub fn topk_rows_emulated(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+pub fn topk_rows_emulated(scores: &Tensor, k: usize) -> crate::Result<(Tensor, Tensor)> {
     use crate::kernel::{emu::EmuLauncher, tensor_ptr, Launcher, Ptr};
     let (b, l) = validate(scores, k)?;
     if !scores.device().is_cpu() || scores.dtype() != DType::F32 {
@@ -140,10 +172,19 @@ pub fn topk_rows_emulated(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)>
 }
 
 /// Unfused reference of [`topk_rows`]: `arg_sort_last_dim` (stable, so ties keep the lower
-/// index) of the scores with NaN keyed as -inf (ranked last, as the fused op does), `narrow`,
-/// `gather` of the original scores.
-pub fn topk_rows_reference(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+/// index) of the scores, `narrow`, `gather` of the original scores. Same validation and NaN
+/// error.
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// let s = Tensor::new(&[[0.1f32, 0.9, 0.5]], &Device::Cpu)?;
+/// let (_, idx) = r2scp::cap::topk_rows_reference(&s, 2)?;
+/// assert_eq!(idx.to_vec2::<u32>()?, [[1, 2]]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn topk_rows_reference(scores: &Tensor, k: usize) -> crate::Result<(Tensor, Tensor)> {
     validate(scores, k)?;
+    refuse_nan("topk_rows_reference", scores)?;
     let idx = crate::topk::nan_last_keys(&scores.detach().contiguous()?)?
         .arg_sort_last_dim(false)?
         .narrow(1, 0, k)?

@@ -31,8 +31,8 @@ pub(crate) struct DeviceCall {
 
 /// The outputs of one device call and its error word, not yet read (see the NaN contract in
 /// `kernel.rs`): scores [B, n] f32 (all NaN when the call failed), indices [B, n] u32, status
-/// \[3\] u32 on the device, `(0, 0, 0)` when the call succeeded. Both device paths (bandwidth
-/// and tensor-core) return it.
+/// \[3\] u32 on the device, `(0, 0, 0)` when the call succeeded. Every device path returns it.
+#[cfg_attr(not(any(feature = "cuda", feature = "emulate")), allow(dead_code))]
 pub(crate) struct DeviceTopN {
     pub scores: Tensor,
     pub indices: Tensor,
@@ -90,7 +90,14 @@ fn check_inputs(
     if d == 0 {
         bail!("{op}: vectors must have D >= 1, got D = 0");
     }
-    check_dtype(keys.dtype(), &KEY_FLOATS, "keys", "f32, f16 or bf16", op)?;
+    check_dtype(
+        keys.dtype(),
+        &KEY_FLOATS,
+        "keys",
+        "f32, f16 or bf16 (convert the bank once with `keys.to_dtype(DType::F32)`)",
+        op,
+    )?;
+    // The public ops convert other float queries to f32 before this check.
     if queries.dtype() != DType::F32 && queries.dtype() != keys.dtype() {
         bail!(
             "{op}: queries dtype {:?} must be f32 or the keys' dtype {:?}",

@@ -21,20 +21,25 @@
 //! when they choose, and meanwhile every score of a failed call is NaN, so a consumer of the
 //! scores sees the failure.
 //!
-//! These are the bandwidth kernels ([`Kernel::Bandwidth`]); large batches take the
-//! tensor-core path of `tensor_core.rs` ([`Kernel::TensorCore`]) by the rule [`choose`], under
-//! the same contract (one error word per call, exclusions checked on the device, NaN scores
-//! after a failure) with one documented synchronisation: it reads its overflow flags.
+//! These are the bandwidth kernels ([`Kernel::Bandwidth`]). Larger batches take the GEMM +
+//! select path of `gemm_select.rs` ([`Kernel::Gemm`]) by the default rule [`choose`], or the
+//! path the GPU's measured dispatch table names (`dispatch.rs`; the tensor-core path of
+//! `tensor_core.rs`, [`Kernel::TensorCore`], only so), all under the same contract (one error
+//! word per call, exclusions checked on the device, NaN scores after a failure, nothing read
+//! back).
 // The device path runs with feature `cuda` (a GPU) or `emulate` (the tests); the plan is
 // always public.
 #![cfg_attr(not(any(feature = "cuda", feature = "emulate")), allow(dead_code))]
 
 use super::contract::{DeviceCall, DeviceTopN};
+use super::gemm_select::{self, GemmOverrides};
 use super::tensor_core::{self, TcOverrides};
 use crate::kernel::abi::{
     CosineTopkMergeArgs, CosineTopkPartialArgs, CT_KB_MAX, CT_MERGE_TILE, CT_MIN_BLOCKS, CT_QB_MAX,
     CT_QN_SLICES, CT_STAGES, CT_THREADS, CT_TILE_ROWS,
 };
+use crate::kernel::gemm::Gemm;
+use crate::kernel::workspace::Workspaces;
 use crate::kernel::{entry, to_u32, KernelArgs, LaunchPlan, Launcher, Ptr};
 use candle_core::{bail, DType, Result, Tensor};
 
@@ -182,6 +187,14 @@ pub fn partial_entry(config: &PartialConfig, dtype: DType) -> Result<String> {
 /// the device's opt-in limit. The grid is one wave of the resident blocks. Errors when
 /// n > [`KMAX`] or a shape is empty.
 pub fn plan(p: &Problem, gpu: &Gpu) -> Result<CosinePlan> {
+    plan_with(p, gpu, None)
+}
+
+/// [`plan`] with the key bytes per step forced (`forced`: a power of two from 16 to
+/// [`CT_KB_MAX`], at most the row rounded up to a power of two, else an error; the
+/// configuration is the one [`plan`] would take if it fits, else a smaller one): how `tune`
+/// times the bandwidth kernel's step sizes ([`Knobs::kb`]).
+pub fn plan_with(p: &Problem, gpu: &Gpu, forced: Option<u32>) -> Result<CosinePlan> {
     const OP: &str = "cosine_topk";
     let Problem { b, m, d, n, .. } = *p;
     if n == 0 || n > KMAX {
@@ -199,6 +212,13 @@ pub fn plan(p: &Problem, gpu: &Gpu) -> Result<CosinePlan> {
     let kp = (n.next_power_of_two() as u32).max(2);
     let row_bytes = (d as u64 * key_bytes as u64).div_ceil(16) * 16;
     let kb_max = (row_bytes.next_power_of_two() as u32).clamp(16, CT_KB_MAX);
+    if let Some(k) = forced {
+        if !k.is_power_of_two() || !(16..=kb_max).contains(&k) {
+            crate::error::bail!(
+                "{OP} kernel: {k} key bytes per step, expected a power of two from 16 to {kb_max} (D = {d}, {dtype:?} keys)"
+            );
+        }
+    }
     let wanted = CONFIGS
         .iter()
         .position(|c| c.qb as usize >= b)
@@ -210,9 +230,13 @@ pub fn plan(p: &Problem, gpu: &Gpu) -> Result<CosinePlan> {
         // key bytes per stage on an SM, blocks), the largest wins.
         type Rank = (bool, u64, u32);
         let mut best: Option<(Rank, u32, u64, u32)> = None;
-        let mut kb = kb_max;
-        let kb_min = kb_max.min(64);
-        while kb >= 16 && (kb >= kb_min || best.is_none()) {
+        let (kb_top, kb_min) = match forced {
+            Some(k) => (k, k),
+            None => (kb_max, kb_max.min(64)),
+        };
+        let mut kb = kb_top;
+        // Down to 64 bytes (HBM's burst), or further while nothing fits; a forced kb alone.
+        while kb >= 16 && (kb >= kb_min || (best.is_none() && forced.is_none())) {
             let smem = partial_smem(config.qb, kb, key_bytes, kp, hb);
             if smem <= gpu.max_dyn_smem as u64 {
                 let launch = LaunchPlan {
@@ -268,66 +292,120 @@ pub fn plan(p: &Problem, gpu: &Gpu) -> Result<CosinePlan> {
     })
 }
 
-/// The kernel that runs one call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The device path that runs one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     /// `cosine_topk_partial` + `cosine_topk_merge` (this file): CUDA cores, each key read once
     /// per block of up to [`QB_MAX`] queries; bound by memory bandwidth for small batches.
     Bandwidth,
     /// `cosine_topk_tc_*` (`tensor_core.rs`): the dot products on the tensor cores, exact
-    /// rescoring of the candidates; for large batches.
+    /// rescoring of the candidates; opt-in (a dispatch table or the override).
     TensorCore,
+    /// cuBLAS GEMM + `cosine_topk_gemm_select` (`gemm_select.rs`), exact rescoring of the
+    /// candidates; f32 keys through tf32.
+    Gemm,
+    /// [`Kernel::Gemm`] with f32 keys through a plain f32 GEMM (16-bit keys: the same as
+    /// [`Kernel::Gemm`]).
+    GemmFp32,
 }
 
-/// Smallest batch given to the tensor-core path: 16 queries with f16/bf16 keys, 32 with f32
-/// keys (the tf32 pass does half the f16 rate and its rescoring reads f32 rows).
-pub fn tc_min_batch(dtype: DType) -> usize {
-    if dtype == DType::F32 {
-        32
-    } else {
-        16
+impl Kernel {
+    /// Every path, in the order `tune` measures them.
+    pub const ALL: [Kernel; 4] = [
+        Kernel::Gemm,
+        Kernel::GemmFp32,
+        Kernel::Bandwidth,
+        Kernel::TensorCore,
+    ];
+
+    /// The path's name in dispatch tables, `R2SCP_COSINE_TOPK_PATH` and benchmark rows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Bandwidth => "bandwidth",
+            Kernel::TensorCore => "tensor-core",
+            Kernel::Gemm => "gemm",
+            Kernel::GemmFp32 => "gemm-fp32",
+        }
+    }
+
+    /// The path named `name` ([`Kernel::name`]).
+    pub fn from_name(name: &str) -> Option<Kernel> {
+        Kernel::ALL.into_iter().find(|k| k.name() == name)
     }
 }
 
-/// Smallest D given to the tensor-core path (below it the per-score filter costs more than
-/// the dot product it saves).
+/// Smallest batch the default rule gives to the GEMM + select path (predicted crossover with
+/// the bandwidth kernel, docs/DESIGN.md "GEMM + select path": below it the bandwidth kernel
+/// reads the bank once with fewer launches).
+pub const GEMM_MIN_B: usize = 16;
+
+/// Smallest D the default rule gives to the GEMM + select path: below about 32 dimensions the
+/// select's 8 bytes of L2 traffic per score (the GEMM's write, the select's read) cost more
+/// than the bandwidth kernel's D fused multiply-adds per score (docs/DESIGN.md).
+pub const GEMM_MIN_D: usize = 32;
+
+/// Smallest D the tensor-core path serves well (below it the per-score filter costs more than
+/// the dot product it saves); used when a table or the override asks for it.
 pub const TC_MIN_D: usize = 32;
 
-/// The dispatch rule: [`Kernel::TensorCore`] from [`tc_min_batch`] queries and [`TC_MIN_D`]
-/// dimensions on, else [`Kernel::Bandwidth`]. Where the tensor-core path cannot take a call
-/// (n above its limit, rows not 16-byte aligned, shared or candidate memory over budget) the
-/// bandwidth kernel runs. The crossover behind the numbers is a prediction (docs/DESIGN.md,
-/// "Tensor-core path"), unmeasured.
-pub fn choose(b: usize, d: usize, dtype: DType) -> Kernel {
-    if b >= tc_min_batch(dtype) && d >= TC_MIN_D {
-        Kernel::TensorCore
+/// The default dispatch rule, used where no measured table covers the GPU (issue 23): the
+/// GEMM + select path from [`GEMM_MIN_B`] queries and [`GEMM_MIN_D`] dimensions on, else the
+/// bandwidth kernel. The tensor-core kernel is never the default: it is chosen only by a
+/// dispatch table that measured it faster, or by the override (`dispatch.rs`). Where the
+/// chosen path cannot take a call (n above its limit, rows not aligned, memory over budget)
+/// the bandwidth kernel runs. The crossovers are predictions (docs/DESIGN.md, "GEMM + select
+/// path"), unmeasured.
+pub fn choose(b: usize, d: usize, _dtype: DType) -> Kernel {
+    if b >= GEMM_MIN_B && d >= GEMM_MIN_D {
+        Kernel::Gemm
     } else {
         Kernel::Bandwidth
     }
 }
 
-/// Runs one call on `x` with inputs on its device (n <= [`KMAX`]) on [`choose`]'s kernel:
-/// queues the kernels and returns without reading the error word. The CUDA path and, with
-/// the emulator, `cosine_topk_emulated` / `cosine_topk_deferred_emulated`.
-pub(crate) fn run_on<L: Launcher>(
+/// How a call's path is picked.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Pick {
+    /// This path if it can take the call, else the bandwidth kernel.
+    Prefer(Kernel),
+    /// This path or an error (tests, `tune`, benchmark rows), with the test knobs.
+    Force(Kernel, Knobs),
+}
+
+/// Knobs of the device paths for tests and `tune`. Test infrastructure.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Knobs {
+    /// The tensor-core path's.
+    pub tc: TcOverrides,
+    /// The GEMM + select path's.
+    pub gemm: GemmOverrides,
+    /// The bandwidth kernel's key bytes per step instead of the plan's ([`plan_with`]).
+    pub kb: Option<u32>,
+}
+
+/// Runs one call on `x` with inputs on its device (n <= [`KMAX`]) on [`choose`]'s path:
+/// queues the kernels and returns without reading the error word. The emulator's default.
+pub(crate) fn run_on<L: Launcher + Gemm + Workspaces>(
     x: &L,
     c: &DeviceCall,
     queries: &Tensor,
     keys: &Tensor,
     key_norms: &Tensor,
 ) -> Result<DeviceTopN> {
-    run_with(x, c, queries, keys, key_norms, None)
+    let pick = Pick::Prefer(choose(c.b, c.d, keys.dtype()));
+    run_with(x, c, queries, keys, key_norms, pick)
 }
 
-/// [`run_on`] with the kernel forced (`Some`, with the tensor-core test knobs): a forced
-/// tensor-core call that the path cannot take is an error instead of a bandwidth run.
-pub(crate) fn run_with<L: Launcher>(
+/// Runs one call on the path `pick` names: queued, the error word unread. A forced path that
+/// cannot take the call is an error; a preferred one falls back to the bandwidth kernel.
+pub(crate) fn run_with<L: Launcher + Gemm + Workspaces>(
     x: &L,
     c: &DeviceCall,
     queries: &Tensor,
     keys: &Tensor,
     key_norms: &Tensor,
-    force: Option<(Kernel, TcOverrides)>,
+    pick: Pick,
 ) -> Result<DeviceTopN> {
     const OP: &str = "cosine_topk";
     let dev = keys.device();
@@ -341,20 +419,31 @@ pub(crate) fn run_with<L: Launcher>(
     let q = queries.to_dtype(DType::F32)?.contiguous()?;
     let keys = keys.contiguous()?;
     let kn = key_norms.contiguous()?;
-    let kernel = force.map_or_else(|| choose(c.b, c.d, keys.dtype()), |f| f.0);
-    if kernel == Kernel::TensorCore {
-        let addr = crate::kernel::tensor_ptr(&keys, OP)?.0.addr();
-        match tensor_core::eligible(x, c, addr, keys.dtype()) {
-            Ok(()) => {
-                let ovr = force.map(|f| f.1).unwrap_or_default();
-                let exact = |sub: &DeviceCall, qs: &Tensor| run_bandwidth(x, sub, qs, &keys, &kn);
-                return tensor_core::run_on(x, c, &q, &keys, &kn, &ovr, &exact);
-            }
-            Err(e) if force.is_some() => return Err(e),
-            Err(_) => {}
+    let (kernel, knobs, forced) = match pick {
+        Pick::Prefer(k) => (k, Knobs::default(), false),
+        Pick::Force(k, knobs) => (k, knobs, true),
+    };
+    let dtype = keys.dtype();
+    let taken = match kernel {
+        Kernel::Bandwidth => Ok(()),
+        Kernel::TensorCore => {
+            let addr = crate::kernel::tensor_ptr(&keys, OP)?.0.addr();
+            tensor_core::eligible(x, c, addr, dtype)
         }
+        Kernel::Gemm | Kernel::GemmFp32 => gemm_select::eligible(x, c, dtype),
+    };
+    match (taken, kernel) {
+        (Ok(()), Kernel::TensorCore) => tensor_core::run_on(x, c, &q, &keys, &kn, &knobs.tc),
+        (Ok(()), Kernel::Gemm | Kernel::GemmFp32) => {
+            let ovr = GemmOverrides {
+                fp32: knobs.gemm.fp32 || kernel == Kernel::GemmFp32,
+                ..knobs.gemm
+            };
+            gemm_select::run_on(x, c, &q, &keys, &kn, &ovr)
+        }
+        (Err(e), _) if forced => Err(e),
+        _ => run_bandwidth(x, c, &q, &keys, &kn, knobs.kb),
     }
-    run_bandwidth(x, c, &q, &keys, &kn)
 }
 
 /// The exclusions of a call on `dev`, contiguous (a copy only when the caller passed them
@@ -388,13 +477,15 @@ fn staged(q: &Tensor, keys: &Tensor, d: usize) -> Result<(Tensor, Tensor, usize)
 }
 
 /// The bandwidth kernels on `q` [B, D] f32 contiguous (B >= 1) and contiguous `keys`, `kn`:
-/// queues the partial and the merge kernel (staging misaligned rows first, [`staged`]).
+/// queues the partial and the merge kernel (staging misaligned rows first, [`staged`]); `kb`
+/// forces the key bytes per step ([`plan_with`]).
 fn run_bandwidth<L: Launcher>(
     x: &L,
     c: &DeviceCall,
     q: &Tensor,
     keys: &Tensor,
     kn: &Tensor,
+    kb: Option<u32>,
 ) -> Result<DeviceTopN> {
     const OP: &str = "cosine_topk";
     let aligned = {
@@ -427,7 +518,7 @@ fn run_bandwidth<L: Launcher>(
         bail!("{OP}: internal error: staged rows are not 16-byte aligned");
     }
     let resident = |e: &str, p: &LaunchPlan| x.resident_blocks(e, p, CT_MIN_BLOCKS);
-    let p = plan(
+    let p = plan_with(
         &Problem {
             b: c.b,
             m: c.m,
@@ -440,6 +531,7 @@ fn run_bandwidth<L: Launcher>(
             max_dyn_smem: x.max_dyn_smem()?,
             resident: &resident,
         },
+        kb,
     )?;
     let gy = p.partial.grid.1 as usize;
     let ncand = gy * p.kp as usize;
@@ -490,9 +582,9 @@ fn run_bandwidth<L: Launcher>(
     })
 }
 
-/// The CUDA path: n <= [`KMAX`] on the GPU (no synchronisation on the bandwidth kernels; the
-/// tensor-core path reads its overflow flags, see `tensor_core.rs`); larger n on the fused CPU
-/// path (the bank is copied to the host, the exclusions read; errors are immediate).
+/// The CUDA path: n <= [`KMAX`] on the GPU, on the path `dispatch::pick` names for this GPU,
+/// with no synchronisation; larger n on the fused CPU path (the bank is copied to the host,
+/// the exclusions read; errors are immediate).
 #[cfg(feature = "cuda")]
 pub(crate) fn cosine_topk_cuda(
     queries: &Tensor,
@@ -522,12 +614,15 @@ pub(crate) fn cosine_topk_cuda(
             status: Tensor::zeros(3, DType::U32, keys.device())?,
         });
     }
-    run_on(
+    let gpu = super::dispatch::gpu_of(dev)?;
+    let pick = Pick::Prefer(super::dispatch::pick(&gpu, c.b, c.d, keys.dtype()));
+    run_with(
         &crate::kernel::cuda::CudaLauncher::new(dev),
         c,
         queries,
         keys,
         key_norms,
+        pick,
     )
 }
 
@@ -604,21 +699,59 @@ mod tests {
         assert_eq!((p.kb, p.resident), (64, 2));
     }
 
+    /// `tune`'s knob: a forced step size is planned alone (same configuration when it fits),
+    /// and one the kernel cannot take is an error naming the range.
+    #[test]
+    fn forced_step_sizes() {
+        let h200 = on(SmResources::SM_90);
+        let gpu = Gpu {
+            sm_count: 132,
+            max_dyn_smem: 227 * 1024 - 1024,
+            resident: &h200,
+        };
+        let prob = Problem {
+            b: 1,
+            m: 10_000_000,
+            d: 256,
+            n: 8,
+            dtype: DType::F32,
+        };
+        let auto = plan(&prob, &gpu).unwrap();
+        assert_eq!(plan_with(&prob, &gpu, Some(auto.kb)).unwrap(), auto);
+        for kb in [16, 32, 64, 128, 512] {
+            let p = plan_with(&prob, &gpu, Some(kb)).unwrap();
+            assert_eq!((p.kb, p.config.tag), (kb, "q1"));
+            assert!(p.partial.blocks() <= 132 * p.resident as u64);
+        }
+        for kb in [8, 48, 1024] {
+            let e = plan_with(&prob, &gpu, Some(kb)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{kb} key bytes")) && e.contains("16 to 512"),
+                "{e}"
+            );
+        }
+        // A 64-byte row (D = 16 f32) has nothing above 64.
+        let short = Problem { d: 16, ..prob };
+        assert!(plan_with(&short, &gpu, Some(128)).is_err());
+        assert_eq!(plan_with(&short, &gpu, Some(32)).unwrap().kb, 32);
+    }
+
     #[test]
     fn dispatch_rule() {
-        // Large batches and dimensions go to the tensor cores...
-        assert_eq!(choose(1024, 1024, DType::BF16), Kernel::TensorCore);
-        assert_eq!(choose(64, 256, DType::F16), Kernel::TensorCore);
-        assert_eq!(choose(16, 32, DType::BF16), Kernel::TensorCore);
-        assert_eq!(choose(32, 1024, DType::F32), Kernel::TensorCore);
-        // ...small ones stay on the bandwidth kernel: fewer queries than the threshold of the
-        // dtype (f32's is higher), or too few dimensions.
+        // From 16 queries and 32 dimensions the GEMM + select path, whatever the dtype...
+        assert_eq!(choose(1024, 1024, DType::BF16), Kernel::Gemm);
+        assert_eq!(choose(16, 32, DType::F32), Kernel::Gemm);
+        assert_eq!(choose(64, 256, DType::F16), Kernel::Gemm);
+        // ...below either, the bandwidth kernel; the tensor-core kernel never by default.
         assert_eq!(choose(15, 1024, DType::BF16), Kernel::Bandwidth);
-        assert_eq!(choose(31, 1024, DType::F32), Kernel::Bandwidth);
-        assert_eq!(choose(16, 1024, DType::F32), Kernel::Bandwidth);
         assert_eq!(choose(1, 256, DType::F16), Kernel::Bandwidth);
         assert_eq!(choose(4096, 31, DType::BF16), Kernel::Bandwidth);
-        assert_eq!(tc_min_batch(DType::F32), 32);
-        assert_eq!(tc_min_batch(DType::F16), 16);
+        for b in [1, 8, 16, 64, 1024, 1 << 16] {
+            for d in [8, 32, 256, 4096] {
+                for dt in [DType::F32, DType::F16, DType::BF16] {
+                    assert_ne!(choose(b, d, dt), Kernel::TensorCore);
+                }
+            }
+        }
     }
 }

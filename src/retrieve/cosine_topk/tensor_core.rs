@@ -1,39 +1,43 @@
 //! The tensor-core path of `cosine_topk` for large batches: launch plan and device path of
 //! `kernels/cosine_topk_tc.cuh`, one code for the CUDA device and the emulator (both through
-//! [`Launcher`]). `kernel.rs` decides when it runs ([`super::kernel::choose`]).
+//! [`Launcher`]). `kernel.rs` and `dispatch.rs` decide when it runs (opt-in: a measured
+//! dispatch table or the override).
 //!
-//! Three launches:
-//! 1. `cosine_topk_tc_prep_<dt>`: unit queries `q / |q|` in the operand type (bf16, f16, or
-//!    f32 read as tf32), zero-padded to `[query tiles x TC_BQ, d_pad]`, and `COS_EPS / |q|`.
+//! Launches, all queued, nothing read back:
+//! 1. `cosine_topk_prep_<dt>` (`rescore.rs`): unit queries `q / |q|` in the operand type
+//!    (bf16, f16, or f32 read as tf32), zero-padded to `[query tiles x TC_BQ, d_pad]`,
+//!    `COS_EPS / |q|`, the per-call counters reset.
 //! 2. `cosine_topk_tc_<dt>`: grid `(query tiles, bank chunks)`. A block keeps its query tile and
 //!    streams its chunk of the bank through the tensor cores (ldmatrix + mma.sync, f32
 //!    accumulation); each tile of scores is filtered in registers against the query's running
-//!    n-th best less [`margin`], and what passes is appended to the query's candidate list (`[B, capq]` in
-//!    global memory). The B x M scores never reach global memory.
-//! 3. `cosine_topk_tc_rescore_<dt>`: one block per query: the exact f32 score (the bandwidth
-//!    kernel's arithmetic) of every candidate within [`margin`] of the n-th best approximate
-//!    score, and the top n of those.
+//!    n-th best less [`margin`], and what passes is appended to the query's candidate list
+//!    (`[B, capq]` in the workspace). The B x M scores never reach global memory. The grid is
+//!    one wave of the pass's real occupancy ([`plan`]).
+//! 3. The exact stage shared with the GEMM + select path (`rescore.rs`): the exact f32 score
+//!    (the bandwidth kernel's arithmetic) of every candidate within [`margin`] of the n-th best
+//!    approximate score and the top n of those; queries whose candidates overflowed are
+//!    answered by the device-side exact fallback; a failed call's scores turn NaN.
 //!
 //! The result equals the bandwidth kernel's: the margin is twice a bound on |approximate -
 //! exact score| (docs/DESIGN.md, "Tensor-core path"), so every row of the exact top n is
-//! rescored. A query whose candidate lists overflow is rerun on the bandwidth kernel.
-//!
-//! Errors follow the bandwidth kernel's no-sync contract (`kernel.rs`, "NaN contract"): the
-//! three kernels report into the call's error word (the prep kernel checks the exclusions on
-//! the device, the pass and the rescoring report NaN scores), nothing reads it before the
-//! caller's check, and a failed call's scores are all NaN. The path synchronises once: it
-//! reads the B overflow flags to know which queries to rerun (the rows of an overflowed query
-//! are only known after the rescoring). When a query overflowed, the rerun's rows are patched
-//! in on the host and its error word merged (a second wait, only on that rare path).
+//! rescored. Errors follow the bandwidth kernel's no-sync contract (`kernel.rs`, "NaN
+//! contract"): the kernels report into the call's error word, which nothing reads before the
+//! caller's check. Scratch buffers come from the device's workspace.
 #![cfg_attr(not(any(feature = "cuda", feature = "emulate")), allow(dead_code))]
 
 use super::contract::{DeviceCall, DeviceTopN};
-use crate::kernel::abi::{
-    CosineTopkTcArgs, CosineTopkTcPrepArgs, CosineTopkTcRescoreArgs, CT_THREADS, TC_BK, TC_BQ,
-    TC_HITS, TC_MIN_BLOCKS, TC_NL_MAX, TC_RESCORE_TILE, TC_SLICE_BYTES, TC_STAGES, TC_THREADS,
+use super::rescore::{
+    elt, error_bound_with, launch_exact, launch_prep, margin_of, plan_exact_on, CallInputs,
+    SharedScratch,
 };
-use crate::kernel::{entry, to_u32, AnyElem, LaunchPlan, Launcher, Ptr};
-use candle_core::{bail, DType, Result, Tensor};
+use crate::error::bail;
+use crate::kernel::abi::{
+    CosineTopkTcArgs, TC_BK, TC_BQ, TC_HITS, TC_MIN_BLOCKS, TC_NL_MAX, TC_SLICE_BYTES, TC_STAGES,
+    TC_THREADS,
+};
+use crate::kernel::workspace::{at, Carve, Workspaces};
+use crate::kernel::{entry, to_u32, LaunchPlan, Launcher};
+use candle_core::{DType, Result, Tensor};
 
 /// Largest n the tensor-core path serves (its threshold lists hold the next power of two
 /// >= n, and the first tile's 128 scores of a query seed them).
@@ -42,9 +46,6 @@ pub const NMAX: usize = TC_NL_MAX as usize;
 /// Most bytes the candidate lists (`B x capq` pairs) may take; above it the op keeps the
 /// bandwidth kernel.
 pub const MAX_CANDIDATE_BYTES: u64 = 2 << 30;
-
-/// f32 unit roundoff.
-const U32: f64 = 1.0 / (1u64 << 24) as f64;
 
 /// Bound on |approximate score - exact score| of the tensor-core pass for dimension `d` and
 /// keys of `dtype` (docs/DESIGN.md, "Tensor-core path": operand rounding of the unit query
@@ -58,29 +59,12 @@ pub fn error_bound(d: usize, dtype: DType) -> Result<f64> {
         DType::F32 => (2f64.powi(-11), 2f64.powi(-11), 2f64.powi(-120)),
         dt => bail!("cosine_topk tensor-core path: no kernel for keys of dtype {dt:?}"),
     };
-    let d = d as f64;
-    let operands = u_q + u_k + u_q * u_k + tau * d.sqrt() * (1.0 + u_k);
-    Ok((1.0 + 2f64.powi(-10)) * (operands + (5.0 * d + 16.0) * U32))
+    Ok(error_bound_with(d, u_q, u_k, tau))
 }
 
 /// The candidate margin: twice [`error_bound`], rounded up to f32.
 pub fn margin(d: usize, dtype: DType) -> Result<f32> {
-    let m = 2.0 * error_bound(d, dtype)?;
-    let f = m as f32;
-    Ok(if (f as f64) < m {
-        f32::from_bits(f.to_bits() + 1)
-    } else {
-        f
-    })
-}
-
-/// Bytes of one key element of `dtype` (tf32 operands are stored as f32).
-fn elt(dtype: DType) -> Result<u32> {
-    match dtype {
-        DType::F32 => Ok(4),
-        DType::F16 | DType::BF16 => Ok(2),
-        dt => bail!("cosine_topk tensor-core path: no kernel for keys of dtype {dt:?}"),
-    }
+    Ok(margin_of(error_bound(d, dtype)?))
 }
 
 /// Elements of one k-slice (a stage row: 32 16-bit or 16 f32 elements).
@@ -116,15 +100,11 @@ pub fn max_n(max_smem: u32) -> usize {
     0
 }
 
-/// Everything the three launches of one call need.
+/// The pass of one call (the prep and the exact stage are planned in `rescore.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcPlan {
-    /// `cosine_topk_tc_prep`: one block per query tile.
-    pub prep: LaunchPlan,
     /// `cosine_topk_tc`: grid (query tiles, bank chunks).
     pub pass: LaunchPlan,
-    /// `cosine_topk_tc_rescore`: one block per query.
-    pub rescore: LaunchPlan,
     /// Row length of the unit queries (D rounded up to a k-slice).
     pub d_pad: u32,
     /// Threshold-list length ([`list_len`]).
@@ -133,20 +113,16 @@ pub struct TcPlan {
     pub chunk_rows: u32,
     /// Candidate capacity per query.
     pub capq: u32,
-    /// Most candidates rescored per query (a power of two >= n).
-    pub cap: u32,
-    /// Running-list length of the rescoring's approximate selection (next power of two >= n).
-    pub kp: u32,
 }
 
 impl TcPlan {
     /// Rows of the unit-query buffer (query tiles x `TC_BQ`).
     pub fn query_rows(&self) -> u32 {
-        self.prep.grid.0 * TC_BQ
+        self.pass.grid.0 * TC_BQ
     }
 }
 
-/// Plans the three launches for B queries, M bank rows, dimension D, top-n, keys of `dtype`, on
+/// Plans the pass for B queries, M bank rows, dimension D, top-n, keys of `dtype`, on
 /// a device with `sm_count` multiprocessors and `max_smem` bytes of opt-in shared memory per
 /// block; `resident(pass)` is how many blocks of the pass (its block and shared memory) one
 /// multiprocessor holds ([`Launcher::resident_blocks`]). The pass's grid is one wave: query
@@ -208,7 +184,7 @@ pub fn plan(
     // of a subset of them (the seed), then the running threshold lets through about
     // ratio * n * (1 + ln(M / n)) rows for random order (ratio: rows within the margin of the
     // n-th best per row above it; 16 leaves room for dense near-ties). More is an overflow:
-    // the query is rerun exactly.
+    // the query is answered by the exact fallback on the device (rescore.rs).
     let first = gc as u64 * TC_BK as u64 * (n as u64).div_ceil(TC_BK as u64);
     let steady = 16.0 * n as f64 * (1.0 + (m as f64 / n as f64).max(1.0).ln());
     let capq = (first + steady.ceil() as u64 + 1024).min(m as u64);
@@ -218,27 +194,12 @@ pub fn plan(
             b as u64 * capq * 8
         );
     }
-    let kp = (n.next_power_of_two() as u32).max(2);
-    let cap = ((8 * n + 64).next_power_of_two() as u32).max(kp);
-    let rescore_smem = crate::kernel::topk::stream_bytes(1, kp, TC_RESCORE_TILE) + cap as u64 * 8;
     Ok(TcPlan {
-        prep: LaunchPlan {
-            grid: (gq, 1, 1),
-            block: (TC_THREADS, 1, 1),
-            smem_bytes: 0,
-        },
         pass,
-        rescore: LaunchPlan {
-            grid: (b32, 1, 1),
-            block: (CT_THREADS, 1, 1),
-            smem_bytes: rescore_smem as u32,
-        },
         d_pad,
         nl,
         chunk_rows,
         capq: capq as u32,
-        cap,
-        kp,
     })
 }
 
@@ -271,19 +232,6 @@ pub struct TcOverrides {
     pub margin: Option<f32>,
 }
 
-/// The device addresses of one call's inputs (all contiguous, on the launcher's device).
-pub(crate) struct TcInputs {
-    /// [B, D] f32.
-    pub q: Ptr<f32>,
-    /// [M, D] in `key_dtype`, 16-byte aligned.
-    pub keys: Ptr<AnyElem>,
-    pub key_dtype: DType,
-    /// \[M\] f32.
-    pub key_norms: Ptr<f32>,
-    /// \[B\] u32 excluded rows (`u32::MAX` = none), or null: no exclusion.
-    pub exclude: Ptr<u32>,
-}
-
 /// Why the tensor-core path cannot take this call, or `Ok` when it can: the plan's limits and
 /// the 16-byte alignment of the keys (cp.async).
 pub(crate) fn eligible<L: Launcher>(
@@ -293,49 +241,34 @@ pub(crate) fn eligible<L: Launcher>(
     dtype: DType,
 ) -> Result<()> {
     plan_on(x, c, dtype)?;
+    plan_exact_on(x, c, dtype, None)?;
     if !keys_addr.is_multiple_of(16) {
         bail!("cosine_topk tensor-core path: keys at {keys_addr:#x} are not 16-byte aligned");
     }
     Ok(())
 }
 
-/// Reruns a subset of queries (the call for them, their `[b, D]` f32 rows) exactly, on the
-/// bandwidth kernel: the fallback of queries whose candidate lists overflowed.
-pub(crate) type ExactRerun<'a> = dyn Fn(&DeviceCall, &Tensor) -> Result<DeviceTopN> + 'a;
-
-/// The buffers of one call on the tensor-core path, nothing read back: `[B, n]` results (the
-/// rows of an overflowed query are padding), the \[B\] overflow flags and the \[3\] error word.
-pub(crate) struct TcTopN<L: Launcher> {
-    pub scores: L::Buf<f32>,
-    pub indices: L::Buf<u32>,
-    pub fallback: L::Buf<u32>,
-    pub err: L::Buf<u32>,
-}
-
-/// Queues the three kernels of one call on `x` (no synchronisation).
-pub(crate) fn launch_all<L: Launcher>(
+/// Runs one call on `x` with the tensor-core path (`q` [B, D] f32 contiguous, `keys` and
+/// `key_norms` contiguous, all on `x`'s device; B >= 1) under the no-sync contract (module
+/// doc): everything queued, the error word returned unread.
+pub(crate) fn run_on<L: Launcher + Workspaces>(
     x: &L,
     c: &DeviceCall,
-    inp: &TcInputs,
+    q: &Tensor,
+    keys: &Tensor,
+    key_norms: &Tensor,
     ovr: &TcOverrides,
-) -> Result<TcTopN<L>> {
+) -> Result<DeviceTopN> {
     const OP: &str = "cosine_topk";
-    let dt = inp.key_dtype;
+    let dev = keys.device();
+    let dt = keys.dtype();
+    let ex = super::kernel::device_exclude(c, dev)?;
+    let (inp, _guards) = CallInputs::of(c, q, keys, key_norms, ex.as_ref())?;
     let mut p = plan_on(x, c, dt)?;
     if let Some(capq) = ovr.capq {
         p.capq = capq.max(1);
     }
-    if let Some(cap) = ovr.cap {
-        if !cap.is_power_of_two() || cap < p.kp {
-            bail!(
-                "{OP}: rescoring capacity {cap} must be a power of two >= {}",
-                p.kp
-            );
-        }
-        p.cap = cap;
-        p.rescore.smem_bytes =
-            (crate::kernel::topk::stream_bytes(1, p.kp, TC_RESCORE_TILE) + cap as u64 * 8) as u32;
-    }
+    let exact = plan_exact_on(x, c, dt, ovr.cap)?;
     let margin = match ovr.margin {
         Some(m) => m,
         None => margin(c.d, dt)?,
@@ -346,189 +279,42 @@ pub(crate) fn launch_all<L: Launcher>(
         to_u32(c.d, "D", OP)?,
         to_u32(c.n, "n", OP)?,
     );
-    // The unit queries in the operand type, as whole f32 words (the kernels see `void*`).
     let qhat_bytes = p.query_rows() as usize * p.d_pad as usize * elt(dt)? as usize;
-    let qhat = x.zeros::<f32>(qhat_bytes.div_ceil(4))?;
-    let qeps = x.zeros::<f32>(c.b)?;
+    let mut carve = Carve::new();
+    let s = SharedScratch::carve(&mut carve, c.b, qhat_bytes, p.capq, &exact);
     let err = x.zeros::<u32>(3)?;
-    let prep = CosineTopkTcPrepArgs {
-        q: inp.q,
-        exclude: inp.exclude,
-        b,
-        m,
-        d,
-        n,
-        d_pad: p.d_pad,
-        qhat: x.ptr(&qhat).erase(),
-        qeps: x.ptr(&qeps),
-        err: x.ptr(&err),
-    };
-    // SAFETY: queries B*D f32; exclusions B (or null); qhat query_rows*d_pad elements; qeps
-    // B; 3 error words.
-    unsafe { x.launch(&entry::<CosineTopkTcPrepArgs>(dt)?, &p.prep, &prep)? };
-
-    let theta = x.zeros::<u32>(c.b)?;
-    let count = x.zeros::<u32>(c.b)?;
-    let cand_s = x.zeros::<f32>(c.b * p.capq as usize)?;
-    let cand_i = x.zeros::<u32>(c.b * p.capq as usize)?;
-    let pass = CosineTopkTcArgs {
-        qhat: x.ptr(&qhat).erase(),
-        qeps: x.ptr(&qeps),
-        keys: inp.keys,
-        key_norms: inp.key_norms,
-        exclude: inp.exclude,
-        b,
-        m,
-        d,
-        d_pad: p.d_pad,
-        n,
-        nl: p.nl,
-        chunk_rows: p.chunk_rows,
-        capq: p.capq,
-        margin,
-        theta: x.ptr(&theta),
-        count: x.ptr(&count),
-        cand_s: x.ptr(&cand_s),
-        cand_i: x.ptr(&cand_i),
-        err: x.ptr(&err),
-    };
-    // SAFETY: qhat query_rows*d_pad, qeps/exclude (or null)/theta/count B, keys M*D (16-byte aligned,
-    // checked by `eligible`), norms M, candidates B*capq, 3 error words.
-    unsafe { x.launch(&entry::<CosineTopkTcArgs>(dt)?, &p.pass, &pass)? };
-
-    let out_s = x.zeros::<f32>(c.b * c.n)?;
-    let out_i = x.zeros::<u32>(c.b * c.n)?;
-    let fallback = x.zeros::<u32>(c.b)?;
-    let rescore = CosineTopkTcRescoreArgs {
-        q: inp.q,
-        keys: inp.keys,
-        key_norms: inp.key_norms,
-        count: x.ptr(&count),
-        cand_s: x.ptr(&cand_s),
-        cand_i: x.ptr(&cand_i),
-        b,
-        d,
-        n,
-        kp: p.kp,
-        capq: p.capq,
-        cap: p.cap,
-        margin,
-        out_s: x.ptr(&out_s),
-        out_i: x.ptr(&out_i),
-        fallback: x.ptr(&fallback),
-        err: x.ptr(&err),
-    };
-    // SAFETY: queries B*D, keys M*D, norms M, counts B, candidates B*capq, outputs B*n,
-    // flags B, 3 error words.
-    unsafe { x.launch(&entry::<CosineTopkTcRescoreArgs>(dt)?, &p.rescore, &rescore)? };
-    Ok(TcTopN {
-        scores: out_s,
-        indices: out_i,
-        fallback,
-        err,
-    })
-}
-
-/// `scores` with every entry NaN when the error word `status` is set (a device-side select,
-/// nothing read back). The bandwidth merge does this in its kernel; here the last kernel
-/// cannot, because rescoring blocks of other queries may report after a block wrote its row.
-fn nan_if_failed(scores: &Tensor, status: &Tensor) -> Result<Tensor> {
-    let shape = scores.dims().to_vec();
-    let failed = status
-        .narrow(0, 0, 1)?
-        .ne(0u32)?
-        .reshape((1, 1))?
-        .broadcast_as(shape.as_slice())?;
-    let nan = Tensor::full(f32::NAN, shape.as_slice(), scores.device())?;
-    failed.where_cond(&nan, scores)
-}
-
-/// Runs one call on `x` with the tensor-core path (`q` [B, D] f32 contiguous, `keys` and
-/// `key_norms` contiguous, all on `x`'s device; B >= 1) under the no-sync contract (module
-/// doc): the error word is returned unread. Queries whose candidates overflowed are rerun by
-/// `exact` (the bandwidth kernel on a subset of queries) and patched in.
-pub(crate) fn run_on<L: Launcher>(
-    x: &L,
-    c: &DeviceCall,
-    q: &Tensor,
-    keys: &Tensor,
-    key_norms: &Tensor,
-    ovr: &TcOverrides,
-    exact: &ExactRerun,
-) -> Result<DeviceTopN> {
-    const OP: &str = "cosine_topk";
-    let dev = keys.device();
-    let ex = super::kernel::device_exclude(c, dev)?;
-    let (qp, _q) = crate::kernel::tensor_ptr(q, OP)?;
-    let (kp, _k) = crate::kernel::tensor_ptr(keys, OP)?;
-    let (np, _n) = crate::kernel::tensor_ptr(key_norms, OP)?;
-    let ex_ptr = match &ex {
-        Some(t) => Some(crate::kernel::tensor_ptr(t, OP)?),
-        None => None,
-    };
-    let inputs = TcInputs {
-        q: Ptr::new(qp.addr()),
-        keys: kp,
-        key_dtype: keys.dtype(),
-        key_norms: Ptr::new(np.addr()),
-        exclude: ex_ptr
-            .as_ref()
-            .map_or_else(Ptr::null, |(p, _)| Ptr::new(p.addr())),
-    };
-    let top = launch_all(x, c, &inputs, ovr)?;
-    // The path's one synchronisation: which queries overflowed (module doc).
-    let flags = x.download(&top.fallback)?;
-    let fallback: Vec<usize> = (0..c.b).filter(|&i| flags[i] != 0).collect();
-    let s = x.tensor_of(top.scores, (c.b, c.n))?;
-    let i = x.tensor_of(top.indices, (c.b, c.n))?;
-    let status = x.tensor_of(top.err, 3)?;
-    if fallback.is_empty() {
-        return Ok(DeviceTopN {
-            scores: nan_if_failed(&s, &status)?,
-            indices: i,
-            status,
-        });
-    }
-    let ids: Vec<u32> = fallback.iter().map(|&j| j as u32).collect();
-    let ids_t = Tensor::from_vec(ids.clone(), ids.len(), dev)?;
-    let sub = DeviceCall {
-        b: ids.len(),
-        m: c.m,
-        d: c.d,
-        n: c.n,
-        exclude: match &ex {
-            Some(e) => Some(e.index_select(&ids_t, 0)?),
-            None => None,
-        },
-    };
-    let rerun = exact(&sub, &q.index_select(&ids_t, 0)?)?;
-    // Rare (an overflow): patch the rows on the host, which waits for the rerun.
-    let (mut sv, mut iv) = (s.to_vec2::<f32>()?, i.to_vec2::<u32>()?);
-    let (s2, i2) = (
-        rerun.scores.to_vec2::<f32>()?,
-        rerun.indices.to_vec2::<u32>()?,
-    );
-    for (j, &row) in fallback.iter().enumerate() {
-        sv[row].clone_from(&s2[j]);
-        iv[row].clone_from(&i2[j]);
-    }
-    // The call's error is the pass's or rescoring's if any, else the rerun's (its query,
-    // word 1 of every code, mapped back to the call's). Both kernels' words are complete.
-    let mut word = status.to_vec1::<u32>()?;
-    let rerun_word = rerun.status.to_vec1::<u32>()?;
-    if word[0] == 0 && rerun_word[0] != 0 {
-        let query = ids
-            .get(rerun_word[1] as usize)
-            .copied()
-            .unwrap_or(rerun_word[1]);
-        word = vec![rerun_word[0], query, rerun_word[2]];
-    }
-    let status = Tensor::from_vec(word, 3, dev)?;
-    let scores = Tensor::from_vec(sv.concat(), (c.b, c.n), dev)?;
+    let top = x.with_workspace(carve.bytes(), |ws| {
+        launch_prep(x, c, &inp, dt, p.query_rows(), p.d_pad, ws, &s, x.ptr(&err))?;
+        let pass = CosineTopkTcArgs {
+            qhat: at::<u8>(ws, s.qhat).erase(),
+            qeps: at(ws, s.qeps),
+            keys: inp.keys,
+            key_norms: inp.key_norms,
+            exclude: inp.exclude,
+            b,
+            m,
+            d,
+            d_pad: p.d_pad,
+            n,
+            nl: p.nl,
+            chunk_rows: p.chunk_rows,
+            capq: p.capq,
+            margin,
+            theta: at(ws, s.theta),
+            count: at(ws, s.count),
+            cand_s: at(ws, s.cand_s),
+            cand_i: at(ws, s.cand_i),
+            err: x.ptr(&err),
+        };
+        // SAFETY: qhat query_rows*d_pad, qeps/exclude (or null)/theta/count B, keys M*D
+        // (16-byte aligned, checked by `eligible`), norms M, candidates B*capq, 3 error words.
+        unsafe { x.launch(&entry::<CosineTopkTcArgs>(dt)?, &p.pass, &pass)? };
+        launch_exact(x, c, &inp, &exact, p.capq, margin, ws, &s, err)
+    })?;
     Ok(DeviceTopN {
-        scores: nan_if_failed(&scores, &status)?,
-        indices: Tensor::from_vec(iv.concat(), (c.b, c.n), dev)?,
-        status,
+        scores: x.tensor_of(top.scores, (c.b, c.n))?,
+        indices: x.tensor_of(top.indices, (c.b, c.n))?,
+        status: x.tensor_of(top.err, 3)?,
     })
 }
 
@@ -574,9 +360,9 @@ mod tests {
         assert_eq!(p.chunk_rows % TC_BK, 0);
         assert!(p.chunk_rows as u64 * p.pass.grid.1 as u64 >= 1 << 20);
         assert!((p.chunk_rows as u64) * (p.pass.grid.1 as u64 - 1) < 1 << 20);
-        assert_eq!((p.d_pad, p.nl, p.kp, p.cap), (1024, 32, 8, 128));
+        assert_eq!((p.d_pad, p.nl), (1024, 32));
         assert_eq!(p.pass.smem_bytes as u64, pass_smem(32));
-        assert_eq!(p.rescore.grid.0, 1024);
+        assert_eq!(p.query_rows(), 1024);
         // D padded to a k-slice: 32 16-bit or 16 f32 elements.
         let d_pad = |d, dt| plan(64, 1000, d, 5, dt, 2, 98 * 1024, &sm90).unwrap().d_pad;
         assert_eq!(d_pad(40, DType::F16), 64);
