@@ -125,6 +125,52 @@ __device__ __forceinline__ float r2_warp_sum(float v) {
     return v;
 }
 
+// ---- cp.async by shared-memory address ---------------------------------------------------
+// The 32-bit .shared address of a pointer into dynamic shared memory (under the emulator its
+// offset in the block's dynamic shared memory).
+__device__ __forceinline__ unsigned r2_smem_addr(const void* p) {
+#ifdef __CUDACC__
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+#else
+    return ::r2emu::smem_offset(p);
+#endif
+}
+// cp.async.cg of 16 bytes (L2 only) to shared address `dst`: the first `bytes` (0 or 16) from
+// `src`, the rest zeros; both 16-byte aligned (`src` is not read when `bytes` is 0).
+// The same asynchronous copy as __pipeline_memcpy_async (committed and waited for with
+// __pipeline_commit / __pipeline_wait_prior), addressed without a generic-to-shared
+// conversion per copy.
+__device__ __forceinline__ void r2_cp_async16(unsigned dst, const void* src, unsigned bytes) {
+#ifdef __CUDACC__
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+#else
+    unsigned char* d = const_cast<unsigned char*>(::r2emu::smem_at(dst, 16));
+    __pipeline_memcpy_async(d, bytes ? src : d, 16, 16 - bytes);
+#endif
+}
+// cp.async.ca of 4 bytes (0 or 4 read from `src`, the rest zeros; 4-byte aligned), as
+// r2_cp_async16.
+__device__ __forceinline__ void r2_cp_async4(unsigned dst, const void* src, unsigned bytes) {
+#ifdef __CUDACC__
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+#else
+    unsigned char* d = const_cast<unsigned char*>(::r2emu::smem_at(dst, 4));
+    __pipeline_memcpy_async(d, bytes ? src : d, 4, 4 - bytes);
+#endif
+}
+
+// A u32 that other blocks update with atomics (ld.relaxed.gpu: one L2 read, never a value
+// cached in L1 or a register from an earlier read). Under the emulator an atomic relaxed load.
+__device__ __forceinline__ unsigned r2_load_relaxed(const unsigned* p) {
+#ifdef __CUDACC__
+    unsigned v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+#else
+    return ::r2emu::load_relaxed(p);
+#endif
+}
+
 // Error flag protocol: err[0] != 0 after a kernel means it hit an error (R2_ERR_* code); the
 // first thread to set it stores two u32 details in err[1], err[2] (e.g. query and row).
 __device__ __forceinline__ void r2_report(unsigned* err, unsigned code, unsigned a, unsigned b) {

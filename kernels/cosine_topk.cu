@@ -11,11 +11,15 @@
 //   so the blocks that read the same chunk for different queries run side by side (L2 shares).
 //
 //   Copy pipeline: the chunk is cut into steps of (R2_CT_TILE_ROWS rows) x (kb key bytes per
-//   row). Step s is copied into shared-memory stage s % R2_CT_STAGES with 16-byte `cp.async`
-//   (__pipeline_memcpy_async; element copies when rows are not 16-byte aligned) together with
-//   the queries' matching f32 columns and, on a tile's last step, its key norms; two steps are
-//   in flight while a third is scored. One __syncthreads per step: after the wait for step s,
-//   it also retires step s - 1's stage, which step s + 2 then overwrites.
+//   row, a power of two up to R2_CT_KB_MAX: as much of a row as the plan's shared memory
+//   allows, from the device's opt-in limit). Step s is copied into shared-memory stage
+//   s % R2_CT_STAGES with 16-byte `cp.async` (r2_cp_async16, by shared address: the kb / 16
+//   threads of a row read its kb contiguous bytes, each thread's source and destination advance
+//   by constant strides) together with the queries' matching f32 columns and, on a tile's last
+//   step, its key norms; two steps are in flight while a third is scored. One __syncthreads per
+//   step: after the wait for step s, it also retires step s - 1's stage, which step s + 2 then
+//   overwrites. Rows of keys and queries are 16-byte aligned: the op copies other inputs once
+//   to a zero-padded aligned layout (kernel.rs, `staged`).
 //
 //   Scoring: a warp's lanes form 32/QG row groups of QG lanes; lane (row group g, query group
 //   h) accumulates RT rows x QT queries (rows warp*RG*RT + t*RG + g, queries j*QG + h) from
@@ -87,7 +91,6 @@ __device__ __forceinline__ void cosine_topk_partial(const CosineTopkPartialArgs&
     const float* __restrict__ kn = a.key_norms;
     const unsigned* __restrict__ excl = a.exclude;
     const unsigned B = a.b, M = a.m, D = a.d, kp = a.kp, hb = a.hb, kb = a.kb;
-    const bool vec = a.vec16 != 0;
     const unsigned DK = kb / sizeof(T);            // key elements per row and step
     const unsigned nchunks = (D + DK - 1) / DK;    // steps per tile
     const unsigned KS = kb + 16, QS = DK * 4 + 16;  // padded row strides (conflict-free LDS.128)
@@ -106,56 +109,36 @@ __device__ __forceinline__ void cosine_topk_partial(const CosineTopkPartialArgs&
     const unsigned row0 = blockIdx.y * a.chunk_rows, row1 = min(M, row0 + a.chunk_rows);
     const unsigned total = (row1 - row0 + TR - 1) / TR * nchunks;  // pipeline steps
 
+    // Copies of one step. Keys: KV = kb / 16 chunks per row (a power of two): thread tid moves
+    // chunk tid % KV of rows tid / KV + k * (NT / KV), k < KV, so the KV threads of a row read
+    // its kb contiguous bytes and the thread's source and destination advance by constant
+    // strides. Queries: QV = DK * 4 / 16 chunks per row. Chunks past D and rows past the chunk
+    // are zero-filled (nothing read).
+    const unsigned lkv = __ffs(kb >> 4) - 1, KV = 1u << lkv, kvc = tid & (KV - 1u);
+    const unsigned krow = tid >> lkv, kstep = NT >> lkv;
+    const unsigned lqv = __ffs(DK >> 2) - 1, QV = 1u << lqv;
+    const unsigned sbase = r2_smem_addr(smem);
     // Copies step s (tile s / nchunks, chunk s % nchunks) into its stage, as one commit group.
     auto issue = [&](unsigned s) {
-        unsigned char* st = smem + (s % NS) * SB;
+        const unsigned st = sbase + (s % NS) * SB;
         const unsigned c = s % nchunks, col0 = c * DK;
         const unsigned rbase = row0 + (s / nchunks) * TR;
-        const unsigned cols = min(DK, D - col0);
-        if (vec) {
-            const unsigned kv = (cols * sizeof(T) + 15) / 16, qv = (cols + 3) / 4;
-            for (unsigned u = tid; u < TR * kv; u += NT) {
-                const unsigned r = u / kv, v = u % kv;
-                unsigned char* dst = st + r * KS + v * 16;
-                if (rbase + r < row1)
-                    __pipeline_memcpy_async(dst, keys + (size_t)(rbase + r) * D + col0 + v * E, 16);
-                else
-                    __pipeline_memcpy_async(dst, keys, 16, 16);  // zeros, nothing read
-            }
-            for (unsigned u = tid; u < QB * qv; u += NT) {
-                const unsigned j = u / qv, v = u % qv;
-                unsigned char* dst = st + TR * KS + j * QS + v * 16;
-                if (j < nq)
-                    __pipeline_memcpy_async(dst, q + (size_t)(q0 + j) * D + col0 + v * 4, 16);
-                else
-                    __pipeline_memcpy_async(dst, q, 16, 16);
-            }
-            if (c == nchunks - 1) {
-                float* nd = reinterpret_cast<float*>(st + TR * KS + QB * QS);
-                for (unsigned r = tid; r < TR; r += NT) {
-                    if (rbase + r < row1)
-                        __pipeline_memcpy_async(nd + r, kn + rbase + r, 4);
-                    else
-                        __pipeline_memcpy_async(nd + r, kn, 4, 4);
-                }
-            }
-        } else {
-            // Element copies; columns past D are zero so the 16-byte reads below add nothing.
-            for (unsigned u = tid; u < TR * DK; u += NT) {
-                const unsigned r = u / DK, e = u % DK;
-                const bool ok = rbase + r < row1 && e < cols;
-                reinterpret_cast<T*>(st + r * KS)[e] =
-                    ok ? keys[(size_t)(rbase + r) * D + col0 + e] : r2_from_f32<T>(0.f);
-            }
-            for (unsigned u = tid; u < QB * DK; u += NT) {
-                const unsigned j = u / DK, e = u % DK;
-                reinterpret_cast<float*>(st + TR * KS + j * QS)[e] =
-                    j < nq && e < cols ? q[(size_t)(q0 + j) * D + col0 + e] : 0.f;
-            }
-            if (c == nchunks - 1) {
-                float* nd = reinterpret_cast<float*>(st + TR * KS + QB * QS);
-                for (unsigned r = tid; r < TR; r += NT) nd[r] = rbase + r < row1 ? kn[rbase + r] : 0.f;
-            }
+        const unsigned col = col0 + kvc * E;
+        const T* src = keys + (size_t)(rbase + krow) * D + col;
+        unsigned dst = st + krow * KS + kvc * 16;
+        for (unsigned k = 0, r = rbase + krow; k < KV; ++k, r += kstep) {
+            r2_cp_async16(dst, src, r < row1 && col < D ? 16 : 0);
+            src += (size_t)kstep * D;
+            dst += kstep * KS;
+        }
+        for (unsigned u = tid; u < QB * QV; u += NT) {
+            const unsigned j = u >> lqv, qc = col0 + (u & (QV - 1u)) * 4;
+            r2_cp_async16(st + TR * KS + j * QS + (u & (QV - 1u)) * 16, q + (size_t)(q0 + j) * D + qc,
+                          j < nq && qc < D ? 16 : 0);
+        }
+        if (c == nchunks - 1) {
+            for (unsigned r = tid; r < TR; r += NT)
+                r2_cp_async4(st + TR * KS + QB * QS + 4 * r, kn + rbase + r, rbase + r < row1 ? 4 : 0);
         }
         __pipeline_commit();
     };
@@ -217,7 +200,7 @@ __device__ __forceinline__ void cosine_topk_partial(const CosineTopkPartialArgs&
 
         const unsigned char* st = smem + (s % NS) * SB;
         const unsigned c = s % nchunks;
-        const unsigned nv = (min(DK, D - c * DK) * sizeof(T) + 15) / 16;
+        const unsigned nv = (min(DK, D - c * DK) * sizeof(T) + 15) / 16;  // chunks holding columns < D
         const unsigned char* qrow = st + TR * KS + qg * QS;
         for (unsigned v = 0; v < nv; ++v) {
             float kf[RT][E];

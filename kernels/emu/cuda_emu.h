@@ -26,8 +26,9 @@
 // - Vector types, block votes and asynchronous copies: see "Vector types, block votes and
 //   asynchronous copies" below (float4/uint4/..., __syncthreads_or/and/count, the
 //   __pipeline_* primitives of cp.async).
-// - Warp matrix functions (nvcuda::wmma) are emulated in their own section at the end of
-//   this file (see its header); cp.async is the one implementation above.
+// - Warp matrix instructions (ldmatrix, mma.sync, cvt.rna.tf32.f32, as kernels/mma.cuh issues
+//   them in inline PTX) are emulated in their own section at the end of this file, with the
+//   fragment layouts of the PTX ISA (see its header); cp.async is the one implementation above.
 #pragma once
 
 #include <algorithm>
@@ -83,11 +84,13 @@ struct BlockCtx {
     uint64_t* warp_slots;     // 32 per warp
     unsigned char* dyn_smem;
     std::atomic<int>* votes;  // 3 rotating counters of __syncthreads_count/or/and
-    float* wmma_slots;        // kWmmaSlotFloats per warp (the WMMA section)
+    uint32_t* mma_slots;      // kMmaSlotWords per warp (the warp matrix section)
+    size_t dyn_smem_bytes;    // size of dyn_smem (shared-memory addresses are offsets into it)
 };
 
-// Operands of one emulated mma_sync per warp: A, B and C of a 16 x 16 x 16 product.
-inline constexpr unsigned kWmmaSlotFloats = 3 * 256;
+// One warp-collective matrix instruction's operands: 2 parities x 32 lanes x 8 words.
+inline constexpr unsigned kMmaLaneWords = 8;
+inline constexpr unsigned kMmaSlotWords = 2 * 32 * kMmaLaneWords;
 
 // One asynchronous copy (__pipeline_memcpy_async) issued and not yet waited for.
 struct AsyncCopy {
@@ -107,6 +110,7 @@ inline thread_local unsigned tl_warp = 0;
 inline thread_local unsigned tl_lane = 0;
 inline thread_local unsigned tl_vote_phase = 0;       // calls of __syncthreads_count & co.
 inline thread_local uint64_t tl_commits = 0;          // __pipeline_commit calls this block
+inline thread_local unsigned tl_mma_phase = 0;        // warp matrix instructions this block
 inline thread_local std::vector<AsyncCopy>* tl_copies = nullptr;  // pending, issue order
 
 inline std::mutex& launch_mutex() {
@@ -161,11 +165,11 @@ int launch(const Plan& p, F body) noexcept {
     std::unique_ptr<Barrier[]> warp_barriers(new Barrier[nwarps]);
     for (unsigned w = 0; w < nwarps; ++w) new (&warp_barriers[w]) Barrier(32);
     std::vector<uint64_t> slots(32 * nwarps, 0);
-    std::vector<float> wmma(kWmmaSlotFloats * nwarps, 0.f);
+    std::vector<uint32_t> mma(kMmaSlotWords * nwarps, 0u);
     const size_t smem = p.smem_bytes ? p.smem_bytes : 16;
     std::unique_ptr<unsigned char[]> dyn(new (std::align_val_t(64)) unsigned char[smem]);
     std::atomic<int> votes[3];
-    BlockCtx ctx{&block_barrier, warp_barriers.get(), slots.data(), dyn.get(), votes, wmma.data()};
+    BlockCtx ctx{&block_barrier, warp_barriers.get(), slots.data(), dyn.get(), votes, mma.data(), smem};
     const dim3 bdim(p.block[0], p.block[1], p.block[2]);
     const dim3 gdim(p.grid[0], p.grid[1], p.grid[2]);
     auto worker = [&](unsigned t) {
@@ -183,6 +187,7 @@ int launch(const Plan& p, F body) noexcept {
                     tl_block_idx = dim3(x, y, z);
                     tl_commits = 0;
                     tl_vote_phase = 0;
+                    tl_mma_phase = 0;
                     if (t == 0) {
                         std::memset(ctx.dyn_smem, 0xFF, smem);
                         for (auto& v : votes) v.store(0, std::memory_order_relaxed);
@@ -553,31 +558,38 @@ inline void __pipeline_wait_prior(size_t prior) {
     q.resize(keep);
 }
 
-// ==== Warp matrix functions (nvcuda::wmma) =============================================
-// Used by kernels/cosine_topk_tc.cuh. Only what that file uses is provided, and it fails
-// loudly (abort with a message) on anything else.
-//
-// WMMA: shapes m16n16k16 (__half, __nv_bfloat16 operands) and m16n16k8 (precision::tf32
-// operands), float accumulators. Every function is warp-collective: all 32 lanes must call
-// it (as on hardware, where divergent calls hang), and each passes a real warp barrier.
-// - Fragment layout (opaque to kernels, so the emulator picks one): element e of lane l is
-//   element i = e * 32 + l of the fragment's matrix in row-major order (matrix_a: m x k,
-//   matrix_b: k x n, accumulator: m x n). num_elements matches CUDA's (8, or 4 for tf32).
-// - load_matrix_sync / store_matrix_sync: a warp barrier (the "wait until every lane has
-//   arrived" of the CUDA API), then each lane reads or writes its own elements. They check
-//   what CUDA requires: a 256-bit aligned pointer and ldm a multiple of 16 bytes. Memory
-//   written by OTHER warps still needs __syncthreads (ThreadSanitizer reports it otherwise).
-// - mma_sync: every lane publishes its A, B and C elements to the warp's slots
-//   (BlockCtx::wmma_slots), warp barrier, each lane computes its D elements from all of
-//   them, warp barrier (the slots are free again). Products are exact; each output element
-//   is c + sum_k a * b evaluated in double and rounded to f32 TOWARD ZERO, modelling the
-//   tensor cores' truncating adder (a pessimistic but faithful f32-accumulation model).
-// - tf32: fragments hold floats. __float_to_tf32 rounds to nearest, ties away from zero, to
-//   10 mantissa bits (cvt.rna.tf32.f32); mma_sync uses only the top 19 bits of each tf32
-//   operand (truncation), as the hardware does with unconverted floats.
-// cp.async (__pipeline_*), which the tensor-core path also uses, is the implementation of the
-// section "Vector types, block votes and asynchronous copies" above.
 
+// ==== Warp matrix instructions (ldmatrix, mma.sync, cvt.rna.tf32.f32) ===================
+// What kernels/mma.cuh issues in inline PTX on the device, emulated with the fragment layouts
+// of the PTX ISA (9.7.14.5.7 and 9.7.14.5.8, "Matrix Fragments for mma.m16n8k8" and
+// "... mma.m16n8k16 with floating point type"; 9.7.9.x "ldmatrix"), and nothing else: any other
+// shape or type is a compile error.
+// - Shared-memory addresses are 32-bit offsets into the block's dynamic shared memory
+//   (smem_offset / r2_smem_addr), as the device's .shared window is; an address outside it,
+//   or a row address of ldmatrix that is not 16-byte aligned, aborts.
+// - Each instruction is warp-collective: every lane publishes its operands (a row address, or
+//   its A and B registers) in the warp's slot record of the current parity, passes ONE warp
+//   barrier, and reads the other lanes' records. The parity alternates per instruction, so a
+//   lane may publish instruction k + 1 while a slower lane still reads instruction k: that lane
+//   finished reading instruction k - 1 (the other parity) before the barrier of instruction k.
+//   Memory written by other warps still needs __syncthreads (ThreadSanitizer reports it).
+// - groupID g = lane >> 2, threadID_in_group t = lane % 4; registers of 16-bit operands hold
+//   two elements, the lower-numbered one in the low half.
+//   ldmatrix .m8n8.x4.b16: lanes 8j .. 8j + 7 give the row addresses (16 bytes each) of matrix
+//     j; register j of lane l receives elements (row g, columns 2t, 2t + 1) of matrix j.
+//   m16n8k16 .bf16/.f16, A (16 x 16): a_i at row g + 8 ((i >> 1) & 1), column 2t + (i & 1) +
+//     8 (i >> 2); B (16 x 8): b_i at row 2t + (i & 1) + 8 (i >> 1), column g.
+//   m16n8k8 .tf32, A (16 x 8): a_i at row g + 8 (i & 1), column t + 4 (i >> 1); B (8 x 8): b_i
+//     at row t + 4 i, column g.
+//   C and D (16 x 8, f32, both shapes): c_i at row g + 8 (i >> 1), column 2t + (i & 1).
+// - D = A B + C: products exact, each output c + sum_k a b evaluated in double and rounded to
+//   f32 TOWARD ZERO (the tensor cores' truncating adder, the pessimistic side; the same model
+//   the margin of docs/DESIGN.md "Tensor-core path" assumes). tf32 operands: only the top 19
+//   bits of each register are read (the hardware ignores the low 13).
+// - cvt.rna.tf32.f32 as ptxas 13.0 lowers it (FSETP, IADD, LOP3 in the SASS of sm_80 and
+//   sm_90): a finite x becomes (bits + 0x1000) & ~0x1fff (nearest, ties away from zero, an
+//   overflow to infinity), an infinity or NaN bits & ~0x1fff.
+// - ld.relaxed.gpu (r2_load_relaxed in common.cuh): an atomic relaxed load.
 namespace r2emu {
 
 inline uint32_t f32_bits(float f) {
@@ -592,19 +604,6 @@ inline float bits_f32(uint32_t x) {
     return f;
 }
 
-// cvt.rna.tf32.f32: nearest, ties away from zero, 10 mantissa bits kept.
-inline float tf32_round(float f) {
-    const uint32_t x = f32_bits(f);
-    if ((x & 0x7f800000u) == 0x7f800000u) return f;  // inf, NaN
-    return bits_f32((x + 0x1000u) & 0xffffe000u);
-}
-
-// What the tensor cores read of a tf32 operand: its top 19 bits.
-inline float tf32_truncate(float f) {
-    if (std::isnan(f)) return f;
-    return bits_f32(f32_bits(f) & 0xffffe000u);
-}
-
 // x rounded to f32 toward zero.
 inline float f32_toward_zero(double x) {
     float f = static_cast<float>(x);
@@ -613,155 +612,102 @@ inline float f32_toward_zero(double x) {
     return f;
 }
 
-inline float* wmma_warp_slots() { return tl_ctx->wmma_slots + kWmmaSlotFloats * tl_warp; }
+struct MmaCoord {
+    unsigned row, col;
+};
+
+inline MmaCoord ldmatrix_src(unsigned lane, unsigned) { return {lane >> 2, 2 * (lane & 3)}; }
+inline MmaCoord mma_a_m16n8k16(unsigned lane, unsigned i) {
+    return {(lane >> 2) + 8 * ((i >> 1) & 1), 2 * (lane & 3) + (i & 1) + 8 * (i >> 2)};
+}
+inline MmaCoord mma_b_m16n8k16(unsigned lane, unsigned i) {
+    return {2 * (lane & 3) + (i & 1) + 8 * (i >> 1), lane >> 2};
+}
+inline MmaCoord mma_a_m16n8k8_tf32(unsigned lane, unsigned i) {
+    return {(lane >> 2) + 8 * (i & 1), (lane & 3) + 4 * (i >> 1)};
+}
+inline MmaCoord mma_b_m16n8k8_tf32(unsigned lane, unsigned i) { return {(lane & 3) + 4 * i, lane >> 2}; }
+inline MmaCoord mma_c_m16n8(unsigned lane, unsigned i) {
+    return {(lane >> 2) + 8 * (i >> 1), 2 * (lane & 3) + (i & 1)};
+}
+
+inline uint32_t smem_offset(const void* p) {
+    const auto* c = static_cast<const unsigned char*>(p);
+    if (c < tl_ctx->dyn_smem || c >= tl_ctx->dyn_smem + tl_ctx->dyn_smem_bytes)
+        fail("shared-memory address outside the block's dynamic shared memory");
+    return static_cast<uint32_t>(c - tl_ctx->dyn_smem);
+}
+
+inline const unsigned char* smem_at(uint32_t off, size_t bytes) {
+    if (off > tl_ctx->dyn_smem_bytes || bytes > tl_ctx->dyn_smem_bytes - off)
+        fail("shared-memory access outside the block's dynamic shared memory");
+    return tl_ctx->dyn_smem + off;
+}
+
+// Publishes this lane's record, passes one warp barrier, returns the 32 records.
+inline const uint32_t* mma_exchange(const uint32_t (&rec)[kMmaLaneWords]) {
+    uint32_t* base = tl_ctx->mma_slots + kMmaSlotWords * tl_warp + (tl_mma_phase++ & 1u) * 32 * kMmaLaneWords;
+    std::memcpy(base + tl_lane * kMmaLaneWords, rec, sizeof rec);
+    warp_sync();
+    return base;
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    if (addr % 16 != 0) fail("ldmatrix: a row address is not 16-byte aligned");
+    uint32_t rec[kMmaLaneWords] = {addr};
+    const uint32_t* all = mma_exchange(rec);
+    for (unsigned j = 0; j < 4; ++j) {
+        const MmaCoord e = ldmatrix_src(tl_lane, j);
+        const uint32_t row_addr = all[(8 * j + e.row) * kMmaLaneWords];
+        std::memcpy(&r[j], smem_at(row_addr + 2 * e.col, 4), 4);
+    }
+}
+
+enum class MmaType { bf16, f16, tf32 };
+
+// Element i of a register array of `type` (16-bit: two per register, low half first).
+inline float mma_element(const uint32_t* regs, unsigned i, MmaType type) {
+    if (type == MmaType::tf32) return bits_f32(regs[i] & 0xffffe000u);
+    const uint16_t h = static_cast<uint16_t>(regs[i / 2] >> (16 * (i % 2)));
+    return type == MmaType::bf16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
+}
+
+// d = a b + c for one m16n8k16 (16-bit types) or m16n8k8 (tf32) of the warp.
+inline void mma_16x8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], MmaType type) {
+    const bool tf32 = type == MmaType::tf32;
+    const unsigned K = tf32 ? 8 : 16, na = tf32 ? 4 : 8, nb = tf32 ? 2 : 4;
+    uint32_t rec[kMmaLaneWords] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    const uint32_t* all = mma_exchange(rec);
+    float A[16][16], B[16][8];
+    for (unsigned l = 0; l < 32; ++l) {
+        const uint32_t* r = all + l * kMmaLaneWords;
+        for (unsigned i = 0; i < na; ++i) {
+            const MmaCoord e = tf32 ? mma_a_m16n8k8_tf32(l, i) : mma_a_m16n8k16(l, i);
+            A[e.row][e.col] = mma_element(r, i, type);
+        }
+        for (unsigned i = 0; i < nb; ++i) {
+            const MmaCoord e = tf32 ? mma_b_m16n8k8_tf32(l, i) : mma_b_m16n8k16(l, i);
+            B[e.row][e.col] = mma_element(r + 4, i, type);
+        }
+    }
+    for (unsigned i = 0; i < 4; ++i) {
+        const MmaCoord e = mma_c_m16n8(tl_lane, i);
+        double acc = d[i];
+        for (unsigned k = 0; k < K; ++k) acc += static_cast<double>(A[e.row][k]) * static_cast<double>(B[k][e.col]);
+        d[i] = f32_toward_zero(acc);
+    }
+}
+
+inline uint32_t cvt_rna_tf32(float x) {
+    const uint32_t u = f32_bits(x);
+    return ((u & 0x7fffffffu) < 0x7f800000u ? u + 0x1000u : u) & 0xffffe000u;
+}
+
+inline unsigned load_relaxed(const unsigned* p) {
+    return std::atomic_ref<unsigned>(*const_cast<unsigned*>(p)).load(std::memory_order_relaxed);
+}
 
 }  // namespace r2emu
-
-namespace nvcuda {
-namespace wmma {
-
-struct row_major {};
-struct col_major {};
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-namespace precision {
-struct tf32 {};
-}  // namespace precision
-enum layout_t { mem_row_major, mem_col_major };
-
-inline float __float_to_tf32(float in) { return ::r2emu::tf32_round(in); }
-
-namespace emu_detail {
-template <class T>
-struct storage {
-    using type = T;
-};
-template <>
-struct storage<precision::tf32> {
-    using type = float;
-};
-template <class Use, int M, int N, int K>
-struct shape;
-template <int M, int N, int K>
-struct shape<matrix_a, M, N, K> {
-    static constexpr int rows = M, cols = K;
-};
-template <int M, int N, int K>
-struct shape<matrix_b, M, N, K> {
-    static constexpr int rows = K, cols = N;
-};
-template <int M, int N, int K>
-struct shape<accumulator, M, N, K> {
-    static constexpr int rows = M, cols = N;
-};
-inline float value(float x) { return x; }
-inline float value(__half x) { return __half2float(x); }
-inline float value(__nv_bfloat16 x) { return __bfloat162float(x); }
-}  // namespace emu_detail
-
-template <class Use, int M, int N, int K, class T, class Layout = void>
-class fragment {
-    static_assert(M == 16 && N == 16 && (K == 16 || K == 8), "emulated WMMA shapes: m16n16k16, m16n16k8");
-    static_assert(std::is_same_v<Use, accumulator> ? std::is_same_v<T, float>
-                  : K == 16 ? (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>)
-                            : std::is_same_v<T, precision::tf32>,
-                  "emulated WMMA types: __half/__nv_bfloat16 (k16) or tf32 (k8) operands, float accumulators");
-
-public:
-    using element_type = T;
-    using storage_element_type = typename emu_detail::storage<T>::type;
-    static constexpr int rows = emu_detail::shape<Use, M, N, K>::rows;
-    static constexpr int cols = emu_detail::shape<Use, M, N, K>::cols;
-    enum { num_elements = rows * cols / 32, num_storage_elements = rows * cols / 32 };
-    storage_element_type x[num_elements];
-};
-
-template <class Use, int M, int N, int K, class T, class Layout>
-inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f,
-                          const typename fragment<Use, M, N, K, T, Layout>::storage_element_type& v) {
-    ::r2emu::warp_sync();
-    for (int e = 0; e < f.num_elements; ++e) f.x[e] = v;
-}
-
-namespace emu_detail {
-inline void check_matrix_ptr(const void* p, unsigned ldm, size_t elt, const char* what) {
-    if (reinterpret_cast<uintptr_t>(p) % 32 != 0) {
-        std::fprintf(stderr, "cuda_emu: %s: pointer %p is not 256-bit aligned\n", what, p);
-        std::abort();
-    }
-    if ((ldm * elt) % 16 != 0) {
-        std::fprintf(stderr, "cuda_emu: %s: ldm = %u elements is not a multiple of 16 bytes\n", what, ldm);
-        std::abort();
-    }
-}
-}  // namespace emu_detail
-
-// matrix_a / matrix_b from memory laid out as the fragment's Layout (row_major: element
-// (r, c) at p[r * ldm + c]; col_major: at p[c * ldm + r]).
-template <class Use, int M, int N, int K, class T, class Layout, class P>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned ldm) {
-    static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>,
-                  "emulated load_matrix_sync: operand fragments only");
-    using F = fragment<Use, M, N, K, T, Layout>;
-    static_assert(std::is_same_v<P, typename F::storage_element_type>, "pointer type != fragment storage type");
-    emu_detail::check_matrix_ptr(p, ldm, sizeof(P), "load_matrix_sync");
-    ::r2emu::warp_sync();
-    for (int e = 0; e < F::num_elements; ++e) {
-        const unsigned i = e * 32 + ::r2emu::tl_lane;
-        const unsigned r = i / F::cols, c = i % F::cols;
-        f.x[e] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
-    }
-}
-
-template <int M, int N, int K>
-inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
-                              layout_t layout) {
-    using F = fragment<accumulator, M, N, K, float>;
-    emu_detail::check_matrix_ptr(p, ldm, sizeof(float), "store_matrix_sync");
-    ::r2emu::warp_sync();
-    for (int e = 0; e < F::num_elements; ++e) {
-        const unsigned i = e * 32 + ::r2emu::tl_lane;
-        const unsigned r = i / F::cols, c = i % F::cols;
-        p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[e];
-    }
-}
-
-template <int M, int N, int K, class T, class LA, class LB>
-inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-                     const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
-    using FA = fragment<matrix_a, M, N, K, T, LA>;
-    using FB = fragment<matrix_b, M, N, K, T, LB>;
-    using FC = fragment<accumulator, M, N, K, float>;
-    constexpr bool tf32 = std::is_same_v<T, precision::tf32>;
-    float* sa = ::r2emu::wmma_warp_slots();
-    float* sb = sa + 256;
-    float* sc = sb + 256;
-    const unsigned lane = ::r2emu::tl_lane;
-    for (int e = 0; e < FA::num_elements; ++e) {
-        const float v = emu_detail::value(a.x[e]);
-        sa[e * 32 + lane] = tf32 ? ::r2emu::tf32_truncate(v) : v;
-    }
-    for (int e = 0; e < FB::num_elements; ++e) {
-        const float v = emu_detail::value(b.x[e]);
-        sb[e * 32 + lane] = tf32 ? ::r2emu::tf32_truncate(v) : v;
-    }
-    for (int e = 0; e < FC::num_elements; ++e) sc[e * 32 + lane] = c.x[e];
-    ::r2emu::warp_sync();
-    float out[FC::num_elements];
-    for (int e = 0; e < FC::num_elements; ++e) {
-        const unsigned i = e * 32 + lane;
-        const unsigned r = i / N, col = i % N;
-        double acc = sc[i];
-        for (int k = 0; k < K; ++k) acc += static_cast<double>(sa[r * K + k]) * static_cast<double>(sb[k * N + col]);
-        out[e] = ::r2emu::f32_toward_zero(acc);
-    }
-    ::r2emu::warp_sync();  // every lane has read the slots
-    for (int e = 0; e < FC::num_elements; ++e) d.x[e] = out[e];
-}
-
-}  // namespace wmma
-}  // namespace nvcuda
 
 // Correctly rounded reciprocal.
 inline float __frcp_rn(float x) { return 1.0f / x; }

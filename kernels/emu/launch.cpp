@@ -13,3 +13,6 @@ extern "C" int r2emu_launch(const char* entry, r2emu::Plan plan, const void* arg
     }
     return 1;
 }
+
+// cvt.rna.tf32.f32 as the emulator performs it (src/kernel/emu.rs `cvt_rna_tf32`, for the tests).
+extern "C" unsigned r2emu_cvt_rna_tf32(float x) { return r2emu::cvt_rna_tf32(x); }

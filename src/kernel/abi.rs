@@ -51,34 +51,55 @@ r2_abi! {
         /// Blocks per multiprocessor the partial kernels' `__launch_bounds__` guarantee
         /// registers for (at most 65536 / (128 * 4) = 128 registers a thread).
         CT_MIN_BLOCKS: u32 = 4;
+        /// Most key bytes per row and pipeline step of the partial kernels (a power of two; each
+        /// thread copies `kb / 16` chunks per step).
+        CT_KB_MAX: u32 = 512;
 
-        /// Threads per block of the tensor-core kernels `cosine_topk_tc_*` (4 warps, each owning a
-        /// 32 x 32 quarter of the score tile).
-        TC_THREADS: u32 = 128;
+        /// Threads per block of the tensor-core pass `cosine_topk_tc_*` (8 warps, each owning a
+        /// 32 x 64 piece of the 128 x 128 score tile).
+        TC_THREADS: u32 = 256;
+        /// Blocks per multiprocessor the pass's `__launch_bounds__` guarantee registers for (at
+        /// most 65536 / (256 * 2) = 128 registers a thread).
+        TC_MIN_BLOCKS: u32 = 2;
         /// Queries per block of `cosine_topk_tc_{f32,f16,bf16}` (the block's query tile).
-        TC_BQ: u32 = 64;
+        TC_BQ: u32 = 128;
         /// Bank rows per tile of `cosine_topk_tc_{f32,f16,bf16}`.
-        TC_BK: u32 = 64;
-        /// Bytes of one operand row per pipeline stage (a k-slice: 64 16-bit or 32 f32 elements).
-        TC_SLICE_BYTES: u32 = 128;
-        /// Shared-memory stride of a stage row: the slice plus 16 bytes, so that the 8 rows one
-        /// fragment load touches fall in different banks.
-        TC_ROW_BYTES: u32 = 144;
-        /// Leading dimension (floats) of the block's score tile [TC_BQ][TC_SCORE_LD].
-        TC_SCORE_LD: u32 = 68;
-        /// Longest per-query threshold list of the tensor-core pass (the largest n it serves).
-        TC_NL_MAX: u32 = 256;
+        TC_BK: u32 = 128;
+        /// Bytes of one operand row per pipeline stage (a k-slice: 32 16-bit or 16 f32 elements,
+        /// two 32-byte k-steps of the mma); also the stage's row stride (chunks XOR-swizzled).
+        TC_SLICE_BYTES: u32 = 64;
+        /// Shared-memory stages of the pass's cp.async pipeline (two slices in flight while one
+        /// is multiplied).
+        TC_STAGES: u32 = 3;
+        /// Scores per query and tile the pass buffers for insertion into the query's threshold
+        /// list (more only leave the list lower; every candidate is still written).
+        TC_HITS: u32 = 8;
+        /// Longest per-query threshold list of the tensor-core pass: the largest n it serves
+        /// (the first tile's 8 holders of a query's 128 scores seed the list with ceil(n / 8)
+        /// each).
+        TC_NL_MAX: u32 = 128;
         /// Candidates per tile of `cosine_topk_rescore_*`'s approximate selection (small, so
         /// that the rescoring's shared memory stays under the 48 KiB default for every n).
         TC_RESCORE_TILE: u32 = 256;
 
         /// Threads per block of `cosine_topk_prep_*` (one warp per query row).
         RS_THREADS: u32 = 128;
+        /// Blocks per multiprocessor a plan counts without the driver for `cosine_topk_rescore_*`,
+        /// `cosine_topk_fallback_*` and `cosine_topk_finish` (`CT_THREADS` threads, so at most
+        /// 128 registers a thread). Not a launch bound: one raised ptxas's allocation (rescore
+        /// 40 -> 72, fallback 36 -> 80 registers on sm_90) and lowered the real occupancy;
+        /// `scripts/sass-report` fails if ptxas goes above what this count assumes (it uses 25-40).
+        RS_MIN_BLOCKS: u32 = 4;
         /// Blocks of `cosine_topk_fallback_*` per bank chunk and of `cosine_topk_finish` (flagged
         /// queries beyond it are taken in turns).
         RS_SLOTS: u32 = 8;
         /// Threads per block of `cosine_topk_gemm_select` (4 warps: 4 queries sharing columns).
         GS_THREADS: u32 = 128;
+        /// Blocks per multiprocessor a plan counts without the driver for
+        /// `cosine_topk_gemm_select` (at most 128 registers a thread; ptxas uses 80): 16 warps per
+        /// SM. Not a launch bound (one raised ptxas's allocation to 86); `scripts/sass-report`
+        /// holds ptxas under it.
+        GS_MIN_BLOCKS: u32 = 4;
         /// Longest running list of `cosine_topk_gemm_select` (the largest n the GEMM + select
         /// path serves).
         GS_NL_MAX: u32 = 256;
@@ -125,11 +146,9 @@ r2_abi! {
             kp: u32,
             /// Hit-buffer length per query (a power of two >= kp).
             hb: u32,
-            /// Key bytes per row and pipeline stage (a multiple of 16, at most 128).
+            /// Key bytes per row and pipeline stage (a power of two, 16 to `CT_KB_MAX`). Rows of
+            /// `keys` and `q` are 16-byte aligned (the op stages other inputs to such a copy).
             kb: u32,
-            /// 1: keys, queries rows 16-byte aligned, copied with 16-byte `cp.async`; 0: element
-            /// copies.
-            vec16: u32,
             /// Bank rows per block (a multiple of `CT_TILE_ROWS`).
             chunk_rows: u32,
             /// [B, gy, kp] candidate scores.
@@ -180,7 +199,7 @@ r2_abi! {
             d: u32,
             d_pad: u32,
             n: u32,
-            /// Threshold-list length (n rounded up to 32, at most `TC_NL_MAX`).
+            /// Threshold-list length: the next power of two >= n, at least 32, at most `TC_NL_MAX`.
             nl: u32,
             /// Bank rows per block (a multiple of `TC_BK`).
             chunk_rows: u32,

@@ -11,7 +11,7 @@
 //! runs one stream per device and every launch here goes to that stream, so stream order
 //! alone orders the kernels against the candle ops that produce and consume the buffers.
 
-use super::launch::{AnyElem, DevElem, KernelArgs, LaunchPlan, Launcher, Ptr};
+use super::launch::{AnyElem, DevElem, KernelArgs, LaunchPlan, Launcher, Ptr, SmResources};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
@@ -124,6 +124,33 @@ pub fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
         .map_err(|e| candle_core::Error::Msg(format!("r2scp cuda: kernel `{name}` not found: {e}")))
 }
 
+/// Device attribute `attr` of `dev` (a non-negative count).
+fn device_attribute(dev: &CudaDevice, attr: sys::CUdevice_attribute, what: &str) -> Result<u32> {
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(attr)
+        .map_err(|e| candle_core::Error::Msg(format!("r2scp cuda: {what}: {e}")))?;
+    Ok(n.max(0) as u32)
+}
+
+/// Raises `func`'s dynamic shared-memory limit to `bytes` when they are above the 48 KiB every
+/// entry may use without opting in.
+fn allow_dyn_smem(func: &CudaFunction, entry: &str, bytes: u32) -> Result<()> {
+    if bytes > 48 * 1024 {
+        func.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "r2scp cuda: {entry}: {bytes} bytes of shared memory refused: {e}"
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// Number of streaming multiprocessors of `dev` (for launch plans).
 pub fn sm_count(dev: &CudaDevice) -> Result<u32> {
     let n = dev
@@ -170,31 +197,84 @@ impl Launcher for CudaLauncher<'_> {
     }
 
     fn smem_per_sm(&self) -> Result<u32> {
-        let n = self
-            .dev
-            .cuda_stream()
-            .context()
-            .attribute(
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
-            )
-            .map_err(|e| {
-                candle_core::Error::Msg(format!("r2scp cuda: shared memory per SM: {e}"))
-            })?;
-        Ok(n.max(0) as u32)
+        device_attribute(
+            self.dev,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            "shared memory per SM",
+        )
     }
 
     fn max_dyn_smem(&self) -> Result<u32> {
-        let n = self
-            .dev
-            .cuda_stream()
-            .context()
-            .attribute(
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        let n = device_attribute(
+            self.dev,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            "shared memory limit",
+        )?;
+        Ok(n.saturating_sub(1024))
+    }
+
+    fn sm_resources(&self) -> Result<SmResources> {
+        use sys::CUdevice_attribute as A;
+        Ok(SmResources {
+            regs: device_attribute(
+                self.dev,
+                A::CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR,
+                "registers per SM",
+            )?,
+            threads: device_attribute(
+                self.dev,
+                A::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR,
+                "threads per SM",
+            )?,
+            blocks: device_attribute(
+                self.dev,
+                A::CU_DEVICE_ATTRIBUTE_MAX_BLOCKS_PER_MULTIPROCESSOR,
+                "blocks per SM",
+            )?,
+            smem: self.smem_per_sm()?,
+            smem_reserved: device_attribute(
+                self.dev,
+                A::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK,
+                "reserved shared memory per block",
+            )?,
+        })
+    }
+
+    /// The driver's occupancy query for the entry as ptxas compiled it (its real registers and
+    /// static shared memory), with `plan`'s block and dynamic shared memory; asked once per
+    /// context, entry, block size and shared memory (plans ask it for several candidates on
+    /// every call).
+    fn resident_blocks(&self, entry: &str, plan: &LaunchPlan, _min_blocks: u32) -> Result<u32> {
+        type Key = (usize, String, u32, u32);
+        static CACHE: OnceLock<Mutex<HashMap<Key, u32>>> = OnceLock::new();
+        let ctx = Arc::as_ptr(self.dev.cuda_stream().context()) as usize;
+        let key = (
+            ctx,
+            entry.to_string(),
+            plan.threads_per_block(),
+            plan.smem_bytes,
+        );
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Some(&n) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(n);
+        }
+        let func = function(self.dev, entry)?;
+        allow_dyn_smem(&func, entry, plan.smem_bytes)?;
+        let n = func
+            .occupancy_max_active_blocks_per_multiprocessor(
+                plan.threads_per_block(),
+                plan.smem_bytes as usize,
+                None,
             )
             .map_err(|e| {
-                candle_core::Error::Msg(format!("r2scp cuda: shared memory limit: {e}"))
-            })?;
-        Ok((n.max(0) as u32).saturating_sub(1024))
+                candle_core::Error::Msg(format!("r2scp cuda: {entry}: occupancy query: {e}"))
+            })?
+            .max(1);
+        cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, n);
+        Ok(n)
     }
 
     fn zeros<T: DevElem>(&self, n: usize) -> Result<CudaSlice<T>> {
@@ -219,19 +299,8 @@ impl Launcher for CudaLauncher<'_> {
 
     unsafe fn launch<A: KernelArgs>(&self, entry: &str, plan: &LaunchPlan, args: &A) -> Result<()> {
         let func = function(self.dev, entry)?;
-        if plan.smem_bytes > 48 * 1024 {
-            // Above 48 KiB a block's dynamic shared memory needs the entry's opt-in.
-            func.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                plan.smem_bytes as i32,
-            )
-            .map_err(|e| {
-                candle_core::Error::Msg(format!(
-                    "r2scp cuda: {entry}: {} bytes of shared memory refused: {e}",
-                    plan.smem_bytes
-                ))
-            })?;
-        }
+        // Above 48 KiB a block's dynamic shared memory needs the entry's opt-in.
+        allow_dyn_smem(&func, entry, plan.smem_bytes)?;
         let stream = self.dev.cuda_stream();
         let mut lb = stream.launch_builder(&func);
         lb.arg(args);

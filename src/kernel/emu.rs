@@ -41,6 +41,17 @@ extern "C" {
         args: *const c_void,
         args_size: usize,
     ) -> i32;
+
+    /// kernels/emu/launch.cpp: the emulated `cvt.rna.tf32.f32`.
+    fn r2emu_cvt_rna_tf32(x: f32) -> u32;
+}
+
+/// The bits of `x` rounded to tf32 as the emulator rounds the tensor-core path's f32 operands:
+/// `cvt.rna.tf32.f32` as ptxas lowers it (kernels/emu/cuda_emu.h, "Warp matrix
+/// instructions"). Test infrastructure.
+pub fn cvt_rna_tf32(x: f32) -> u32 {
+    // SAFETY: a pure function of its argument.
+    unsafe { r2emu_cvt_rna_tf32(x) }
 }
 
 fn launch_error(code: i32) -> &'static str {

@@ -105,6 +105,95 @@ impl LaunchPlan {
     }
 }
 
+/// The resources of one multiprocessor that bound how many blocks of a kernel it holds at once
+/// (the arithmetic of CUDA's occupancy calculator for sm_80 to sm_90).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmResources {
+    /// 32-bit registers (65536 on every supported GPU), allocated per warp in units of 256.
+    pub regs: u32,
+    /// Resident threads (2048 on sm_80 and sm_90, 1536 on sm_86 and sm_89).
+    pub threads: u32,
+    /// Resident blocks (32 on sm_80 and sm_90, 16 on sm_86, 24 on sm_89).
+    pub blocks: u32,
+    /// Shared memory per multiprocessor, bytes (sm_80 164 KiB, sm_86 and sm_89 100 KiB,
+    /// sm_90 228 KiB).
+    pub smem: u32,
+    /// Shared memory the system reserves per resident block (1 KiB from sm_80 on).
+    pub smem_reserved: u32,
+}
+
+impl SmResources {
+    /// An A100 (sm_80).
+    pub const SM_80: Self = Self {
+        regs: 65536,
+        threads: 2048,
+        blocks: 32,
+        smem: 164 * 1024,
+        smem_reserved: 1024,
+    };
+    /// sm_86 (the smallest of the supported GPUs; the emulator plans for it).
+    pub const SM_86: Self = Self {
+        regs: 65536,
+        threads: 1536,
+        blocks: 16,
+        smem: 100 * 1024,
+        smem_reserved: 1024,
+    };
+    /// An H100 or H200 (sm_90).
+    pub const SM_90: Self = Self {
+        regs: 65536,
+        threads: 2048,
+        blocks: 32,
+        smem: 228 * 1024,
+        smem_reserved: 1024,
+    };
+
+    /// Blocks of `threads` threads, `regs_per_thread` registers each and `smem` bytes of
+    /// shared memory (dynamic and static) that one multiprocessor holds at once: the least of
+    /// the register, thread, block and shared-memory limits (registers allocated per warp in
+    /// units of 256, shared memory in units of 128 bytes plus the per-block reservation).
+    /// 0 when one block does not fit.
+    pub fn resident_blocks(&self, threads: u32, regs_per_thread: u32, smem: u32) -> u32 {
+        let warps = threads.div_ceil(32).max(1);
+        let per_warp = (regs_per_thread.max(1) * 32).div_ceil(256) * 256;
+        let by_regs = (self.regs / per_warp) / warps;
+        let by_threads = self.threads / (warps * 32);
+        let by_smem = self.smem / (smem.div_ceil(128) * 128 + self.smem_reserved);
+        by_regs.min(by_threads).min(by_smem).min(self.blocks)
+    }
+}
+
+/// The registers per thread that `__launch_bounds__(threads, min_blocks)` lets ptxas use at
+/// most (65536 / (threads x min_blocks), rounded down to the allocation unit of 8): the
+/// register count a plan assumes when it cannot ask the driver.
+pub fn launch_bound_regs(threads: u32, min_blocks: u32) -> u32 {
+    (65536 / (threads.max(1) * min_blocks.max(1))).min(255) / 8 * 8
+}
+
+/// Static `__shared__` memory a plan allows each block on top of its dynamic shared memory when
+/// it counts resident blocks without the driver (ptxas reports at most 512 bytes for every
+/// entry; `scripts/sass-report` fails above this).
+pub const STATIC_SMEM_ALLOWANCE: u32 = 1024;
+
+/// Blocks of `threads` threads with `dyn_smem` bytes of dynamic shared memory that one
+/// multiprocessor of `sm` holds, counted as a plan does without the driver: the registers the
+/// entry's launch bound `min_blocks` allows ([`launch_bound_regs`]) and
+/// [`STATIC_SMEM_ALLOWANCE`] of static shared memory, both upper bounds of what ptxas uses, so
+/// the count is never above the real one. At least 1.
+pub fn planned_resident_blocks(
+    sm: &SmResources,
+    threads: u32,
+    min_blocks: u32,
+    dyn_smem: u32,
+) -> u32 {
+    sm.resident_blocks(
+        threads,
+        launch_bound_regs(threads, min_blocks),
+        dyn_smem + STATIC_SMEM_ALLOWANCE,
+    )
+    .max(1)
+}
+
 /// Dynamic shared memory every plan stays within: the 48 KiB per-block limit that needs no
 /// opt-in attribute on any GPU from sm_50 on covers static and dynamic shared memory
 /// together, so 1 KiB is left for the kernels' static `__shared__` arrays (ptxas reports at
@@ -186,6 +275,30 @@ pub trait Launcher {
     /// arrays). A launch whose plan asks for more than 48 KiB raises the entry's limit first.
     fn max_dyn_smem(&self) -> Result<u32>;
 
+    /// The multiprocessor's resources for [`SmResources::resident_blocks`]. The default is
+    /// sm_86's with [`Launcher::smem_per_sm`]; the CUDA launcher reads the device's.
+    fn sm_resources(&self) -> Result<SmResources> {
+        Ok(SmResources {
+            smem: self.smem_per_sm()?,
+            ..SmResources::SM_86
+        })
+    }
+
+    /// Blocks of entry point `entry` launched with `plan` that one multiprocessor holds at once,
+    /// at least 1: what a persistent grid is sized from. `min_blocks` is the entry's launch
+    /// bound. The default is [`planned_resident_blocks`] (upper bounds of the registers and
+    /// static shared memory, checked against ptxas by `scripts/sass-report`); the CUDA
+    /// launcher asks the driver's occupancy query, which knows what ptxas used.
+    fn resident_blocks(&self, entry: &str, plan: &LaunchPlan, min_blocks: u32) -> Result<u32> {
+        let _ = entry;
+        Ok(planned_resident_blocks(
+            &self.sm_resources()?,
+            plan.threads_per_block(),
+            min_blocks,
+            plan.smem_bytes,
+        ))
+    }
+
     /// A zeroed buffer of `n` elements.
     fn zeros<T: DevElem>(&self, n: usize) -> Result<Self::Buf<T>>;
 
@@ -208,4 +321,33 @@ pub trait Launcher {
 
     /// `buf` as a tensor of `shape` on this launcher's device (CPU for the emulator).
     fn tensor_of<T: DevElem>(&self, buf: Self::Buf<T>, shape: impl Into<Shape>) -> Result<Tensor>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The occupancy arithmetic against the CUDA occupancy calculator's figures for the entries
+    /// of the static review of 21834ae (`../shared/gpu/static-review-2026-12-05.md`) and the
+    /// tensor-core pass of issue 20.
+    #[test]
+    fn resident_blocks_match_the_occupancy_calculator() {
+        let h200 = SmResources::SM_90;
+        // cosine_topk_partial_q1_f32: 52 registers (9 blocks), 33,584 B (6 blocks).
+        assert_eq!(h200.resident_blocks(128, 52, 33_584), 6);
+        // The old tensor-core pass: 80 registers (6 blocks), 62,592 B (3 blocks, not 4).
+        assert_eq!(h200.resident_blocks(128, 80, 62_592), 3);
+        // The new pass: 256 threads of 128 registers (2 blocks), 73,856 B (3 blocks).
+        assert_eq!(h200.resident_blocks(256, 128, 73_856), 2);
+        assert_eq!(SmResources::SM_80.resident_blocks(256, 128, 73_856), 2);
+        assert_eq!(SmResources::SM_86.resident_blocks(256, 128, 73_856), 1);
+        // Threads and blocks bound small blocks.
+        assert_eq!(SmResources::SM_86.resident_blocks(1024, 16, 0), 1);
+        assert_eq!(h200.resident_blocks(32, 16, 0), 32);
+        // A block that does not fit.
+        assert_eq!(h200.resident_blocks(128, 32, 240 * 1024), 0);
+        assert_eq!(launch_bound_regs(256, 2), 128);
+        assert_eq!(launch_bound_regs(128, 4), 128);
+        assert_eq!(launch_bound_regs(128, 1), 248);
+    }
 }

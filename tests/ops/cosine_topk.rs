@@ -813,15 +813,16 @@ fn assert_same(got: &(Tensor, Tensor), want: &(Tensor, Tensor), what: &str) {
 }
 
 /// A random case the tensor-core path takes: D a whole number of 16-byte chunks, n at most
-/// 160. Banks up to 400 rows (several 64-row tiles, and more than one
-/// chunk per query tile) keep the emulated launches short.
+/// what the emulator's shared memory serves. Banks up to 400 rows (several 128-row tiles, and
+/// more than one chunk per query tile) keep the emulated launches short.
 fn random_tc_case(seed: u64) -> Case {
     let mut c = random_case(seed, 400);
     let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0x7c);
     let chunk = if c.kdt == DType::F32 { 4 } else { 8 };
     c.d = chunk * r.random_range(1..12usize);
-    // 160: the largest n whose threshold lists fit the emulator's 98 KiB of shared memory.
-    c.n = c.n.min(160);
+    // The largest n whose threshold lists fit the emulator's 98 KiB of shared memory.
+    c.n =
+        c.n.min(tensor_core::max_n(r2scp::kernel::EMU_MAX_DYN_SMEM_BYTES));
     c
 }
 
@@ -1013,6 +1014,102 @@ fn emu_tc_overflow_falls_back_exactly() {
     }
 }
 
+/// The tensor-core path rounds f32 operands to tf32 with `cvt.rna.tf32.f32` (nearest, ties away
+/// from zero: the margin assumes half a tf32 ulp, 2^-11), and the emulator does it bit for bit
+/// as the SASS ptxas 13.0 emits for it (FSETP |x| >= inf, IADD 0x1000, LOP3 & 0xffffe000):
+/// overflow to infinity, infinities kept, a NaN's low 13 payload bits dropped.
+#[test]
+fn emu_tf32_rounding_is_cvt_rna() {
+    use r2scp::kernel::emu::cvt_rna_tf32;
+    let f = f32::from_bits;
+    for (x, want) in [
+        (1.0f32, 0x3f80_0000u32),
+        (f(0x3f80_1000), 0x3f80_2000), // 1 + 2^-11: a tie, away from zero
+        (f(0xbf80_1000), 0xbf80_2000), // its negative
+        (f(0x3f80_0fff), 0x3f80_0000), // below the tie
+        (f(0x3f80_1001), 0x3f80_2000), // above it
+        (f(0x3f80_3000), 0x3f80_4000), // tie at an odd tf32 significand: still away
+        (f(0x0000_1000), 0x0000_2000), // subnormal
+        (f32::MAX, 0x7f80_0000),       // rounds up past the largest tf32: infinity
+        (f32::INFINITY, 0x7f80_0000),
+        (f32::NEG_INFINITY, 0xff80_0000),
+        (f(0x7fc0_0001), 0x7fc0_0000), // NaN payload below bit 13 dropped
+        (f(0x7f80_0001), 0x7f80_0000), // ... to infinity when nothing else is left
+    ] {
+        assert_eq!(cvt_rna_tf32(x), want, "{:#010x}", x.to_bits());
+    }
+}
+
+/// The tensor-core pass's approximate scores rank well-separated rows exactly: every query
+/// of a batch spanning both 16-row halves of the first mma tile and a second tile has 4
+/// planted rows at cosines 0.9, 0.8, 0.7, 0.6 (the key is alpha q/|q| plus noise orthogonal to
+/// q), every other row is random (cosines around 0 +- 0.13 at D = 64). With margin 0 the
+/// rescoring keeps only rows at or above the approximate 4th best, so the answer is the
+/// approximate top 4: a wrong fragment layout of ldmatrix or mma.sync (A, B or the
+/// accumulators), or a wrong accumulator-to-(query, row) mapping in the filter, scrambles it.
+#[test]
+fn emu_tc_approximate_scores_rank_exactly() {
+    let (b, d, per, extra) = (40usize, 64usize, 4usize, 140usize);
+    let mut r = ChaCha8Rng::seed_from_u64(2020);
+    let unit = |v: Vec<f32>| {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    let qs: Vec<Vec<f32>> = (0..b)
+        .map(|_| unit((0..d).map(|_| r.random_range(-1.0..1.0f32)).collect()))
+        .collect();
+    // (key row, Some((query, rank)) for a planted row)
+    type Row = (Vec<f32>, Option<(usize, usize)>);
+    let mut rows: Vec<Row> = Vec::new();
+    for (qi, q) in qs.iter().enumerate() {
+        for j in 0..per {
+            let alpha = 0.9 - 0.1 * j as f32;
+            let mut noise: Vec<f32> = (0..d).map(|_| r.random_range(-1.0..1.0f32)).collect();
+            let dot: f32 = noise.iter().zip(q).map(|(a, b)| a * b).sum();
+            noise.iter_mut().zip(q).for_each(|(x, y)| *x -= dot * y);
+            let noise = unit(noise);
+            let beta = (1.0 - alpha * alpha).sqrt();
+            let k = q
+                .iter()
+                .zip(&noise)
+                .map(|(a, n)| alpha * a + beta * n)
+                .collect();
+            rows.push((k, Some((qi, j))));
+        }
+    }
+    for _ in 0..extra {
+        rows.push((
+            unit((0..d).map(|_| r.random_range(-1.0..1.0f32)).collect()),
+            None,
+        ));
+    }
+    // Shuffle, and remember where each planted row went.
+    for i in (1..rows.len()).rev() {
+        rows.swap(i, r.random_range(0..=i));
+    }
+    let m = rows.len();
+    let mut want = vec![vec![0u32; per]; b];
+    for (row, (_, tag)) in rows.iter().enumerate() {
+        if let Some((qi, j)) = tag {
+            want[*qi][*j] = row as u32;
+        }
+    }
+    let kv: Vec<f32> = rows.iter().flat_map(|(k, _)| k.clone()).collect();
+    let qv: Vec<f32> = qs.concat();
+    let no_margin = TcOverrides {
+        margin: Some(0.0),
+        ..TcOverrides::default()
+    };
+    for kdt in [DType::BF16, DType::F16, DType::F32] {
+        let k = cpu(kv.clone(), (m, d)).to_dtype(kdt).unwrap();
+        let q = cpu(qv.clone(), (b, d));
+        let (_, i) =
+            cosine_topk_emulated_with(&q, &k, None, per, None, Kernel::TensorCore, no_margin)
+                .unwrap();
+        assert_eq!(i.to_vec2::<u32>().unwrap(), want, "{kdt:?}");
+    }
+}
+
 #[test]
 fn emu_tc_semantics() {
     for kdt in [DType::F32, DType::F16, DType::BF16] {
@@ -1063,6 +1160,38 @@ fn emu_tc_nan_is_error() {
     assert!(e.contains("NaN") && e.contains("query 1"), "{e}");
 }
 
+/// A key with an infinite element has an infinite norm and, against a query that does not
+/// zero that element, an infinite dot product: its exact score is inf / inf = NaN, an error on
+/// every path. The tensor-core pass's fast filter must send such a row to its exact test
+/// whatever the product's sign (a -inf product lies below every threshold), in a chunk's first
+/// tile (the seed's) and in later ones. Random keys, so that the row is no near-tie of the top
+/// n and only the pass can see it (an overflow would send the query to the exact fallback).
+#[test]
+fn emu_tc_infinite_keys_are_nan_errors() {
+    let mut rng = ChaCha8Rng::seed_from_u64(20);
+    for dtype in [DType::F32, DType::BF16] {
+        for sign in [1f32, -1.0] {
+            for row in [5usize, 200, 900] {
+                let mut k: Vec<f32> = (0..1000 * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+                k[row * 8] = sign * f32::INFINITY;
+                let k = cpu(k, (1000, 8)).to_dtype(dtype).unwrap();
+                let q = cpu(vec![1.0; 2 * 8], (2, 8));
+                let what = format!("{dtype:?} {sign} row {row}");
+                let e = bandwidth(&q, &k, None, 3, None).unwrap_err().to_string();
+                assert!(
+                    e.contains("NaN") && e.contains(&format!("row {row}")),
+                    "{what}: {e}"
+                );
+                let e = tc(&q, &k, None, 3, None).unwrap_err().to_string();
+                assert!(
+                    e.contains("NaN") && e.contains(&format!("row {row}")),
+                    "{what}: {e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn emu_tc_refuses_what_it_cannot_take() {
     let k = cpu(vec![0.5; 20 * 12], (20, 12))
@@ -1076,7 +1205,7 @@ fn emu_tc_refuses_what_it_cannot_take() {
     let e = tc(&q, &k, None, tensor_core::NMAX + 1, None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("n = 257"), "{e}");
+    assert!(e.contains(&format!("n = {}", tensor_core::NMAX + 1)), "{e}");
     // Keys starting 4, 8 or 12 bytes past a 16-byte boundary (three of four consecutive f32
     // offsets): refused when forced, and the automatic choice (B = 40 >= 32, D = 32) runs the
     // bandwidth kernel instead, with the same answer.
@@ -1180,7 +1309,8 @@ fn misaligned_keys(op: Op, what: &str) {
 /// overflow rerun), and `check` words the errors as the CPU path does.
 #[test]
 fn emu_tc_deferred_calls_keep_errors_loud() {
-    let (m, d) = (70usize, 32usize);
+    // m = 60: n = M must fit the emulator's tensor-core limit (tensor_core::max_n).
+    let (m, d) = (60usize, 32usize);
     let mut kv: Vec<f32> = (0..m * d).map(|i| ((i * 7 % 11) as f32) - 5.0).collect();
     let good = cpu(kv.clone(), (m, d));
     kv[23 * d + 1] = f32::NAN;
@@ -1188,8 +1318,8 @@ fn emu_tc_deferred_calls_keep_errors_loud() {
     let q = cpu((0..3 * d).map(|i| (i % 5) as f32 - 2.0).collect(), (3, d));
     let ex = |v: Vec<u32>| Tensor::from_vec(v, 3, &Device::Cpu).unwrap();
     let (ex_bad, ex_ok, ex_few) = (
-        ex(vec![1, 70, u32::MAX]),
-        ex(vec![1, 69, u32::MAX]),
+        ex(vec![1, 60, u32::MAX]),
+        ex(vec![1, 59, u32::MAX]),
         ex(vec![u32::MAX, u32::MAX, 5]),
     );
     let run = |k: &Tensor, n: usize, e: Option<&Tensor>, knobs: TcOverrides| {
@@ -1233,9 +1363,9 @@ fn emu_tc_deferred_calls_keep_errors_loud() {
     assert_same(&(cs, ci), &want, "tensor-core deferred vs bandwidth");
 
     let e = bad_ex.check().unwrap_err().to_string();
-    assert!(e.contains("exclude[1] = 70"), "{e}");
+    assert!(e.contains("exclude[1] = 60"), "{e}");
     let e = few.check().unwrap_err().to_string();
-    assert!(e.contains("n = 70") && e.contains("query 2"), "{e}");
+    assert!(e.contains("n = 60") && e.contains("query 2"), "{e}");
     for p in [nan, nan_rerun] {
         let e = p.check().unwrap_err().to_string();
         assert!(e.contains("NaN") && e.contains("row 23"), "{e}");

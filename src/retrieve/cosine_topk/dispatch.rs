@@ -100,7 +100,8 @@ pub struct DispatchTable {
     pub cells: Vec<Cell>,
 }
 
-fn dtype_name(dt: DType) -> &'static str {
+/// A key dtype's name in tables (`f32`, `f16`, `bf16`).
+pub(crate) fn dtype_name(dt: DType) -> &'static str {
     match dt {
         DType::F32 => "f32",
         DType::F16 => "f16",

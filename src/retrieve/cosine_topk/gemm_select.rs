@@ -25,10 +25,13 @@ use super::rescore::{
     elt, error_bound_with, launch_exact, launch_prep, margin_of, plan_exact, CallInputs, ExactPlan,
     SharedScratch,
 };
-use crate::kernel::abi::{CosineTopkGemmSelectArgs, GS_NL_MAX, GS_THREADS};
+use crate::kernel::abi::{
+    CosineTopkFallbackArgs, CosineTopkGemmSelectArgs, GS_MIN_BLOCKS, GS_NL_MAX, GS_THREADS,
+    RS_MIN_BLOCKS,
+};
 use crate::kernel::gemm::{Gemm, GemmMath, ScoresGemm};
 use crate::kernel::workspace::{at, Carve, Workspaces};
-use crate::kernel::{to_u32, KernelArgs, LaunchPlan, Launcher, Ptr};
+use crate::kernel::{entry, to_u32, KernelArgs, LaunchPlan, Launcher, Ptr};
 use candle_core::{bail, DType, Result, Tensor};
 
 /// Largest n the path serves (its running lists hold n rounded up to 32).
@@ -41,7 +44,8 @@ pub const SELECT_STEP: u32 = 128;
 /// costs more than the scan).
 pub const MIN_SPAN: u32 = 512;
 
-/// Warps per SM the select grid aims for (L2 latency is hidden by many loads in flight).
+/// Warps per SM the select grid aims for (L2 latency is hidden by many loads in flight), or
+/// fewer when the select's occupancy holds fewer: the grid is never more than one wave.
 pub const SELECT_WARPS_PER_SM: u32 = 16;
 
 /// Above this many queries the GEMM takes the bank chunk in more than one column tile, so the
@@ -129,6 +133,8 @@ pub struct GemmPlan {
     pub margin: f32,
     /// One select launch (per chunk).
     pub select: LaunchPlan,
+    /// Blocks per SM the select grid was sized for (at most one wave of them).
+    pub select_per_sm: u32,
     /// The rescoring, fallback and finish.
     pub exact: ExactPlan,
 }
@@ -164,26 +170,31 @@ impl GemmPlan {
 }
 
 /// The device a plan is sized for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GemmGpu {
+#[derive(Clone, Copy)]
+pub struct GemmGpu<'a> {
     /// Multiprocessors.
     pub sm_count: u32,
     /// L2 cache bytes.
     pub l2_bytes: u64,
+    /// Blocks of `cosine_topk_gemm_select` with a plan that one multiprocessor holds
+    /// ([`Launcher::resident_blocks`]).
+    pub select_resident: &'a dyn Fn(&LaunchPlan) -> Result<u32>,
+    /// The same for `cosine_topk_fallback_<dt>` ([`super::rescore::plan_exact`]).
+    pub fallback_resident: &'a dyn Fn(&LaunchPlan) -> Result<u32>,
 }
 
 /// Plans one call: B queries, M bank rows, dimension D, top n, keys of `dtype`. Chunks: the
 /// rows whose scores (4 B bytes per row), plus their keys when B > [`ONE_TILE_QUERIES`], fill
-/// half the L2 (at least one select step); select units: about [`SELECT_WARPS_PER_SM`] warps
-/// per SM, each at least [`MIN_SPAN`] columns. Errors when n > [`NMAX`] or a size exceeds the
-/// 32-bit arguments.
+/// half the L2 (at least one select step); select units: [`SELECT_WARPS_PER_SM`] warps per SM
+/// (fewer where the select's occupancy holds fewer: one wave), each at least [`MIN_SPAN`]
+/// columns. Errors when n > [`NMAX`] or a size exceeds the 32-bit arguments.
 pub fn plan(
     b: usize,
     m: usize,
     d: usize,
     n: usize,
     dtype: DType,
-    gpu: GemmGpu,
+    gpu: &GemmGpu,
     ovr: &GemmOverrides,
 ) -> Result<GemmPlan> {
     const OP: &str = "cosine_topk GEMM + select path";
@@ -216,14 +227,26 @@ pub fn plan(
     .min(m_pad);
     let chunk_rows = to_u32(chunk_rows as usize, "chunk rows", OP)?;
     let chunks = (m as u64).div_ceil(chunk_rows as u64) as u32;
-    let target_warps = gpu.sm_count.max(1) as u64 * SELECT_WARPS_PER_SM as u64;
+    let nl = (n as u32).div_ceil(32) * 32;
+    let warps = GS_THREADS / 32;
+    let groups = to_u32(b, "B", OP)?.div_ceil(warps);
+    let mut select = LaunchPlan {
+        grid: (groups, 1, 1),
+        block: (GS_THREADS, 1, 1),
+        smem_bytes: warps * nl * 8,
+    };
+    // Blocks per SM: the target's, or what the occupancy allows; groups x splits blocks are
+    // then at most one wave (each warp is one (query, split) unit, so B beyond a wave's warps
+    // takes one split and more waves).
+    let per_sm = (SELECT_WARPS_PER_SM / warps).min((gpu.select_resident)(&select)?.max(1));
+    let wave = gpu.sm_count.max(1) as u64 * per_sm as u64;
     let max_splits = (chunk_rows / MIN_SPAN).max(1) as u64;
     let splits = match ovr.splits {
         Some(s) => (s.max(1) as u64).min((chunk_rows / SELECT_STEP) as u64),
-        None => target_warps.div_ceil(b as u64).clamp(1, max_splits),
+        None => (wave / groups as u64).clamp(1, max_splits),
     } as u32;
+    select.grid.0 = groups * splits;
     let span = chunk_rows.div_ceil(splits).div_ceil(SELECT_STEP) * SELECT_STEP;
-    let nl = (n as u32).div_ceil(32) * 32;
     // Candidates per query: each unit's final list (n), the rows within the margin below the
     // running n-th of a random order, 16 n (1 + ln(M / n)), and 1024 of slack for near-ties;
     // never more than M (a row is appended at most once). More is an overflow: the query is
@@ -233,13 +256,7 @@ pub fn plan(
         Some(c) => c.max(1) as u64,
         None => (splits as u64 * n as u64 + steady.ceil() as u64 + 1024).min(m as u64),
     };
-    let groups = (b as u32).div_ceil(GS_THREADS / 32);
-    let select = LaunchPlan {
-        grid: (groups * splits, 1, 1),
-        block: (GS_THREADS, 1, 1),
-        smem_bytes: (GS_THREADS / 32) * nl * 8,
-    };
-    let exact = plan_exact(b, m, n, gpu.sm_count, ovr.cap)?;
+    let exact = plan_exact(b, m, n, gpu.sm_count, gpu.fallback_resident, ovr.cap)?;
     let margin = match ovr.margin {
         Some(mg) => mg,
         None => margin(d, dtype, math)?,
@@ -254,6 +271,7 @@ pub fn plan(
         capq: to_u32(capq as usize, "capq", OP)?,
         margin,
         select,
+        select_per_sm: per_sm,
         exact,
     })
 }
@@ -281,11 +299,7 @@ pub(crate) fn run_on<L: Launcher + Gemm + Workspaces>(
     let norms_copy = (!aligned).then(|| key_norms.copy()).transpose()?;
     let key_norms = norms_copy.as_ref().unwrap_or(key_norms);
     let (inp, _guards) = CallInputs::of(c, q, keys, key_norms, ex.as_ref())?;
-    let gpu = GemmGpu {
-        sm_count: x.sm_count()?,
-        l2_bytes: x.l2_bytes()?,
-    };
-    let p = plan(c.b, c.m, c.d, c.n, dtype, gpu, ovr)?;
+    let p = plan_on(x, c, dtype, ovr)?;
     let (carve, shared, scores, list_s, list_i) = p.carve(c.b, c.d, dtype)?;
     let op_dtype = if p.math == GemmMath::Half {
         dtype
@@ -360,22 +374,57 @@ pub(crate) fn run_on<L: Launcher + Gemm + Workspaces>(
     })
 }
 
-/// Why the GEMM + select path cannot take this call, or `Ok` when it can.
-pub(crate) fn eligible<L: Launcher + Gemm>(x: &L, c: &DeviceCall, dtype: DType) -> Result<()> {
+/// [`plan`] on launcher `x` for call `c` with keys of `dtype`: the device's multiprocessors,
+/// L2 and the select and fallback entries' occupancy.
+pub(crate) fn plan_on<L: Launcher + Gemm>(
+    x: &L,
+    c: &DeviceCall,
+    dtype: DType,
+    ovr: &GemmOverrides,
+) -> Result<GemmPlan> {
+    let fallback = entry::<CosineTopkFallbackArgs>(dtype)?;
     let gpu = GemmGpu {
         sm_count: x.sm_count()?,
         l2_bytes: x.l2_bytes()?,
+        select_resident: &|p| x.resident_blocks(CosineTopkGemmSelectArgs::ENTRY, p, GS_MIN_BLOCKS),
+        fallback_resident: &|p| x.resident_blocks(&fallback, p, RS_MIN_BLOCKS),
     };
-    plan(c.b, c.m, c.d, c.n, dtype, gpu, &GemmOverrides::default()).map(|_| ())
+    plan(c.b, c.m, c.d, c.n, dtype, &gpu, ovr)
+}
+
+/// Why the GEMM + select path cannot take this call, or `Ok` when it can.
+pub(crate) fn eligible<L: Launcher + Gemm>(x: &L, c: &DeviceCall, dtype: DType) -> Result<()> {
+    plan_on(x, c, dtype, &GemmOverrides::default()).map(|_| ())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::{planned_resident_blocks, SmResources};
 
-    const H200: GemmGpu = GemmGpu {
+    /// The select's residency on an H200 as planned without the driver.
+    fn select_sm90(p: &LaunchPlan) -> Result<u32> {
+        Ok(planned_resident_blocks(
+            &SmResources::SM_90,
+            p.threads_per_block(),
+            GS_MIN_BLOCKS,
+            p.smem_bytes,
+        ))
+    }
+    /// The fallback's.
+    fn fallback_sm90(p: &LaunchPlan) -> Result<u32> {
+        Ok(planned_resident_blocks(
+            &SmResources::SM_90,
+            p.threads_per_block(),
+            RS_MIN_BLOCKS,
+            p.smem_bytes,
+        ))
+    }
+    const H200: &GemmGpu = &GemmGpu {
         sm_count: 132,
         l2_bytes: 50 << 20,
+        select_resident: &select_sm90,
+        fallback_resident: &fallback_sm90,
     };
 
     #[test]
@@ -399,6 +448,47 @@ mod tests {
         let p = plan(64, 1000, 64, 5, DType::F16, H200, &none).unwrap();
         assert_eq!((p.chunk_rows, p.chunks), (1024, 1));
         assert_eq!(p.capq, 1000);
+    }
+
+    /// Issue 20, item 1: the select grid is one wave of the blocks the multiprocessors hold
+    /// (16 warps per SM when they hold 4 blocks or more, fewer when the occupancy says so).
+    #[test]
+    fn the_select_grid_is_one_wave_of_the_real_occupancy() {
+        let none = GemmOverrides::default();
+        // Without the driver the launch bound's 128 registers give 4 blocks: 16 warps.
+        assert_eq!(
+            select_sm90(
+                &plan(16, 1 << 20, 256, 8, DType::BF16, H200, &none)
+                    .unwrap()
+                    .select
+            )
+            .unwrap(),
+            4
+        );
+        for resident in [1u32, 2, 4, 6] {
+            let gpu = GemmGpu {
+                select_resident: &|_| Ok(resident),
+                ..*H200
+            };
+            for b in [1usize, 5, 16, 64, 100, 1024] {
+                let p = plan(b, 10_000_000, 256, 8, DType::BF16, &gpu, &none).unwrap();
+                let per_sm = resident.min(SELECT_WARPS_PER_SM / 4);
+                let groups = (b as u32).div_ceil(4);
+                assert_eq!(p.select.grid.0, groups * p.splits);
+                assert!(
+                    p.select.grid.0 <= (132 * per_sm).max(groups),
+                    "{resident} {b}: {:?}",
+                    p.select
+                );
+                if groups * 2 <= 132 * per_sm {
+                    assert!(
+                        2 * p.select.grid.0 > 132 * per_sm,
+                        "{resident} {b}: {:?}",
+                        p.select
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -35,12 +35,12 @@ use super::contract::{DeviceCall, DeviceTopN};
 use super::gemm_select::{self, GemmOverrides};
 use super::tensor_core::{self, TcOverrides};
 use crate::kernel::abi::{
-    CosineTopkMergeArgs, CosineTopkPartialArgs, CT_MERGE_TILE, CT_MIN_BLOCKS, CT_QB_MAX,
+    CosineTopkMergeArgs, CosineTopkPartialArgs, CT_KB_MAX, CT_MERGE_TILE, CT_MIN_BLOCKS, CT_QB_MAX,
     CT_QN_SLICES, CT_STAGES, CT_THREADS, CT_TILE_ROWS,
 };
 use crate::kernel::gemm::Gemm;
 use crate::kernel::workspace::Workspaces;
-use crate::kernel::{entry, to_u32, KernelArgs, LaunchPlan, Launcher, Ptr, MAX_DYN_SMEM_BYTES};
+use crate::kernel::{entry, to_u32, KernelArgs, LaunchPlan, Launcher, Ptr};
 use candle_core::{bail, DType, Result, Tensor};
 
 /// Threads per block of both kernels (4 warps).
@@ -114,20 +114,20 @@ pub struct Problem {
     pub d: usize,
     /// Results per query.
     pub n: usize,
-    /// Bytes of one key element (4 for f32, 2 for f16 / bf16).
-    pub key_bytes: usize,
-    /// Key and query rows are 16-byte aligned (`D * key_bytes % 16 == 0` and both base
-    /// addresses 16-byte aligned): the partial kernel copies with 16-byte `cp.async`.
-    pub vec16: bool,
+    /// Key dtype (f32, f16 or bf16). Key and query rows are 16-byte aligned (`D * key bytes %
+    /// 16 == 0`, aligned base addresses): the op stages other inputs (`staged`).
+    pub dtype: DType,
 }
 
 /// The device a plan is sized for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Gpu {
+pub struct Gpu<'a> {
     /// Multiprocessors.
     pub sm_count: u32,
-    /// Shared memory per multiprocessor, bytes.
-    pub smem_per_sm: u32,
+    /// Most dynamic shared memory per block ([`Launcher::max_dyn_smem`]).
+    pub max_dyn_smem: u32,
+    /// Blocks of `entry` launched with a plan that one multiprocessor holds
+    /// ([`Launcher::resident_blocks`]).
+    pub resident: &'a dyn Fn(&str, &LaunchPlan) -> Result<u32>,
 }
 
 /// Everything both launches of one `cosine_topk` call need.
@@ -143,10 +143,10 @@ pub struct CosinePlan {
     pub kp: u32,
     /// Hit-buffer length per query (a power of two >= kp).
     pub hb: u32,
-    /// Key bytes per row and pipeline step (a multiple of 16, at most 128).
+    /// Key bytes per row and pipeline step (a power of two, 16 to [`CT_KB_MAX`]).
     pub kb: u32,
-    /// 16-byte copies (see [`Problem::vec16`]).
-    pub vec16: bool,
+    /// Blocks of the partial kernel one multiprocessor holds (the grid is one wave of them).
+    pub resident: u32,
     /// Bank rows per block (a multiple of [`TILE_ROWS`]).
     pub chunk_rows: u32,
 }
@@ -168,61 +168,104 @@ pub fn merge_smem(kp: u32) -> u64 {
     crate::kernel::topk::stream_bytes(1, kp, CT_MERGE_TILE)
 }
 
+/// Entry point of the partial kernel for `config` and keys of `dtype`.
+pub fn partial_entry(config: &PartialConfig, dtype: DType) -> Result<String> {
+    Ok(entry::<CosineTopkPartialArgs>(dtype)?.replacen(
+        CosineTopkPartialArgs::ENTRY,
+        &format!("{}_{}", CosineTopkPartialArgs::ENTRY, config.tag),
+        1,
+    ))
+}
+
 /// Plans both launches. The configuration is the one with the fewest queries per block that
 /// covers B (q32 above 32, with more query groups), or a smaller one when its running lists
-/// do not fit next to the pipeline; the key bytes per step are the most (<= 128) that fit.
-/// Errors when n > [`KMAX`] or a shape is empty.
-pub fn plan(p: &Problem, gpu: Gpu) -> Result<CosinePlan> {
+/// do not fit next to the pipeline. The key bytes per step are the power of two (16 to
+/// [`CT_KB_MAX`], at most the row; 64 or more when that fits: HBM moves 64-byte bursts) that
+/// keeps the most key bytes per stage on a multiprocessor (`resident blocks x kb`; on ties
+/// more blocks, to hide latency), with at least two resident blocks when any kb gives two (one
+/// block idles its multiprocessor at every barrier); shared memory within `gpu.max_dyn_smem`,
+/// the device's opt-in limit. The grid is one wave of the resident blocks. Errors when
+/// n > [`KMAX`] or a shape is empty.
+pub fn plan(p: &Problem, gpu: &Gpu) -> Result<CosinePlan> {
+    plan_with(p, gpu, None)
+}
+
+/// [`plan`] with the key bytes per step forced (`forced`: a power of two from 16 to
+/// [`CT_KB_MAX`], at most the row rounded up to a power of two, else an error; the
+/// configuration is the one [`plan`] would take if it fits, else a smaller one): how `tune`
+/// times the bandwidth kernel's step sizes ([`Knobs::kb`]).
+pub fn plan_with(p: &Problem, gpu: &Gpu, forced: Option<u32>) -> Result<CosinePlan> {
     const OP: &str = "cosine_topk";
-    let Problem {
-        b, m, d, n, vec16, ..
-    } = *p;
+    let Problem { b, m, d, n, .. } = *p;
     if n == 0 || n > KMAX {
         bail!("{OP} kernel: n = {n} outside 1..={KMAX}");
     }
     if b == 0 || m == 0 || d == 0 {
         bail!("{OP} kernel: empty shape B = {b}, M = {m}, D = {d}");
     }
-    if p.key_bytes != 2 && p.key_bytes != 4 {
-        bail!(
-            "{OP} kernel: key elements of {} bytes (2 or 4)",
-            p.key_bytes
-        );
-    }
-    let key_bytes = p.key_bytes as u32;
+    let dtype = p.dtype;
+    let key_bytes = match dtype {
+        DType::F32 => 4,
+        DType::F16 | DType::BF16 => 2,
+        dt => bail!("{OP} kernel: keys of dtype {dt:?} (f32, f16, bf16)"),
+    };
     let kp = (n.next_power_of_two() as u32).max(2);
     let row_bytes = (d as u64 * key_bytes as u64).div_ceil(16) * 16;
-    let kb_max = row_bytes.min(128) as u32;
+    let kb_max = (row_bytes.next_power_of_two() as u32).clamp(16, CT_KB_MAX);
+    if let Some(k) = forced {
+        if !k.is_power_of_two() || !(16..=kb_max).contains(&k) {
+            crate::error::bail!(
+                "{OP} kernel: {k} key bytes per step, expected a power of two from 16 to {kb_max} (D = {d}, {dtype:?} keys)"
+            );
+        }
+    }
     let wanted = CONFIGS
         .iter()
         .position(|c| c.qb as usize >= b)
         .unwrap_or(CONFIGS.len() - 1);
     let mut chosen = None;
-    'search: for config in CONFIGS[..=wanted].iter().rev() {
+    for config in CONFIGS[..=wanted].iter().rev() {
         let hb = kp.max(config.hb_min);
-        let mut kb = kb_max;
-        loop {
+        // Candidate (kb, shared memory, resident blocks) and its rank: (two blocks or more,
+        // key bytes per stage on an SM, blocks), the largest wins.
+        type Rank = (bool, u64, u32);
+        let mut best: Option<(Rank, u32, u64, u32)> = None;
+        let (kb_top, kb_min) = match forced {
+            Some(k) => (k, k),
+            None => (kb_max, kb_max.min(64)),
+        };
+        let mut kb = kb_top;
+        // Down to 64 bytes (HBM's burst), or further while nothing fits; a forced kb alone.
+        while kb >= 16 && (kb >= kb_min || (best.is_none() && forced.is_none())) {
             let smem = partial_smem(config.qb, kb, key_bytes, kp, hb);
-            if smem <= MAX_DYN_SMEM_BYTES as u64 {
-                chosen = Some((*config, hb, kb, smem));
-                break 'search;
+            if smem <= gpu.max_dyn_smem as u64 {
+                let launch = LaunchPlan {
+                    grid: (1, 1, 1),
+                    block: (THREADS, 1, 1),
+                    smem_bytes: smem as u32,
+                };
+                let resident = (gpu.resident)(&partial_entry(config, dtype)?, &launch)?.max(1);
+                let key = (resident >= 2, resident as u64 * kb as u64, resident);
+                if best.is_none_or(|b| key > b.0) {
+                    best = Some((key, kb, smem, resident));
+                }
             }
-            if kb <= 16 {
-                break;
-            }
-            kb = (kb / 2).div_ceil(16).max(1) * 16;
+            kb /= 2;
+        }
+        if let Some((_, kb, smem, resident)) = best {
+            chosen = Some((*config, hb, kb, smem, resident));
+            break;
         }
     }
-    let Some((config, hb, kb, smem)) = chosen else {
+    let Some((config, hb, kb, smem, resident)) = chosen else {
         bail!("{OP} kernel: no configuration fits shared memory (n = {n})");
     };
     let gx = to_u32(b, "B", OP)?.div_ceil(config.qb);
-    // One wave: blocks resident per multiprocessor by shared memory (1 KiB per block is the
-    // system's), at most CT_MIN_BLOCKS (what the launch bounds guarantee registers for).
-    let resident = (gpu.smem_per_sm as u64 / (smem + 1024)).clamp(1, CT_MIN_BLOCKS as u64);
-    let slots = gpu.sm_count.max(1) as u64 * resident;
+    // One wave: the query groups of a chunk side by side, never more blocks than the
+    // multiprocessors hold at once.
+    let slots = gpu.sm_count.max(1) as u64 * resident as u64;
     let tiles = (m as u64).div_ceil(TILE_ROWS as u64);
-    let want = slots.div_ceil(gx as u64).max(1);
+    let want = (slots / gx as u64).max(1);
     let cap = (MERGE_CANDIDATES_MAX / kp as u64).max(1);
     let gy0 = want.min(tiles).min(cap).max(1);
     let chunk_rows = tiles.div_ceil(gy0) * TILE_ROWS as u64;
@@ -244,7 +287,7 @@ pub fn plan(p: &Problem, gpu: Gpu) -> Result<CosinePlan> {
         kp,
         hb,
         kb,
-        vec16,
+        resident,
         chunk_rows,
     })
 }
@@ -329,7 +372,7 @@ pub(crate) enum Pick {
     Force(Kernel, Knobs),
 }
 
-/// Test knobs of the approximate paths. Test infrastructure.
+/// Knobs of the device paths for tests and `tune`. Test infrastructure.
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Knobs {
@@ -337,6 +380,8 @@ pub struct Knobs {
     pub tc: TcOverrides,
     /// The GEMM + select path's.
     pub gemm: GemmOverrides,
+    /// The bandwidth kernel's key bytes per step instead of the plan's ([`plan_with`]).
+    pub kb: Option<u32>,
 }
 
 /// Runs one call on `x` with inputs on its device (n <= [`KMAX`]) on [`choose`]'s path:
@@ -397,7 +442,7 @@ pub(crate) fn run_with<L: Launcher + Gemm + Workspaces>(
             gemm_select::run_on(x, c, &q, &keys, &kn, &ovr)
         }
         (Err(e), _) if forced => Err(e),
-        _ => run_bandwidth(x, c, &q, &keys, &kn),
+        _ => run_bandwidth(x, c, &q, &keys, &kn, knobs.kb),
     }
 }
 
@@ -410,41 +455,83 @@ pub(crate) fn device_exclude(c: &DeviceCall, dev: &candle_core::Device) -> Resul
     }
 }
 
+/// Inputs whose rows are not all 16-byte aligned (`D * elt % 16 != 0`, or a base address off a
+/// 16-byte boundary, e.g. a narrowed view), copied once, on the device and without a
+/// synchronisation, to fresh tensors with D rounded up to 16 bytes of zeros: the partial
+/// kernel then copies 16-byte chunks with cp.async as for aligned inputs (the old element-copy
+/// path was synchronous and 4-8x slower). The zero columns change no bit of any score: the
+/// kernel already reads a row to its 16-byte boundary, where they add exact zeros to the dot
+/// product and to |q|. Returns `(q, keys, D')`; the copies cost one read and one write of the
+/// bank per call (and its memory while the call runs).
+fn staged(q: &Tensor, keys: &Tensor, d: usize) -> Result<(Tensor, Tensor, usize)> {
+    let per16 = 16 / keys.dtype().size_in_bytes();
+    let pad = d.next_multiple_of(per16) - d;
+    let copy = |t: &Tensor| -> Result<Tensor> {
+        if pad == 0 {
+            t.force_contiguous()
+        } else {
+            t.pad_with_zeros(1, 0, pad)?.contiguous()
+        }
+    };
+    Ok((copy(q)?, copy(keys)?, d + pad))
+}
+
 /// The bandwidth kernels on `q` [B, D] f32 contiguous (B >= 1) and contiguous `keys`, `kn`:
-/// queues the partial and the merge kernel.
+/// queues the partial and the merge kernel (staging misaligned rows first, [`staged`]); `kb`
+/// forces the key bytes per step ([`plan_with`]).
 fn run_bandwidth<L: Launcher>(
     x: &L,
     c: &DeviceCall,
     q: &Tensor,
     keys: &Tensor,
     kn: &Tensor,
+    kb: Option<u32>,
 ) -> Result<DeviceTopN> {
     const OP: &str = "cosine_topk";
+    let aligned = {
+        let (q_ptr, _q) = crate::kernel::tensor_ptr(q, OP)?;
+        let (k_ptr, _k) = crate::kernel::tensor_ptr(keys, OP)?;
+        crate::kernel::rows_vec16(
+            c.d,
+            keys.dtype().size_in_bytes(),
+            &[q_ptr.addr(), k_ptr.addr()],
+        )
+    };
+    let (q, keys, d) = if aligned {
+        (q.clone(), keys.clone(), c.d)
+    } else {
+        staged(q, keys, c.d)?
+    };
     let ex = device_exclude(c, keys.device())?;
-    let (q_ptr, _q) = crate::kernel::tensor_ptr(q, OP)?;
-    let (k_ptr, _k) = crate::kernel::tensor_ptr(keys, OP)?;
+    let (q_ptr, _q) = crate::kernel::tensor_ptr(&q, OP)?;
+    let (k_ptr, _k) = crate::kernel::tensor_ptr(&keys, OP)?;
     let (norm_ptr, _n) = crate::kernel::tensor_ptr(kn, OP)?;
     let ex_ptr = match &ex {
         Some(t) => Some(crate::kernel::tensor_ptr(t, OP)?),
         None => None,
     };
-    let key_bytes = keys.dtype().size_in_bytes();
-    let vec16 = (c.d * key_bytes).is_multiple_of(16)
-        && q_ptr.addr().is_multiple_of(16)
-        && k_ptr.addr().is_multiple_of(16);
-    let p = plan(
+    if !crate::kernel::rows_vec16(
+        d,
+        keys.dtype().size_in_bytes(),
+        &[q_ptr.addr(), k_ptr.addr()],
+    ) {
+        bail!("{OP}: internal error: staged rows are not 16-byte aligned");
+    }
+    let resident = |e: &str, p: &LaunchPlan| x.resident_blocks(e, p, CT_MIN_BLOCKS);
+    let p = plan_with(
         &Problem {
             b: c.b,
             m: c.m,
-            d: c.d,
+            d,
             n: c.n,
-            key_bytes,
-            vec16,
+            dtype: keys.dtype(),
         },
-        Gpu {
+        &Gpu {
             sm_count: x.sm_count()?,
-            smem_per_sm: x.smem_per_sm()?,
+            max_dyn_smem: x.max_dyn_smem()?,
+            resident: &resident,
         },
+        kb,
     )?;
     let gy = p.partial.grid.1 as usize;
     let ncand = gy * p.kp as usize;
@@ -460,24 +547,19 @@ fn run_bandwidth<L: Launcher>(
             .map_or_else(Ptr::null, |(p, _)| Ptr::new(p.addr())),
         b: to_u32(c.b, "B", OP)?,
         m: to_u32(c.m, "M", OP)?,
-        d: to_u32(c.d, "D", OP)?,
+        d: to_u32(d, "D", OP)?,
         n: to_u32(c.n, "n", OP)?,
         kp: p.kp,
         hb: p.hb,
         kb: p.kb,
-        vec16: p.vec16 as u32,
         chunk_rows: p.chunk_rows,
         cand_s: x.ptr(&cand_s),
         cand_i: x.ptr(&cand_i),
         err: x.ptr(&err),
     };
-    let name = entry::<CosineTopkPartialArgs>(keys.dtype())?.replacen(
-        CosineTopkPartialArgs::ENTRY,
-        &format!("{}_{}", CosineTopkPartialArgs::ENTRY, p.config.tag),
-        1,
-    );
-    // SAFETY: queries B*D, keys M*D, norms M, exclusions B (or null), candidates B*gy*kp, 3
-    // error words: the extents the partial kernel indexes for this plan.
+    let name = partial_entry(&p.config, keys.dtype())?;
+    // SAFETY: queries B*D, keys M*D (D the staged row length), norms M, exclusions B (or null),
+    // candidates B*gy*kp, 3 error words: the extents the partial kernel indexes for this plan.
     unsafe { x.launch(&name, &p.partial, &args)? };
     let out_s = x.zeros::<f32>(c.b * c.n)?;
     let out_i = x.zeros::<u32>(c.b * c.n)?;
@@ -547,6 +629,112 @@ pub(crate) fn cosine_topk_cuda(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::{planned_resident_blocks, SmResources};
+
+    /// The partial kernels' residency as planned without the driver on `sm`.
+    fn on(sm: SmResources) -> impl Fn(&str, &LaunchPlan) -> Result<u32> {
+        move |_: &str, p: &LaunchPlan| {
+            Ok(planned_resident_blocks(
+                &sm,
+                p.threads_per_block(),
+                CT_MIN_BLOCKS,
+                p.smem_bytes,
+            ))
+        }
+    }
+
+    /// Issue 20, items 1 and 7: the partial kernel sizes its steps from the device's opt-in
+    /// shared memory (whole 256-byte pieces of a 1 KiB row on an H200 instead of 64 bytes under
+    /// a 47 KiB budget) and its grid is one wave of the blocks the multiprocessors hold.
+    #[test]
+    fn plan_uses_the_opt_in_shared_memory_and_one_wave() {
+        let h200 = on(SmResources::SM_90);
+        let gpu = Gpu {
+            sm_count: 132,
+            max_dyn_smem: 227 * 1024 - 1024,
+            resident: &h200,
+        };
+        let prob = |b, m, d, dtype| Problem {
+            b,
+            m,
+            d,
+            n: 8,
+            dtype,
+        };
+        let p = plan(&prob(1, 10_000_000, 256, DType::F32), &gpu).unwrap();
+        assert_eq!((p.config.tag, p.kb, p.resident), ("q1", 256, 2));
+        assert!(p.partial.smem_bytes > 48 * 1024);
+        assert_eq!(p.partial.blocks(), 264);
+        let p = plan(&prob(1, 10_000_000, 256, DType::BF16), &gpu).unwrap();
+        assert_eq!((p.kb, p.resident), (256, 2));
+        // Many queries: more blocks on a tie of bytes per multiprocessor.
+        let p = plan(&prob(64, 1 << 20, 1024, DType::BF16), &gpu).unwrap();
+        assert_eq!((p.config.tag, p.kb, p.resident), ("q32", 64, 4));
+        for (b, m, d) in [
+            (1, 1000, 256),
+            (7, 1 << 20, 100),
+            (64, 1 << 20, 256),
+            (1000, 5000, 64),
+        ] {
+            for dtype in [DType::F32, DType::BF16] {
+                let p = plan(&prob(b, m, d, dtype), &gpu).unwrap();
+                let slots = 132 * p.resident as u64;
+                assert!(
+                    p.partial.blocks() <= slots.max(p.partial.grid.0 as u64),
+                    "{b} {m} {d}: {:?}",
+                    p.partial
+                );
+                assert!(p.kb.is_power_of_two() && p.kb <= CT_KB_MAX);
+                assert_eq!(on(SmResources::SM_90)("", &p.partial).unwrap(), p.resident);
+            }
+        }
+        // The emulator's (and sm_86's) 98 KiB keep the 47 KiB-era steps.
+        let small = on(SmResources::SM_86);
+        let gpu = Gpu {
+            sm_count: 2,
+            max_dyn_smem: 98 * 1024,
+            resident: &small,
+        };
+        let p = plan(&prob(1, 1000, 256, DType::F32), &gpu).unwrap();
+        assert_eq!((p.kb, p.resident), (64, 2));
+    }
+
+    /// `tune`'s knob: a forced step size is planned alone (same configuration when it fits),
+    /// and one the kernel cannot take is an error naming the range.
+    #[test]
+    fn forced_step_sizes() {
+        let h200 = on(SmResources::SM_90);
+        let gpu = Gpu {
+            sm_count: 132,
+            max_dyn_smem: 227 * 1024 - 1024,
+            resident: &h200,
+        };
+        let prob = Problem {
+            b: 1,
+            m: 10_000_000,
+            d: 256,
+            n: 8,
+            dtype: DType::F32,
+        };
+        let auto = plan(&prob, &gpu).unwrap();
+        assert_eq!(plan_with(&prob, &gpu, Some(auto.kb)).unwrap(), auto);
+        for kb in [16, 32, 64, 128, 512] {
+            let p = plan_with(&prob, &gpu, Some(kb)).unwrap();
+            assert_eq!((p.kb, p.config.tag), (kb, "q1"));
+            assert!(p.partial.blocks() <= 132 * p.resident as u64);
+        }
+        for kb in [8, 48, 1024] {
+            let e = plan_with(&prob, &gpu, Some(kb)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{kb} key bytes")) && e.contains("16 to 512"),
+                "{e}"
+            );
+        }
+        // A 64-byte row (D = 16 f32) has nothing above 64.
+        let short = Problem { d: 16, ..prob };
+        assert!(plan_with(&short, &gpu, Some(128)).is_err());
+        assert_eq!(plan_with(&short, &gpu, Some(32)).unwrap().kb, 32);
+    }
 
     #[test]
     fn dispatch_rule() {

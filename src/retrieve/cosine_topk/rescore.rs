@@ -20,7 +20,7 @@
 use super::contract::DeviceCall;
 use crate::kernel::abi::{
     CosineTopkFallbackArgs, CosineTopkFinishArgs, CosineTopkPrepArgs, CosineTopkRescoreArgs,
-    CT_THREADS, RS_SLOTS, RS_THREADS, TC_RESCORE_TILE,
+    CT_THREADS, GS_NL_MAX, RS_MIN_BLOCKS, RS_SLOTS, RS_THREADS, TC_NL_MAX, TC_RESCORE_TILE,
 };
 use crate::kernel::workspace::{at, Carve};
 use crate::kernel::{entry, to_u32, AnyElem, KernelArgs, LaunchPlan, Launcher, Ptr};
@@ -57,9 +57,15 @@ pub fn elt(dtype: DType) -> Result<u32> {
     match dtype {
         DType::F32 => Ok(4),
         DType::F16 | DType::BF16 => Ok(2),
-        dt => candle_core::bail!("cosine_topk: no kernel for keys of dtype {dt:?}"),
+        dt => crate::error::bail!("cosine_topk: no kernel for keys of dtype {dt:?}"),
     }
 }
+
+/// Largest n the exact stage serves: the larger of the two approximate paths' limits (the
+/// GEMM + select path's `GS_NL_MAX`; the tensor-core pass's `TC_NL_MAX` is below it, and its
+/// own plan refuses the n between).
+pub const NMAX: usize = GS_NL_MAX as usize;
+const _: () = assert!(TC_NL_MAX <= GS_NL_MAX);
 
 /// Most bytes of exact fallback candidates (`B x gy x kp` pairs) a call keeps in its workspace:
 /// bounds the chunks a flagged query is split into.
@@ -70,7 +76,8 @@ pub const FALLBACK_BYTES: u64 = 32 << 20;
 pub struct ExactPlan {
     /// `cosine_topk_rescore_*`: one block per query.
     pub rescore: LaunchPlan,
-    /// `cosine_topk_fallback_*`: grid (min(`RS_SLOTS`, B), gy).
+    /// `cosine_topk_fallback_*`: grid (min(`RS_SLOTS`, B), gy), one wave of the blocks the
+    /// multiprocessors hold.
     pub fallback: LaunchPlan,
     /// `cosine_topk_finish`: grid (min(`RS_SLOTS`, B)).
     pub finish: LaunchPlan,
@@ -91,23 +98,28 @@ impl ExactPlan {
     }
 }
 
-/// Plans the exact stage for B queries, M bank rows, top n (n <= 256), on `sm_count`
-/// multiprocessors; `cap` overrides the rescoring capacity (a power of two >= kp).
+/// Plans the exact stage for B queries, M bank rows, top n (n <= [`NMAX`]), on `sm_count`
+/// multiprocessors, each holding `fallback_resident(plan)` blocks of the fallback kernel
+/// ([`Launcher::resident_blocks`] of `cosine_topk_fallback_<dt>`); `cap` overrides the
+/// rescoring capacity (a power of two >= kp).
 pub fn plan_exact(
     b: usize,
     m: usize,
     n: usize,
     sm_count: u32,
+    fallback_resident: &dyn Fn(&LaunchPlan) -> Result<u32>,
     cap: Option<u32>,
 ) -> Result<ExactPlan> {
     const OP: &str = "cosine_topk exact rescoring";
-    if b == 0 || m == 0 || n == 0 || n > 256 {
-        candle_core::bail!("{OP}: B = {b}, M = {m}, n = {n} (expected B, M >= 1, 1 <= n <= 256)");
+    if b == 0 || m == 0 || n == 0 || n > NMAX {
+        crate::error::bail!(
+            "{OP}: B = {b}, M = {m}, n = {n} (expected B, M >= 1, 1 <= n <= {NMAX})"
+        );
     }
     let kp = (n.next_power_of_two() as u32).max(2);
     let cap = match cap {
         Some(c) if !c.is_power_of_two() || c < kp => {
-            candle_core::bail!("{OP}: rescoring capacity {c} must be a power of two >= {kp}")
+            crate::error::bail!("{OP}: rescoring capacity {c} must be a power of two >= {kp}")
         }
         Some(c) => c,
         None => ((8 * n + 64).next_power_of_two() as u32).max(kp),
@@ -115,28 +127,32 @@ pub fn plan_exact(
     let tile = kp.max(CT_THREADS);
     let rescore_smem = crate::kernel::topk::stream_bytes(1, kp, TC_RESCORE_TILE) + cap as u64 * 8;
     let stream_smem = crate::kernel::topk::stream_bytes(1, kp, tile);
-    // One flagged query is split over about 2 blocks per SM, within the candidate budget.
+    // Fewer fallback slots than queries would idle; more than RS_SLOTS flagged queries take turns.
+    let slots = RS_SLOTS.min(to_u32(b, "B", OP)?);
+    let mut fallback = LaunchPlan {
+        grid: (slots, 1, 1),
+        block: (CT_THREADS, 1, 1),
+        smem_bytes: stream_smem as u32,
+    };
+    // The slots x gy blocks are one wave of what the multiprocessors hold (a flagged query's
+    // chunks run side by side), within the candidate budget.
+    let wave = sm_count.max(1) as u64 * fallback_resident(&fallback)?.max(1) as u64;
     let tiles = (m as u64).div_ceil(tile as u64);
     let budget = (FALLBACK_BYTES / (b as u64 * kp as u64 * 8)).max(1);
-    let gy = (2 * sm_count.max(1) as u64)
+    let gy = (wave / slots as u64)
         .min(tiles)
         .min(budget)
         .clamp(1, 65_535);
     let chunk_rows = tiles.div_ceil(gy) * tile as u64;
     let gy = (m as u64).div_ceil(chunk_rows);
-    // Fewer fallback slots than queries would idle; more than RS_SLOTS flagged queries take turns.
-    let slots = RS_SLOTS.min(to_u32(b, "B", OP)?);
+    fallback.grid.1 = gy as u32;
     Ok(ExactPlan {
         rescore: LaunchPlan {
             grid: (to_u32(b, "B", OP)?, 1, 1),
             block: (CT_THREADS, 1, 1),
             smem_bytes: rescore_smem as u32,
         },
-        fallback: LaunchPlan {
-            grid: (slots, gy as u32, 1),
-            block: (CT_THREADS, 1, 1),
-            smem_bytes: stream_smem as u32,
-        },
+        fallback,
         finish: LaunchPlan {
             grid: (slots, 1, 1),
             block: (CT_THREADS, 1, 1),
@@ -148,6 +164,25 @@ pub fn plan_exact(
         chunk_rows: u32::try_from(chunk_rows)
             .map_err(|_| candle_core::Error::Msg(format!("{OP}: M = {m} too large")))?,
     })
+}
+
+/// [`plan_exact`] on launcher `x` for call `c` with keys of `dtype`: the device's
+/// multiprocessors and the fallback entry's occupancy.
+pub(crate) fn plan_exact_on<L: Launcher>(
+    x: &L,
+    c: &DeviceCall,
+    dtype: DType,
+    cap: Option<u32>,
+) -> Result<ExactPlan> {
+    let fallback = entry::<CosineTopkFallbackArgs>(dtype)?;
+    plan_exact(
+        c.b,
+        c.m,
+        c.n,
+        x.sm_count()?,
+        &|p| x.resident_blocks(&fallback, p, RS_MIN_BLOCKS),
+        cap,
+    )
 }
 
 /// The inputs of one call on the device (all contiguous, on the launcher's device).
@@ -397,24 +432,72 @@ mod tests {
         assert!((f - 2.0 * (1.0 + 2f64.powi(-10)) * 5136.0 * U32).abs() < 1e-9);
     }
 
+    /// The fallback's residency on an H200 as planned without the driver.
+    fn sm90(p: &LaunchPlan) -> Result<u32> {
+        Ok(crate::kernel::planned_resident_blocks(
+            &crate::kernel::SmResources::SM_90,
+            p.threads_per_block(),
+            RS_MIN_BLOCKS,
+            p.smem_bytes,
+        ))
+    }
+
     #[test]
     fn exact_plan_sizes() {
-        let p = plan_exact(1024, 1 << 20, 8, 132, None).unwrap();
+        let p = plan_exact(1024, 1 << 20, 8, 132, &sm90, None).unwrap();
         assert_eq!((p.kp, p.cap, p.tile), (8, 128, CT_THREADS));
         assert_eq!(p.rescore.grid.0, 1024);
         assert_eq!(p.fallback.grid.0, RS_SLOTS);
         // Chunks of whole tiles covering the bank, within the candidate budget.
         assert!(p.chunk_rows as u64 * p.gy() as u64 >= 1 << 20);
         assert!(1024 * p.gy() as u64 * p.kp as u64 * 8 <= FALLBACK_BYTES);
-        let p = plan_exact(1024, 1 << 20, 256, 132, None).unwrap();
+        let p = plan_exact(1024, 1 << 20, 256, 132, &sm90, None).unwrap();
         assert_eq!((p.kp, p.tile), (256, 256));
         assert!(1024 * p.gy() as u64 * 256 * 8 <= FALLBACK_BYTES);
-        let p = plan_exact(3, 100, 5, 2, Some(16)).unwrap();
+        let p = plan_exact(3, 100, 5, 2, &sm90, Some(16)).unwrap();
         assert_eq!(
             (p.cap, p.gy(), p.fallback.grid.0, p.finish.grid.0),
             (16, 1, 3, 3)
         );
-        assert!(plan_exact(3, 100, 5, 2, Some(12)).is_err());
-        assert!(plan_exact(3, 100, 257, 2, None).is_err());
+        assert!(plan_exact(3, 100, 5, 2, &sm90, Some(12)).is_err());
+        assert!(plan_exact(3, 100, NMAX + 1, 2, &sm90, None).is_err());
+    }
+
+    /// Issue 20, item 1, for the fallback (a persistent grid: its blocks take the flagged
+    /// queries in turns): slots x gy blocks are one wave of the blocks the multiprocessors
+    /// hold, as the occupancy says, not a fixed count per SM.
+    #[test]
+    fn the_fallback_grid_is_one_wave_of_the_real_occupancy() {
+        for resident in [1u32, 3, 4, 12] {
+            for (b, m) in [(1usize, 1usize << 20), (16, 1 << 20), (1024, 10 << 20)] {
+                let p = plan_exact(b, m, 8, 132, &|_| Ok(resident), None).unwrap();
+                let blocks = p.fallback.grid.0 * p.fallback.grid.1;
+                assert!(blocks <= 132 * resident, "{resident} {b} {m}: {blocks}");
+                // A bank of many tiles fills at least half of it (chunks of whole tiles).
+                if b <= 16 {
+                    assert!(2 * blocks >= 132 * resident, "{resident} {b} {m}: {blocks}");
+                }
+            }
+        }
+        // The residency asked is the fallback's: its block and shared memory.
+        let seen = std::cell::Cell::new(None);
+        plan_exact(
+            64,
+            1 << 20,
+            40,
+            132,
+            &|p| {
+                seen.set(Some(*p));
+                sm90(p)
+            },
+            None,
+        )
+        .unwrap();
+        let p = seen.get().unwrap();
+        assert_eq!(p.block.0, CT_THREADS);
+        assert_eq!(
+            p.smem_bytes as u64,
+            crate::kernel::topk::stream_bytes(1, 64, CT_THREADS)
+        );
     }
 }

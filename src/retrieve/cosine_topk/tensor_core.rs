@@ -8,10 +8,11 @@
 //!    (bf16, f16, or f32 read as tf32), zero-padded to `[query tiles x TC_BQ, d_pad]`,
 //!    `COS_EPS / |q|`, the per-call counters reset.
 //! 2. `cosine_topk_tc_<dt>`: grid `(query tiles, bank chunks)`. A block keeps its query tile and
-//!    streams its chunk of the bank through the tensor cores (WMMA, f32 accumulation); each
-//!    tile of scores is filtered in shared memory against the query's running n-th best less
-//!    [`margin`], and what passes is appended to the query's candidate list (`[B, capq]` in
-//!    the workspace). The B x M scores never reach global memory.
+//!    streams its chunk of the bank through the tensor cores (ldmatrix + mma.sync, f32
+//!    accumulation); each tile of scores is filtered in registers against the query's running
+//!    n-th best less [`margin`], and what passes is appended to the query's candidate list
+//!    (`[B, capq]` in the workspace). The B x M scores never reach global memory. The grid is
+//!    one wave of the pass's real occupancy ([`plan`]).
 //! 3. The exact stage shared with the GEMM + select path (`rescore.rs`): the exact f32 score
 //!    (the bandwidth kernel's arithmetic) of every candidate within [`margin`] of the n-th best
 //!    approximate score and the top n of those; queries whose candidates overflowed are
@@ -26,17 +27,20 @@
 
 use super::contract::{DeviceCall, DeviceTopN};
 use super::rescore::{
-    error_bound_with, launch_exact, launch_prep, margin_of, plan_exact, CallInputs, SharedScratch,
+    elt, error_bound_with, launch_exact, launch_prep, margin_of, plan_exact_on, CallInputs,
+    SharedScratch,
 };
+use crate::error::bail;
 use crate::kernel::abi::{
-    CosineTopkTcArgs, TC_BK, TC_BQ, TC_NL_MAX, TC_ROW_BYTES, TC_SCORE_LD, TC_SLICE_BYTES,
+    CosineTopkTcArgs, TC_BK, TC_BQ, TC_HITS, TC_MIN_BLOCKS, TC_NL_MAX, TC_SLICE_BYTES, TC_STAGES,
     TC_THREADS,
 };
 use crate::kernel::workspace::{at, Carve, Workspaces};
 use crate::kernel::{entry, to_u32, LaunchPlan, Launcher};
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-/// Largest n the tensor-core path serves (its threshold lists hold `n` rounded up to 32).
+/// Largest n the tensor-core path serves (its threshold lists hold the next power of two
+/// >= n, and the first tile's 128 scores of a query seed them).
 pub const NMAX: usize = TC_NL_MAX as usize;
 
 /// Most bytes the candidate lists (`B x capq` pairs) may take; above it the op keeps the
@@ -63,27 +67,37 @@ pub fn margin(d: usize, dtype: DType) -> Result<f32> {
     Ok(margin_of(error_bound(d, dtype)?))
 }
 
-/// Bytes of one key element of `dtype` (tf32 operands are stored as f32).
-fn elt(dtype: DType) -> Result<u32> {
-    match dtype {
-        DType::F32 => Ok(4),
-        DType::F16 | DType::BF16 => Ok(2),
-        dt => bail!("cosine_topk tensor-core path: no kernel for keys of dtype {dt:?}"),
-    }
-}
-
-/// Elements of one k-slice (a stage row: 64 16-bit or 32 f32 elements).
+/// Elements of one k-slice (a stage row: 32 16-bit or 16 f32 elements).
 pub fn slice_len(dtype: DType) -> Result<u32> {
     Ok(TC_SLICE_BYTES / elt(dtype)?)
 }
 
+/// Threshold-list length of the pass for top-n: the next power of two >= n, at least 32 (the
+/// lists are sorted by a bitonic network and updated 32 entries per lane pass).
+pub fn list_len(n: usize) -> u32 {
+    (n.next_power_of_two() as u32).max(32)
+}
+
 /// Dynamic shared memory of the pass for threshold lists of `nl` entries: 128 bytes of
-/// alignment slack, two stages of `(TC_BQ + TC_BK)` rows of `TC_ROW_BYTES`, the score tile
-/// `[TC_BQ][TC_SCORE_LD]` f32 and the lists `[TC_BQ][nl]` f32 (kernels/cosine_topk_tc.cuh).
+/// alignment slack, `TC_STAGES` stages of `(TC_BQ + TC_BK)` rows of `TC_SLICE_BYTES` and
+/// `TC_BK` key norms, the lists `[TC_BQ][nl]` f32, per query 3 filter constants, the
+/// `TC_HITS` hit buffer, its count and eps / |q| (kernels/cosine_topk_tc.cuh).
 pub fn pass_smem(nl: u32) -> u64 {
-    128 + 2 * (TC_BQ + TC_BK) as u64 * TC_ROW_BYTES as u64
-        + TC_BQ as u64 * TC_SCORE_LD as u64 * 4
-        + TC_BQ as u64 * nl as u64 * 4
+    let q = TC_BQ as u64;
+    let stage = (TC_BQ + TC_BK) as u64 * TC_SLICE_BYTES as u64 + TC_BK as u64 * 4;
+    128 + TC_STAGES as u64 * stage + q * nl as u64 * 4 + q * (3 + TC_HITS as u64 + 2) * 4
+}
+
+/// The largest n whose pass fits `max_smem` bytes of dynamic shared memory (0: none).
+pub fn max_n(max_smem: u32) -> usize {
+    let mut nl = TC_NL_MAX;
+    while nl >= 32 {
+        if pass_smem(nl) <= max_smem as u64 {
+            return nl as usize;
+        }
+        nl /= 2;
+    }
+    0
 }
 
 /// The pass of one call (the prep and the exact stage are planned in `rescore.rs`).
@@ -93,7 +107,7 @@ pub struct TcPlan {
     pub pass: LaunchPlan,
     /// Row length of the unit queries (D rounded up to a k-slice).
     pub d_pad: u32,
-    /// Threshold-list length (n rounded up to 32).
+    /// Threshold-list length ([`list_len`]).
     pub nl: u32,
     /// Bank rows per block of the pass (a multiple of `TC_BK`).
     pub chunk_rows: u32,
@@ -110,9 +124,12 @@ impl TcPlan {
 
 /// Plans the pass for B queries, M bank rows, dimension D, top-n, keys of `dtype`, on
 /// a device with `sm_count` multiprocessors and `max_smem` bytes of opt-in shared memory per
-/// block. Errors (naming the limit) when the shape is outside what the path serves: n above
-/// [`NMAX`], D not a whole number of 16-byte chunks, shared memory or candidate memory over
-/// budget.
+/// block; `resident(pass)` is how many blocks of the pass (its block and shared memory) one
+/// multiprocessor holds ([`Launcher::resident_blocks`]). The pass's grid is one wave: query
+/// tiles x bank chunks <= `sm_count x resident`. Errors (naming the limit) when the shape is
+/// outside what the path serves: n above [`NMAX`], D not a whole number of 16-byte chunks,
+/// shared memory or candidate memory over budget.
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     b: usize,
     m: usize,
@@ -121,6 +138,7 @@ pub fn plan(
     dtype: DType,
     sm_count: u32,
     max_smem: u32,
+    resident: &dyn Fn(&LaunchPlan) -> Result<u32>,
 ) -> Result<TcPlan> {
     const OP: &str = "cosine_topk tensor-core path";
     if b == 0 || m == 0 || d == 0 || n == 0 {
@@ -143,21 +161,30 @@ pub fn plan(
     );
     let slice = slice_len(dtype)?;
     let d_pad = d32.div_ceil(slice) * slice;
-    let nl = (n as u32).div_ceil(32) * 32;
+    let nl = list_len(n);
     let smem = pass_smem(nl);
     if smem > max_smem as u64 {
         bail!("{OP}: {smem} bytes of shared memory for n = {n}, the device allows {max_smem}");
     }
     let gq = b32.div_ceil(TC_BQ);
     let tiles = m32.div_ceil(TC_BK);
-    let want = (4 * sm_count.max(1)).div_ceil(gq).max(1);
-    let gc0 = want.min(tiles).min(65_535);
+    let mut pass = LaunchPlan {
+        grid: (gq, 1, 1),
+        block: (TC_THREADS, 1, 1),
+        smem_bytes: smem as u32,
+    };
+    // One wave: never more blocks than the multiprocessors hold at once (a lone second wave
+    // would double the time), the chunks of a query tile side by side.
+    let slots = sm_count.max(1) * resident(&pass)?.max(1);
+    let gc0 = (slots / gq).max(1).min(tiles).min(65_535);
     let chunk_rows = tiles.div_ceil(gc0) * TC_BK;
     let gc = m32.div_ceil(chunk_rows);
-    // Candidates per query: a chunk's first ceil(n / TC_BK) tiles pass whole (its list is not
-    // full yet), then the running threshold lets through about ratio * n * (1 + ln(M / n))
-    // rows for random order (ratio: rows within the margin of the n-th best per row above
-    // it; 16 leaves room for dense near-ties). More is an overflow: the query is rerun exactly.
+    pass.grid.1 = gc;
+    // Candidates per query: a chunk's first tile passes its rows at or above the n-th best
+    // of a subset of them (the seed), then the running threshold lets through about
+    // ratio * n * (1 + ln(M / n)) rows for random order (ratio: rows within the margin of the
+    // n-th best per row above it; 16 leaves room for dense near-ties). More is an overflow:
+    // the query is answered by the exact fallback on the device (rescore.rs).
     let first = gc as u64 * TC_BK as u64 * (n as u64).div_ceil(TC_BK as u64);
     let steady = 16.0 * n as f64 * (1.0 + (m as f64 / n as f64).max(1.0).ln());
     let capq = (first + steady.ceil() as u64 + 1024).min(m as u64);
@@ -168,16 +195,28 @@ pub fn plan(
         );
     }
     Ok(TcPlan {
-        pass: LaunchPlan {
-            grid: (gq, gc, 1),
-            block: (TC_THREADS, 1, 1),
-            smem_bytes: smem as u32,
-        },
+        pass,
         d_pad,
         nl,
         chunk_rows,
         capq: capq as u32,
     })
+}
+
+/// [`plan`] on launcher `x` for call `c` with keys of `dtype`: the device's multiprocessors,
+/// shared-memory limit and the pass entry's occupancy.
+pub(crate) fn plan_on<L: Launcher>(x: &L, c: &DeviceCall, dtype: DType) -> Result<TcPlan> {
+    let pass_entry = entry::<CosineTopkTcArgs>(dtype)?;
+    plan(
+        c.b,
+        c.m,
+        c.d,
+        c.n,
+        dtype,
+        x.sm_count()?,
+        x.max_dyn_smem()?,
+        &|p| x.resident_blocks(&pass_entry, p, TC_MIN_BLOCKS),
+    )
 }
 
 /// Test knobs of the tensor-core path (capacities and margin), to drive its overflow
@@ -201,8 +240,8 @@ pub(crate) fn eligible<L: Launcher>(
     keys_addr: u64,
     dtype: DType,
 ) -> Result<()> {
-    plan(c.b, c.m, c.d, c.n, dtype, x.sm_count()?, x.max_dyn_smem()?)?;
-    plan_exact(c.b, c.m, c.n, x.sm_count()?, None)?;
+    plan_on(x, c, dtype)?;
+    plan_exact_on(x, c, dtype, None)?;
     if !keys_addr.is_multiple_of(16) {
         bail!("cosine_topk tensor-core path: keys at {keys_addr:#x} are not 16-byte aligned");
     }
@@ -225,11 +264,11 @@ pub(crate) fn run_on<L: Launcher + Workspaces>(
     let dt = keys.dtype();
     let ex = super::kernel::device_exclude(c, dev)?;
     let (inp, _guards) = CallInputs::of(c, q, keys, key_norms, ex.as_ref())?;
-    let mut p = plan(c.b, c.m, c.d, c.n, dt, x.sm_count()?, x.max_dyn_smem()?)?;
+    let mut p = plan_on(x, c, dt)?;
     if let Some(capq) = ovr.capq {
         p.capq = capq.max(1);
     }
-    let exact = plan_exact(c.b, c.m, c.n, x.sm_count()?, ovr.cap)?;
+    let exact = plan_exact_on(x, c, dt, ovr.cap)?;
     let margin = match ovr.margin {
         Some(m) => m,
         None => margin(c.d, dt)?,
@@ -298,64 +337,110 @@ mod tests {
         assert!(margin(8, DType::U32).is_err());
     }
 
+    /// The pass's residency on an H200 as planned without the driver.
+    fn sm90(p: &LaunchPlan) -> Result<u32> {
+        Ok(crate::kernel::planned_resident_blocks(
+            &crate::kernel::SmResources::SM_90,
+            p.threads_per_block(),
+            TC_MIN_BLOCKS,
+            p.smem_bytes,
+        ))
+    }
+
     #[test]
     fn plan_shapes_and_limits() {
-        let p = plan(1024, 1 << 20, 1024, 8, DType::BF16, 132, 227 * 1024).unwrap();
-        assert_eq!(p.pass.grid.0, 16);
+        let p = plan(1024, 1 << 20, 1024, 8, DType::BF16, 132, 227 * 1024, &sm90).unwrap();
+        assert_eq!(p.pass.grid.0, 8);
         assert_eq!(p.pass.block.0, TC_THREADS);
-        // 4 blocks per SM in all, chunks of whole tiles covering the bank.
-        assert!(p.pass.grid.0 * p.pass.grid.1 >= 4 * 132 - 16);
+        // Two blocks per SM (128 registers a thread, 75 KB of shared memory): one wave of
+        // 264 slots, chunks of whole tiles covering the bank.
+        assert_eq!(sm90(&p.pass).unwrap(), 2);
+        let blocks = p.pass.grid.0 * p.pass.grid.1;
+        assert!(blocks <= 2 * 132 && blocks > 2 * 132 - 8, "{blocks}");
         assert_eq!(p.chunk_rows % TC_BK, 0);
         assert!(p.chunk_rows as u64 * p.pass.grid.1 as u64 >= 1 << 20);
         assert!((p.chunk_rows as u64) * (p.pass.grid.1 as u64 - 1) < 1 << 20);
         assert_eq!((p.d_pad, p.nl), (1024, 32));
         assert_eq!(p.pass.smem_bytes as u64, pass_smem(32));
         assert_eq!(p.query_rows(), 1024);
-        // D padded to a k-slice: 64 16-bit or 32 f32 elements.
-        assert_eq!(
-            plan(64, 1000, 40, 5, DType::F16, 2, 98 * 1024)
-                .unwrap()
-                .d_pad,
-            64
-        );
-        assert_eq!(
-            plan(64, 1000, 40, 5, DType::F32, 2, 98 * 1024)
-                .unwrap()
-                .d_pad,
-            64
-        );
-        assert_eq!(
-            plan(64, 1000, 36, 5, DType::F32, 2, 98 * 1024)
-                .unwrap()
-                .d_pad,
-            64
-        );
+        // D padded to a k-slice: 32 16-bit or 16 f32 elements.
+        let d_pad = |d, dt| plan(64, 1000, d, 5, dt, 2, 98 * 1024, &sm90).unwrap().d_pad;
+        assert_eq!(d_pad(40, DType::F16), 64);
+        assert_eq!(d_pad(40, DType::F32), 48);
+        assert_eq!(d_pad(36, DType::F32), 48);
         // Limits: 16-byte rows, n, shared memory, candidate memory.
-        let e = plan(64, 1000, 36, 5, DType::BF16, 2, 98 * 1024)
+        let e = plan(64, 1000, 36, 5, DType::BF16, 2, 98 * 1024, &sm90)
             .unwrap_err()
             .to_string();
         assert!(e.contains("D = 36") && e.contains("multiple of 8"), "{e}");
-        let e = plan(64, 1000, 64, NMAX + 1, DType::F32, 2, 227 * 1024)
+        let e = plan(64, 1000, 64, NMAX + 1, DType::F32, 2, 227 * 1024, &sm90)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("n = 257"), "{e}");
-        assert!(plan(64, 1000, 64, 160, DType::F32, 2, 98 * 1024).is_ok());
-        let e = plan(64, 1000, 64, 200, DType::F32, 2, 98 * 1024)
+        assert!(e.contains(&format!("n = {}", NMAX + 1)), "{e}");
+        assert!(plan(64, 1000, 64, 64, DType::F32, 2, 98 * 1024, &sm90).is_ok());
+        assert_eq!(max_n(98 * 1024), 64);
+        assert_eq!(max_n(227 * 1024), NMAX);
+        let e = plan(64, 1000, 64, 65, DType::F32, 2, 98 * 1024, &sm90)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("shared memory") && e.contains("n = 200"), "{e}");
-        let e = plan(1 << 20, 1 << 24, 64, 256, DType::F32, 132, 227 * 1024)
-            .unwrap_err()
-            .to_string();
+        assert!(e.contains("shared memory") && e.contains("n = 65"), "{e}");
+        let e = plan(
+            1 << 20,
+            1 << 24,
+            64,
+            NMAX,
+            DType::F32,
+            132,
+            227 * 1024,
+            &sm90,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("candidate lists"), "{e}");
+    }
+
+    /// Issue 20, item 1: the grid never plans more blocks than the multiprocessors hold (the
+    /// old pass planned 4 per SM where its shared memory allowed 3: 528 blocks on 396 slots).
+    #[test]
+    fn the_pass_grid_is_one_wave_of_the_real_occupancy() {
+        for resident in 1..=4u32 {
+            for b in [64, 1000, 1024, 3000] {
+                for m in [1000usize, 1 << 20, 10 << 20] {
+                    let p = plan(b, m, 256, 8, DType::BF16, 132, 227 * 1024, &|_| {
+                        Ok(resident)
+                    })
+                    .unwrap();
+                    let blocks = p.pass.grid.0 * p.pass.grid.1;
+                    let gq = p.pass.grid.0;
+                    assert!(
+                        blocks <= (132 * resident).max(gq),
+                        "{resident} {b} {m}: {blocks}"
+                    );
+                }
+            }
+        }
+        // The residency the plan is given is the pass's: its block and shared memory.
+        let seen = std::cell::Cell::new(None);
+        plan(1024, 1 << 20, 256, 40, DType::F16, 132, 227 * 1024, &|p| {
+            seen.set(Some(*p));
+            sm90(p)
+        })
+        .unwrap();
+        let p = seen.get().unwrap();
+        assert_eq!(
+            (p.block.0, p.smem_bytes as u64),
+            (TC_THREADS, pass_smem(64))
+        );
     }
 
     #[test]
     fn small_banks_get_one_block_per_tile_at_most() {
-        let p = plan(16, 100, 64, 3, DType::BF16, 132, 98 * 1024).unwrap();
-        assert_eq!(p.pass.grid, (1, 2, 1));
+        let p = plan(16, 100, 64, 3, DType::BF16, 132, 98 * 1024, &sm90).unwrap();
+        assert_eq!(p.pass.grid, (1, 1, 1));
         assert_eq!(p.chunk_rows, TC_BK);
         // A query emits each row at most once: capq never exceeds M.
         assert_eq!(p.capq, 100);
+        let p = plan(16, 300, 64, 3, DType::BF16, 132, 98 * 1024, &sm90).unwrap();
+        assert_eq!((p.pass.grid, p.chunk_rows), ((1, 3, 1), TC_BK));
     }
 }

@@ -9,10 +9,16 @@
 //! [`PRUNE_FACTOR`] times the cell's best so far (and over [`PRUNE_MIN_MS`]) is cut, so the
 //! bandwidth kernel at B = 1024 does not spend the budget. Cells run in order until the time
 //! budget is spent; the rest keep the default rule.
+//!
+//! The bandwidth kernel is also timed at each step size its plan can take ([`STEP_BYTES`],
+//! `kernel::plan_with`), as `bandwidth kb=<bytes>` entries of the cell: the measurement the
+//! plan's choice of step (issue 20, item 7: the most key bytes per stage on an SM) is to be
+//! checked against. They are recorded, not dispatched: a cell's fastest path is chosen among
+//! the paths ([`Kernel::from_name`]), and a bandwidth call runs its plan's step.
 
-use super::dispatch::{Cell, DispatchTable, GpuId, FORMAT};
-use super::kernel::Kernel;
-use super::{cosine_topk_on_path, key_norms};
+use super::dispatch::{dtype_name, Cell, DispatchTable, GpuId, FORMAT};
+use super::kernel::{Kernel, Knobs};
+use super::{cosine_topk_on_path_with, key_norms};
 use crate::bench::cuda_events::time_events;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
@@ -22,6 +28,8 @@ use std::time::{Duration, Instant};
 pub const PRUNE_FACTOR: f64 = 4.0;
 /// ... unless its warm-up is under this many milliseconds.
 pub const PRUNE_MIN_MS: f64 = 2.0;
+/// The bandwidth kernel's step sizes (key bytes per row and step) `tune` times.
+pub const STEP_BYTES: [u32; 6] = [16, 32, 64, 128, 256, 512];
 
 /// What `tune` measures.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,14 +90,6 @@ pub fn bank_rows(d: usize, dtype: DType, bank_bytes: u64, l2_bytes: u64) -> usiz
     rows.max(1 << 16) as usize
 }
 
-fn dtype_name(dt: DType) -> &'static str {
-    match dt {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        _ => "bf16",
-    }
-}
-
 /// The paths tried for keys of `dtype` (the plain-f32 GEMM only for f32 keys), fastest-expected
 /// first so that the pruning sees a good time early.
 pub fn paths_for(dtype: DType) -> Vec<Kernel> {
@@ -97,6 +97,11 @@ pub fn paths_for(dtype: DType) -> Vec<Kernel> {
         .into_iter()
         .filter(|k| *k != Kernel::GemmFp32 || dtype == DType::F32)
         .collect()
+}
+
+/// The table entry of the bandwidth kernel run with `kb` key bytes per step.
+pub fn step_name(kb: u32) -> String {
+    format!("{} kb={kb}", Kernel::Bandwidth.name())
 }
 
 /// Measures the grid on `dev` (a CUDA device) and returns the GPU's table; `progress(done,
@@ -146,11 +151,24 @@ pub fn tune(
                 let n = opts.n.min(m);
                 let mut ms = BTreeMap::new();
                 let mut best = f64::INFINITY;
-                for path in paths_for(dt) {
-                    let call = || cosine_topk_on_path(&q, &keys, Some(&norms), n, None, path);
+                // Each path with its plan's knobs, then the bandwidth kernel's step sizes.
+                let runs = paths_for(dt)
+                    .into_iter()
+                    .map(|k| (k, None))
+                    .chain(STEP_BYTES.map(|kb| (Kernel::Bandwidth, Some(kb))));
+                for (path, kb) in runs {
+                    if kb.is_some() && !ms.contains_key(Kernel::Bandwidth.name()) {
+                        continue; // the kernel's own plan was cut or could not take the cell
+                    }
+                    let knobs = Knobs {
+                        kb,
+                        ..Knobs::default()
+                    };
+                    let call =
+                        || cosine_topk_on_path_with(&q, &keys, Some(&norms), n, None, path, knobs);
                     let w = Instant::now();
                     if call().and_then(|p| p.check()).is_err() {
-                        continue; // the path cannot take this cell
+                        continue; // the path (or step size) cannot take this cell
                     }
                     let warm = w.elapsed().as_secs_f64() * 1e3;
                     if warm > PRUNE_FACTOR * best && warm > PRUNE_MIN_MS {
@@ -162,9 +180,17 @@ pub fn tune(
                     last.check()?;
                     let med = t.device_median();
                     best = best.min(med);
-                    ms.insert(path.name().to_string(), med);
+                    let name = match kb {
+                        Some(kb) => step_name(kb),
+                        None => path.name().to_string(),
+                    };
+                    ms.insert(name, med);
                 }
-                let Some((fastest, _)) = ms.iter().min_by(|a, b| a.1.total_cmp(b.1)) else {
+                let fastest = ms
+                    .iter()
+                    .filter(|(k, _)| Kernel::from_name(k).is_some())
+                    .min_by(|a, b| a.1.total_cmp(b.1));
+                let Some((fastest, _)) = fastest else {
                     bail!("tune: no path took B = {b}, D = {d}, {dt:?} keys");
                 };
                 let cell = Cell {
@@ -220,5 +246,10 @@ mod tests {
         assert_eq!(bank_rows(8, DType::F32, 1 << 10, 0), 1 << 16);
         assert!(!paths_for(DType::BF16).contains(&Kernel::GemmFp32));
         assert_eq!(paths_for(DType::F32)[0], Kernel::Gemm);
+        // Step-size entries are not paths: a table never dispatches to them.
+        assert_eq!(step_name(64), "bandwidth kb=64");
+        assert!(Kernel::from_name(&step_name(64)).is_none());
+        assert!(STEP_BYTES.iter().all(|kb| kb.is_power_of_two()));
+        assert_eq!(*STEP_BYTES.last().unwrap(), crate::kernel::abi::CT_KB_MAX);
     }
 }
