@@ -108,6 +108,21 @@ pub struct CapSettings {
     /// `k_purge` (the paper). The paper's budget, k = 5 of about 60 tokens, replaces 8%;
     /// k = 2 of UCI's 4 audio tokens would replace half of what retrieval found.
     pub max_purge_share: f64,
+    /// What phase 1 scores the recovered tokens against (see [`CapAnchor`]).
+    pub anchor: CapAnchor,
+}
+
+/// The context phase 1 of the model's CAP compares recovered tokens with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CapAnchor {
+    /// The mean of the available expert's tokens H_avl (the paper's Eq. 5): another
+    /// expert's space than the recovered tokens.
+    #[default]
+    Available,
+    /// The mean of H_com, the available modality encoded by the missing modality's expert
+    /// (through the adapter): the recovered tokens' own space.
+    Common,
 }
 
 impl CapSettings {
@@ -121,6 +136,7 @@ impl CapSettings {
             centered_straight_through: false,
             detect_weight: 0.0,
             max_purge_share: 1.0,
+            anchor: CapAnchor::Available,
         }
     }
 
@@ -144,8 +160,9 @@ impl Default for CapSettings {
             detach_scoring: true,
             residual_gate: false,
             centered_straight_through: false,
-            detect_weight: 0.0,
+            detect_weight: 1.0,
             max_purge_share: 0.25,
+            anchor: CapAnchor::Available,
         }
     }
 }

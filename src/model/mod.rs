@@ -29,7 +29,7 @@ pub mod expert;
 mod r2scp;
 pub mod recovery;
 
-pub use config::{Aggregate, CapSettings, ModelConfig, RecoveryConfig, RetrievalQuery};
+pub use config::{Aggregate, CapAnchor, CapSettings, ModelConfig, RecoveryConfig, RetrievalQuery};
 pub use r2scp::{
     is_expert_var, CapTrace, ExpertLogits, ForwardOptions, Output, R2scp, RankTerms,
     RetrievalTrace, EXPERT_PREFIX,

@@ -6,7 +6,7 @@ use std::sync::RwLock;
 use candle_core::{DType, Device, Module, Result, Tensor, TensorId, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
-use super::config::ModelConfig;
+use super::config::{CapAnchor, ModelConfig};
 use super::expert::{AvExpert, ExpertSizes, TextExpert};
 use super::recovery::{self, Banks, RecoveryHead, ROUTER_STATS};
 use crate::cap::{CapConfig, CapLayer, PaperInputs};
@@ -761,9 +761,13 @@ impl R2scp {
         let h_com =
             self.com_encoder(m)
                 .forward(&f_avl, None, &self.drop, self.p_expert(), train)?;
+        let anchor = match self.cfg.cap.anchor {
+            CapAnchor::Available => h_avl,
+            CapAnchor::Common => &h_com,
+        };
         let out = rec.cap.forward_paper(&PaperInputs {
             h_miss: &h_miss,
-            h_avl,
+            h_avl: anchor,
             avl_mask: None,
             h_com: &h_com,
             com_mask: None,

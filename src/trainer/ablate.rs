@@ -33,7 +33,7 @@ use super::stage::Stage;
 use super::state::{checkpoint_dir, read_state, STATE_FORMAT};
 use super::training::{load_data, load_data_for, train_in, RunOptions, Session};
 use crate::data::{MissingPolicy, MissingSim, MissingType};
-use crate::model::{is_expert_var, Banks, CapSettings, RecoveryConfig, RetrievalQuery};
+use crate::model::{is_expert_var, Banks, CapAnchor, CapSettings, RecoveryConfig, RetrievalQuery};
 
 /// One ablation study.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -93,9 +93,12 @@ pub type CapVariant = (&'static str, &'static str, fn(&mut CapSettings));
 
 /// Variants of the CAP study: (id, what it changes, the change) on top of the base
 /// config; `full` (the base) and `full-papercap` (the paper's CAP) run next to them.
-pub const CAP_VARIANTS: [CapVariant; 4] = [
-    ("cap-detect", "detection loss (weight 1)", |c| {
-        c.detect_weight = 1.0
+pub const CAP_VARIANTS: [CapVariant; 5] = [
+    ("cap-nodetect", "no detection loss", |c| {
+        c.detect_weight = 0.0
+    }),
+    ("cap-com", "scores against H_com's mean", |c| {
+        c.anchor = CapAnchor::Common
     }),
     (
         "cap-st",
