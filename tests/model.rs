@@ -10,7 +10,7 @@ use r2scp::data::{
 };
 use r2scp::model::recovery::{RecoveryHead, GATE_STATS, ROUTER_STATS};
 use r2scp::model::{
-    is_expert_var, Aggregate, Banks, CapSettings, ForwardOptions, ModelConfig, R2scp,
+    is_expert_var, Aggregate, Banks, CapAnchor, CapSettings, ForwardOptions, ModelConfig, R2scp,
     RecoveryConfig, RetrievalQuery, EXPERT_PREFIX,
 };
 use r2scp::nn::{key_bias, masked_mean, Mha};
@@ -1262,13 +1262,12 @@ fn complete_rows_average_the_real_and_the_recovered_views() {
 #[test]
 fn default_cap_records_its_noise_rows_and_trains_w_proj_only_through_the_detection_loss() {
     let s = setup();
+    // The default CAP carries the detection loss (docs/DESIGN.md, "CAP that finds the noise").
     let cfg = ModelConfig {
-        cap: CapSettings {
-            detect_weight: 1.0,
-            ..CapSettings::default()
-        },
+        cap: CapSettings::default(),
         ..safe_cfg(RetrievalQuery::SameKeyAndFeatures)
     };
+    assert!(cfg.cap.detect_weight > 0.0);
     let m = s.model(&cfg);
     m.set_experts_frozen(true);
     let rows: Vec<usize> = (0..12).collect();
@@ -1327,4 +1326,46 @@ fn default_cap_records_its_noise_rows_and_trains_w_proj_only_through_the_detecti
         .unwrap();
     assert!(tr.detect_loss.is_none());
     assert_eq!(tr.cap.len(), 1);
+}
+
+#[test]
+fn cap_anchor_chooses_what_phase_1_scores_against() {
+    // TOML: `anchor` names the context; H_com's mean is the default, H_avl's the paper's
+    // (saved configs written before the switch existed load as `available`: unit test of
+    // `upgrade_legacy_config`).
+    let c: ModelConfig = toml::from_str("[cap]\nanchor = \"available\"\n").expect("toml");
+    assert_eq!(c.cap.anchor, CapAnchor::Available);
+    let c: ModelConfig = toml::from_str("[cap]\ndetect_weight = 0.0\n").expect("toml");
+    assert_eq!(c.cap.anchor, CapAnchor::Common);
+    assert_eq!(CapSettings::paper().anchor, CapAnchor::Available);
+    assert!(toml::from_str::<ModelConfig>("[cap]\nanchor = \"query\"\n").is_err());
+
+    // Same weights, same rows: only the anchor differs, so the noise rows must differ
+    // somewhere (at W_proj = 0, delta is 1 - cos against H_avl's mean or H_com's mean).
+    let s = setup();
+    let base = safe_cfg(RetrievalQuery::SameKeyAndFeatures);
+    let picks = |anchor: CapAnchor| {
+        let m = s.model(&ModelConfig {
+            cap: CapSettings {
+                anchor,
+                ..CapSettings::default()
+            },
+            ..base.clone()
+        });
+        let rows: Vec<usize> = (0..16).collect();
+        let b = s.batch(true, &rows, MissingPolicy::All(Modality::Audio));
+        let out = m.forward(&b, &s.banks, false).expect("forward");
+        let t = out
+            .cap
+            .iter()
+            .find(|t| t.modality == Modality::Audio && !t.negative)
+            .expect("cap trace");
+        t.noise_idx.to_vec2::<u32>().expect("noise_idx")
+    };
+    let (avl, com) = (picks(CapAnchor::Available), picks(CapAnchor::Common));
+    assert_eq!(avl.len(), 16);
+    assert_eq!(com.len(), 16);
+    assert_ne!(avl, com, "the anchor setting changed no pick");
+    // deterministic for a fixed anchor
+    assert_eq!(avl, picks(CapAnchor::Available));
 }

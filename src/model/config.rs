@@ -112,16 +112,17 @@ pub struct CapSettings {
     pub anchor: CapAnchor,
 }
 
-/// The context phase 1 of the model's CAP compares recovered tokens with.
+/// The context phase 1 of the model's CAP compares recovered tokens with (a dissonance is
+/// 1 - cosine against this sequence's mean).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum CapAnchor {
     /// The mean of the available expert's tokens H_avl (the paper's Eq. 5): another
-    /// expert's space than the recovered tokens.
-    #[default]
+    /// expert's space than the recovered tokens, which no loss aligns with theirs.
     Available,
     /// The mean of H_com, the available modality encoded by the missing modality's expert
-    /// (through the adapter): the recovered tokens' own space.
+    /// (through the adapter): the recovered tokens' own space. The default.
+    #[default]
     Common,
 }
 
@@ -162,7 +163,7 @@ impl Default for CapSettings {
             centered_straight_through: false,
             detect_weight: 1.0,
             max_purge_share: 0.25,
-            anchor: CapAnchor::Available,
+            anchor: CapAnchor::Common,
         }
     }
 }

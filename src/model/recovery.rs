@@ -138,7 +138,8 @@ impl SameViewBanks {
 /// checkpoint loads as what it was and `ablate` never reuses it as a safe-retrieval run.
 /// A config written before `cap` existed ran the paper's CAP: it gets
 /// `cap = CapSettings::paper()`; one written before `cap.max_purge_share` replaced
-/// `k_purge` tokens whatever the length: it gets `max_purge_share = 1`.
+/// `k_purge` tokens whatever the length: it gets `max_purge_share = 1`; one written before
+/// `cap.anchor` scored against H_avl: it gets `anchor = available`.
 /// Likewise a `recovery` table written before `complete_ensemble` existed gets
 /// `complete_ensemble = false` (complete samples answered from the real pair only).
 /// Anything else (including a non-object) is left unchanged.
@@ -155,10 +156,13 @@ pub fn upgrade_legacy_config(model: &mut serde_json::Value) {
                 obj.insert("cap".into(), v);
             }
         }
-        // Before `max_purge_share`: k_purge tokens whatever the length.
+        // Before `max_purge_share`: k_purge tokens whatever the length. Before `anchor`:
+        // phase 1 scored against H_avl.
         if let Some(cap) = obj.get_mut("cap").and_then(|c| c.as_object_mut()) {
             cap.entry("max_purge_share")
                 .or_insert(serde_json::Value::from(1.0));
+            cap.entry("anchor")
+                .or_insert(serde_json::Value::from("available"));
         }
         if let Some(rec) = obj.get_mut("recovery").and_then(|r| r.as_object_mut()) {
             rec.entry("complete_ensemble")
@@ -425,6 +429,16 @@ mod tests {
         let mut v = current.clone();
         v.as_object_mut().unwrap().remove("cap");
         assert_eq!(upgraded(v).cap, crate::model::CapSettings::paper());
+        // Before `anchor`: scored against H_avl, the rest as written.
+        let mut v = current.clone();
+        v["cap"].as_object_mut().unwrap().remove("anchor");
+        assert_eq!(
+            upgraded(v).cap,
+            crate::model::CapSettings {
+                anchor: crate::model::CapAnchor::Available,
+                ..crate::model::CapSettings::default()
+            }
+        );
         // Before `complete_ensemble`: the real pair only, the rest as written.
         let mut v = current;
         v["recovery"]

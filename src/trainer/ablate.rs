@@ -97,9 +97,11 @@ pub const CAP_VARIANTS: [CapVariant; 5] = [
     ("cap-nodetect", "no detection loss", |c| {
         c.detect_weight = 0.0
     }),
-    ("cap-com", "scores against H_com's mean", |c| {
-        c.anchor = CapAnchor::Common
-    }),
+    (
+        "cap-avl",
+        "scores against H_avl's mean (the paper's anchor)",
+        |c| c.anchor = CapAnchor::Available,
+    ),
     (
         "cap-st",
         "straight-through gate on (scoring detached)",
