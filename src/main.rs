@@ -127,8 +127,9 @@ struct ConfigArgs {
     /// router statistics).
     #[arg(long)]
     paper_retrieval: bool,
-    /// Purify as the paper's Eq. 5-8 as first implemented here (straight-through gate on,
-    /// scoring gradients reaching the recovered tokens), instead of the default CAP.
+    /// Purify as the paper's Eq. 5-8 as first implemented here (dissonance against H_avl,
+    /// straight-through gate on, scoring gradients reaching the recovered tokens, no
+    /// detection loss), instead of the default CAP.
     #[arg(long)]
     paper_cap: bool,
     /// n: candidates retrieved per missing modality.

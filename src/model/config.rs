@@ -86,8 +86,10 @@ impl Default for RecoveryConfig {
 
 /// CAP's switches in the model (`[model.cap]`); sizes come from [`ModelConfig`]
 /// (`dim`, `heads`, `k_purge`). [`CapSettings::paper`] is the paper's Eq. 5-8 as this crate
-/// first implemented them (`--paper-cap`); the measurements behind the defaults are in
-/// `docs/DESIGN.md` ("CAP that finds the noise").
+/// first implemented them (`--paper-cap`). The default scores recovered tokens against
+/// H_com's mean, trains `W_proj` with the detection loss only (no straight-through gate,
+/// detached scoring) and replaces at most a quarter of a sequence; the measurements behind
+/// it are in `docs/DESIGN.md` ("CAP that finds the noise").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CapSettings {
@@ -127,8 +129,8 @@ pub enum CapAnchor {
 }
 
 impl CapSettings {
-    /// The paper's Eq. 5-8 as first implemented here (hard replacement, straight-through
-    /// gate, scoring gradients into the inputs, no detection loss).
+    /// The paper's Eq. 5-8 as first implemented here (hard replacement, dissonance against
+    /// H_avl, straight-through gate, scoring gradients into the inputs, no detection loss).
     pub fn paper() -> Self {
         Self {
             straight_through: true,
