@@ -11,7 +11,7 @@
 //! evaluation batch's forward with its B x M bank similarities, whichever is larger.
 //!
 //! It is an estimate of the large buffers, not a bound: for the default configuration it is
-//! 129 MiB where `r2scp train` peaked at 125 MiB of resident memory (README; the unit test
+//! 129 MiB where `r2scp train` peaked at 137 MiB of resident memory (README; the unit test
 //! `the_default_run_is_estimated_near_its_measured_peak` prints the estimate). Its purpose is
 //! to catch sizes that cannot fit at all, with one line naming the option.
 
@@ -360,7 +360,7 @@ mod tests {
         }
     }
 
-    /// The estimate of the default run, beside the 125 MiB peak the README measured for it
+    /// The estimate of the default run, beside the 137 MiB peak the README measured for it
     /// (`cargo test --lib footprint -- --nocapture` prints it).
     #[test]
     fn the_default_run_is_estimated_near_its_measured_peak() {
