@@ -761,6 +761,7 @@ impl R2scp {
         let h_com =
             self.com_encoder(m)
                 .forward(&f_avl, None, &self.drop, self.p_expert(), train)?;
+        // `PaperInputs::h_avl` is the sequence phase 1 scores against (its mean is the anchor).
         let anchor = match self.cfg.cap.anchor {
             CapAnchor::Available => h_avl,
             CapAnchor::Common => &h_com,
